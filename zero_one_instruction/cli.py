@@ -1,0 +1,263 @@
+"""The `zoi` command line. Thin by design: parse, call a library function, print.
+
+Every user mistake reaches the terminal as one `zoi: error: ...` line with exit code 2; a
+traceback means a bug in this tool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from . import __version__
+from .config import Config, dump_config, load_config
+from .errors import ZoiError
+from .generator import evolve_range, generate, load_inputs
+from .pipeline import DROP_REASONS, FINAL_JUDGE, FIX_JUDGE, Outcome, Tally
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_CONFIG = "model_config.yml"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"zoi: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so `finally` blocks shut the engine down instead of
+    leaving its processes behind holding memory."""
+    raise KeyboardInterrupt
+
+
+def friendly(func: F) -> F:
+    """Turn user errors into one line and a non-zero exit."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        signal.signal(signal.SIGTERM, _terminate)
+        try:
+            return func(*args, **kwargs)
+        except ZoiError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written", 130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _config_option(func: F) -> F:
+    return click.option(
+        "-c",
+        "--config",
+        "config_path",
+        default=DEFAULT_CONFIG,
+        show_default=True,
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="YAML config (the original model_config.yml keys work unchanged).",
+    )(func)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="zoi")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
+def main(verbose: bool) -> None:
+    """zero-one-instruction: evolve base prompts into Japanese SFT question/answer pairs
+    with vLLM (width, judge, fixer, depth, flatten, judge, answer, filter)."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@main.group("config")
+def config_group() -> None:
+    """Inspect and validate configuration files."""
+
+
+@config_group.command("show")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@friendly
+def config_show(file: Path | None) -> None:
+    """Print the effective config of FILE (default: ./model_config.yml) with every default
+    filled in, as YAML."""
+    click.echo(dump_config(load_config(file or DEFAULT_CONFIG)), nl=False)
+
+
+@config_group.command("check")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@friendly
+def config_check(file: Path) -> None:
+    """Validate FILE and everything it points to (templates, base-prompt files) without
+    loading a model. Exit code 0 means the config is usable."""
+    config = load_config(file)
+    _, source = load_inputs(config)
+    click.echo(f"{file}: ok ({len(source)} base prompts from {source.description})")
+
+
+def _validate_range(start: int, end: int) -> None:
+    if start < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--start")
+    if end <= start:
+        raise click.BadParameter(f"must be greater than --start ({start})", param_hint="--end")
+
+
+def _check_output(path: Path, overwrite: bool) -> None:
+    if not path.parent.exists():
+        raise ZoiError(f"{path}: directory {path.parent} does not exist")
+    if path.is_dir():
+        raise ZoiError(f"{path}: is a directory")
+    if path.exists() and not overwrite:
+        raise ZoiError(f"{path}: already exists (pass --overwrite to replace it)")
+
+
+def _summary(tally: Tally, seconds: float) -> str:
+    rate = tally.kept / seconds if seconds else 0.0
+    share = 100.0 * tally.kept / tally.prompts if tally.prompts else 0.0
+    tokens = tally.prompt_tokens + tally.completion_tokens
+    lines = [
+        f"prompts   {tally.prompts}",
+        f"kept      {tally.kept} ({share:.1f}%)",
+        f"dropped   {sum(tally.dropped.values())}",
+    ]
+    width = max((len(r) for r in tally.dropped), default=0)
+    for reason, count in sorted(tally.dropped.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {reason:<{width}}  {count:>6}  {DROP_REASONS.get(reason, '')}")
+    lines += [
+        f"fixer ran {tally.fixer_ran}",
+        f"tokens    {tally.prompt_tokens} prompt + {tally.completion_tokens} generated",
+        f"time      {seconds:.1f} s ({rate:.2f} records/s, {tokens / max(seconds, 1e-9):.0f} "
+        "tokens/s incl. engine start)",
+    ]
+    return "\n".join(lines)
+
+
+@main.command("generate")
+@_config_option
+@click.option("--start", type=int, required=True, help="First base-prompt index (inclusive).")
+@click.option("--end", type=int, required=True, help="Last base-prompt index (exclusive).")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="JSONL file to write."
+)
+@click.option("--id-start", type=int, default=0, show_default=True, help="First record_N id.")
+@click.option(
+    "--trace",
+    type=click.Path(path_type=Path),
+    help="Also write every prompt's outcome (kept or dropped, each step's text) to this JSONL.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT (and TRACE) if they exist.")
+@friendly
+def generate_cmd(
+    config_path: Path,
+    start: int,
+    end: int,
+    output: Path,
+    id_start: int,
+    trace: Path | None,
+    overwrite: bool,
+) -> None:
+    """Evolve base prompts [START, END) into records, in one process, without Redis.
+
+    Records are written in base-prompt order in the original schema (id, input, output,
+    conversation); then a summary says how many were kept and why the rest were dropped.
+    The output file appears only when the run completes.
+    """
+    _validate_range(start, end)
+    config = load_config(config_path)
+    _check_output(output, overwrite)
+    if trace is not None:
+        _check_output(trace, overwrite)
+    began = time.monotonic()
+    with click.progressbar(length=end - start, label="prompts", file=sys.stderr) as bar:
+        tally = asyncio.run(
+            generate(config, start, end, output, id_start, trace, lambda _: bar.update(1))
+        )
+    click.echo(_summary(tally, time.monotonic() - began))
+    click.echo(f"wrote     {tally.kept} records to {output}")
+
+
+_JUDGE_LABELS = {0: "judge", FIX_JUDGE: "judge after fix", FINAL_JUDGE: "final judge"}
+
+
+def _show_outcome(outcome: Outcome) -> str:
+    lines = [click.style(f"=== base prompt {outcome.index}", bold=True), outcome.base_prompt]
+    for step in outcome.steps:
+        if step.step == "judge":
+            label = _JUDGE_LABELS[step.attempt]
+        elif step.step == "depth":
+            label = f"depth {step.attempt + 1}"
+        else:
+            label = step.step
+        tokens = f"{step.prompt_tokens}+{step.completion_tokens} tokens"
+        head = f"--- {label} ({tokens}, {step.finish_reason or 'no finish reason'})"
+        lines.append(click.style(head, fg="cyan"))
+        lines.append(f"ERROR: {step.error}" if step.error else step.text or "(empty)")
+    if outcome.kept:
+        lines.append(click.style("=> kept", fg="green", bold=True))
+    else:
+        reason = outcome.drop_reason or ""
+        lines.append(
+            click.style(
+                f"=> dropped: {reason} ({DROP_REASONS.get(reason, '')})", fg="red", bold=True
+            )
+        )
+    return "\n".join(lines) + "\n"
+
+
+@main.command("preview")
+@_config_option
+@click.option(
+    "-n",
+    "--num",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="How many base prompts to run.",
+)
+@click.option(
+    "--start",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="First base-prompt index.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print each outcome as one JSON line.")
+@friendly
+def preview(config_path: Path, num: int, start: int, as_json: bool) -> None:
+    """Run a few base prompts and show every step's text and verdict, then the outcome:
+    the quick loop for tuning templates and sampling."""
+    config: Config = load_config(config_path)
+    inputs = load_inputs(config)
+
+    def show(outcome: Outcome) -> None:
+        text = (
+            json.dumps(outcome.to_dict(), ensure_ascii=False) if as_json else _show_outcome(outcome)
+        )
+        click.echo(text)
+
+    tally = asyncio.run(evolve_range(config, inputs, start, start + num, show))
+    if not as_json:
+        click.echo(f"kept {tally.kept} of {tally.prompts}")
+
+
+@main.command("tiny-model")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@friendly
+def tiny_model(directory: Path) -> None:
+    """Write a tiny random-weight Llama config and Japanese tokenizer to DIRECTORY, for trying
+    the whole tool without downloading a model (use it with engine_kwargs: {load_format:
+    dummy})."""
+    from .tiny_model import build_tiny_model
+
+    click.echo(f"tiny model written to {build_tiny_model(directory)}")

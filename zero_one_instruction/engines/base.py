@@ -1,0 +1,94 @@
+"""The engine contract: one chat request in, one completion out, asynchronously.
+
+An engine is any class built as `Engine(config)` with `async complete(request)` and `close()`.
+The pipeline awaits many `complete` calls at once on one event loop, so an engine batches
+whatever is in flight; it never sees more than one step of a record at a time.
+
+Errors are split by blast radius. `RequestError` fails one record (the prompt was too long,
+the output was unusable); the pipeline counts it and moves on. Anything else, `EngineDead`
+above all, means the engine itself is unusable: it propagates and fails the whole job, which is
+then retried, rather than silently dropping every remaining record.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+Step = Literal["width", "judge", "fix", "depth", "flatten", "answer"]
+
+
+class Message(NamedTuple):
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the pipeline asks for. `choices` set means the output must be exactly one of them
+    (the judge's はい/いいえ); engines enforce it by constrained decoding, not by parsing."""
+
+    step: Step
+    messages: tuple[Message, ...]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    choices: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str | None  # "stop", "length", or None when the engine cannot tell
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class RequestError(Exception):
+    """This request failed; the engine is fine. Its record is dropped with this reason."""
+
+
+class EngineDead(Exception):
+    """The engine cannot serve any more requests."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    async def complete(self, request: Request) -> Completion: ...
+
+    def close(self) -> None: ...
+
+
+def engine_class(spec: str) -> type:
+    """`vllm` or `package.module:ClassName` -> the class, with import errors as config errors."""
+    if spec == "vllm":
+        from .vllm import VLLMEngine
+
+        return VLLMEngine
+    module_name, _, class_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"engine: cannot import module {module_name!r} ({exc})") from None
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type):
+        raise ConfigError(f"engine: {module_name!r} has no class {class_name!r}")
+    for method in ("complete", "close"):
+        if not callable(getattr(cls, method, None)):
+            raise ConfigError(f"engine: {spec} has no {method}() method (see docs/engines.md)")
+    return cls
+
+
+def load_engine(config: Config) -> Engine:
+    """Build the engine the config names. This is where a model gets loaded: call it once."""
+    return engine_class(config.engine)(config)

@@ -1,0 +1,177 @@
+"""The vLLM engine: one `AsyncLLM` for the life of the process.
+
+vLLM is imported here and only here, lazily, so that every other command (config, merge,
+status, the producer) starts in a fraction of a second and runs where vLLM is not installed.
+The engine must be used from one event loop for its whole life (its output handler is bound to
+the loop of the first request), and shut down explicitly: its EngineCore child process does
+not notice when its parent dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, ZoiError
+from ..gpus import default_tensor_parallel_size
+from .base import Completion, EngineDead, Request, RequestError
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+log = logging.getLogger(__name__)
+
+_QUIET_ENV = {
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def engine_args(config: Config) -> dict[str, Any]:
+    """The keyword arguments for vLLM's `AsyncEngineArgs`, from the original config keys.
+
+    `engine_kwargs` come last so users can set any engine argument this tool does not name.
+    """
+    args: dict[str, Any] = {
+        "model": config.model_name,
+        "quantization": config.quantization,
+        "tensor_parallel_size": config.tensor_parallel_size or default_tensor_parallel_size(),
+        "gpu_memory_utilization": config.gpu_memory_utilization,
+        "max_model_len": config.max_model_len,
+        "trust_remote_code": config.trust_remote_code,
+        "dtype": config.dtype,
+        "max_num_seqs": config.batch_size,
+        "seed": config.seed,
+    }
+    args.update(config.engine_kwargs)
+    return args
+
+
+def _choice_params() -> Any:
+    """Constrained-choice decoding across vLLM versions: the API was renamed in 0.11 and the
+    old name removed in 0.12."""
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        return lambda choices: {"structured_outputs": StructuredOutputsParams(choice=choices)}
+    except ImportError:  # vLLM <= 0.10
+        from vllm.sampling_params import GuidedDecodingParams
+
+        return lambda choices: {"guided_decoding": GuidedDecodingParams(choice=choices)}
+
+
+def _read_chat_template(value: str | None) -> str | None:
+    """`chat_template` may be a path to a Jinja file or the template text itself."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if "{" not in value and path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "{" not in value:
+        raise ConfigError(f"chat_template: {value!r} is neither a file nor a template")
+    return value
+
+
+class VLLMEngine:
+    """An engine over vLLM's async engine, applying the model's chat template itself."""
+
+    def __init__(self, config: Config) -> None:
+        for key, value in _QUIET_ENV.items():
+            os.environ.setdefault(key, value)
+        try:
+            from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
+            from vllm.inputs import TokensPrompt
+            from vllm.sampling_params import RequestOutputKind
+            from vllm.v1.engine.exceptions import EngineDeadError
+        except ImportError as exc:
+            raise ZoiError(
+                f"engine vllm: cannot import vLLM ({exc}); install 'zero-one-instruction[vllm]' "
+                "on GPU machines or run scripts/setup_venv.sh on CPU machines"
+            ) from None
+        self._sampling_params = SamplingParams
+        self._tokens_prompt = TokensPrompt
+        self._final_only = RequestOutputKind.FINAL_ONLY
+        self._dead_error = EngineDeadError
+        self._choice = _choice_params()
+        self._chat_template = _read_chat_template(config.chat_template)
+        self._template_kwargs = dict(config.chat_template_kwargs)
+        try:
+            engine_arguments = AsyncEngineArgs(**engine_args(config))
+        except TypeError as exc:
+            raise ConfigError(f"engine_kwargs: not a vLLM engine argument ({exc})") from None
+        log.info("starting vLLM engine for %s", config.model_name)
+        try:
+            self._engine: Any = AsyncLLMEngine.from_engine_args(engine_arguments)
+        except Exception as exc:
+            raise ZoiError(
+                f"engine vllm: could not start on {config.model_name}: {exc} "
+                "(vLLM's log above has the cause)"
+            ) from None
+        self._tokenizer = self._engine.get_tokenizer()
+        if self._chat_template is None and not getattr(self._tokenizer, "chat_template", None):
+            self.close()
+            raise ConfigError(
+                f"model_name: {config.model_name} has no chat template; set chat_template "
+                "to a Jinja file for it"
+            )
+
+    def render(self, request: Request) -> list[int]:
+        """The prompt token ids: the messages through the model's own chat template."""
+        ids = self._tokenizer.apply_chat_template(
+            [m.as_dict() for m in request.messages],
+            chat_template=self._chat_template,
+            tokenize=True,
+            add_generation_prompt=True,
+            return_dict=False,
+            **self._template_kwargs,
+        )
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    def _params(self, request: Request) -> Any:
+        extra = self._choice(list(request.choices)) if request.choices else {}
+        return self._sampling_params(
+            temperature=request.temperature,
+            top_p=request.top_p,
+            max_tokens=request.max_tokens,
+            seed=request.seed,
+            output_kind=self._final_only,
+            **extra,
+        )
+
+    async def complete(self, request: Request) -> Completion:
+        if self._engine is None:
+            raise EngineDead("the vLLM engine was closed")
+        try:
+            prompt = self._tokens_prompt(prompt_token_ids=self.render(request))
+            final = None
+            async for output in self._engine.generate(
+                prompt, self._params(request), uuid.uuid4().hex
+            ):
+                final = output
+        except self._dead_error as exc:
+            raise EngineDead(f"vLLM engine died: {exc}") from exc
+        except Exception as exc:
+            if getattr(self._engine, "errored", False):
+                raise EngineDead(f"vLLM engine failed: {exc}") from exc
+            raise RequestError(f"{type(exc).__name__}: {exc}") from exc
+        if final is None or not final.outputs:
+            raise RequestError("vLLM returned no output")
+        out = final.outputs[0]
+        text = out.text.strip() if request.choices else out.text
+        return Completion(
+            text=text,
+            finish_reason=out.finish_reason,
+            prompt_tokens=len(final.prompt_token_ids or ()),
+            completion_tokens=len(out.token_ids),
+        )
+
+    def close(self) -> None:
+        """Stop EngineCore and its workers; safe to call twice."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.shutdown()

@@ -1,0 +1,266 @@
+"""Evolve one base prompt into zero or one question/answer pair.
+
+`Pipeline.evolve` is the whole flow for one prompt, top to bottom, awaiting the engine at each
+step. Many prompts run at once (`Pipeline.run`), so the engine batches requests from prompts at
+different steps: nobody waits for the slowest prompt of a step, and no prompt is left out of a
+last partial batch (the original tool's stage-by-stage batches did both).
+
+Every prompt yields an `Outcome`: the record if kept, otherwise the reason it was dropped, plus
+each step's text, verdict and token counts, so nothing disappears without a trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .config import Config
+from .engines.base import Engine, Message, Request, RequestError, Step
+from .seeds import PromptSource
+from .templates import Templates
+
+YES, NO = "はい", "いいえ"
+JUDGE_CHOICES = (YES, NO)
+
+# Which judgement a judge request is, by its attempt number.
+FIRST_JUDGE, FIX_JUDGE, FINAL_JUDGE = 0, 1, 2
+
+DROP_REASONS: dict[str, str] = {
+    "width_failed": "the width request failed",
+    "width_empty": "width returned nothing and the fixer is off",
+    "judge_failed": "a judge request failed or answered neither はい nor いいえ",
+    "judge_rejected": "the first judge said いいえ and the fixer is off",
+    "fix_failed": "the fixer request failed",
+    "fix_empty": "the fixer returned nothing",
+    "fix_rejected": "the judge said いいえ again after the fixer",
+    "depth_failed": "a depth request failed",
+    "depth_empty": "a depth step returned nothing",
+    "flatten_failed": "the flatten request failed",
+    "flatten_empty": "flatten returned nothing",
+    "final_rejected": "the final judge said いいえ",
+    "answer_failed": "the answer request failed",
+    "answer_empty": "the answer was empty",
+    "answer_refused": "the answer contains the refusal marker",
+    "answer_too_short": "the answer is shorter than min_answer_chars",
+    "answer_truncated": "the answer hit max_tokens (drop_truncated_answers is on)",
+}
+
+
+def request_seed(run_seed: int, index: int, step: str, attempt: int) -> int:
+    """A seed per request, stable across reruns and machines, and distinct between requests
+    (vLLM gives requests with equal seeds identical random streams)."""
+    key = f"{run_seed}/{index}/{step}/{attempt}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 33
+
+
+@dataclass
+class StepTrace:
+    step: Step
+    attempt: int
+    text: str | None = None
+    verdict: bool | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Outcome:
+    index: int
+    base_prompt: str
+    question: str | None = None
+    answer: str | None = None
+    drop_reason: str | None = None
+    fixer_ran: bool = False
+    steps: list[StepTrace] = field(default_factory=list)
+
+    @property
+    def kept(self) -> bool:
+        return self.drop_reason is None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(s.prompt_tokens for s in self.steps)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(s.completion_tokens for s in self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Tally:
+    """Counts over many outcomes: the funnel a summary, a done marker and `status` show."""
+
+    prompts: int = 0
+    kept: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    fixer_ran: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, outcome: Outcome) -> None:
+        self.prompts += 1
+        if outcome.kept:
+            self.kept += 1
+        else:
+            self.dropped[outcome.drop_reason or "unknown"] += 1
+        self.fixer_ran += outcome.fixer_ran
+        self.prompt_tokens += outcome.prompt_tokens
+        self.completion_tokens += outcome.completion_tokens
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["dropped"] = dict(sorted(self.dropped.items()))
+        return data
+
+
+class _Dropped(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Pipeline:
+    """The evolution flow over one engine; holds no per-prompt state between calls."""
+
+    def __init__(
+        self, config: Config, templates: Templates, source: PromptSource, engine: Engine
+    ) -> None:
+        self.config = config
+        self.settings = config.pipeline
+        self.templates = templates
+        self.source = source
+        self.engine = engine
+
+    async def evolve(self, index: int) -> Outcome:
+        outcome = Outcome(index=index, base_prompt=self.source.prompt(index))
+        try:
+            outcome.question, outcome.answer = await self._evolve(outcome)
+        except _Dropped as drop:
+            outcome.drop_reason = drop.reason
+        return outcome
+
+    async def _evolve(self, o: Outcome) -> tuple[str, str]:
+        prompt = await self._generate(o, "width", 0, prompt=o.base_prompt, allow_empty=True)
+        if not prompt or not await self._judge(o, prompt, FIRST_JUDGE):
+            if not self.settings.fixer:
+                raise _Dropped("judge_rejected" if prompt else "width_empty")
+            o.fixer_ran = True
+            prompt = await self._generate(o, "fix", 0, prompt=prompt or o.base_prompt)
+            if not await self._judge(o, prompt, FIX_JUDGE):
+                raise _Dropped("fix_rejected")
+        for step in range(self.settings.depth_steps):
+            prompt = await self._generate(o, "depth", step, prompt=prompt)
+        question = await self._generate(o, "flatten", 0, prompt=prompt)
+        if not await self._judge(o, question, FINAL_JUDGE):
+            raise _Dropped("final_rejected")
+        answer = await self._generate(
+            o, "answer", 0, question=question, refusal_marker=self.settings.refusal_marker
+        )
+        self._filter_answer(o, answer)
+        return question, answer
+
+    def _filter_answer(self, o: Outcome, answer: str) -> None:
+        if self.settings.refusal_marker in answer:
+            raise _Dropped("answer_refused")
+        if len(answer) < self.settings.min_answer_chars:
+            raise _Dropped("answer_too_short")
+        if self.settings.drop_truncated_answers and o.steps[-1].finish_reason == "length":
+            raise _Dropped("answer_truncated")
+
+    async def _generate(
+        self, o: Outcome, step: Step, attempt: int, allow_empty: bool = False, **values: str
+    ) -> str:
+        text = await self._ask(o, step, attempt, None, values)
+        if not text and not allow_empty:
+            raise _Dropped(f"{step}_empty")
+        return text
+
+    async def _judge(self, o: Outcome, prompt: str, attempt: int) -> bool:
+        verdict = await self._ask(o, "judge", attempt, JUDGE_CHOICES, {"prompt": prompt})
+        if verdict not in JUDGE_CHOICES:
+            o.steps[-1].error = f"not one of the choices: {verdict!r}"
+            raise _Dropped("judge_failed")
+        o.steps[-1].verdict = verdict == YES
+        return verdict == YES
+
+    async def _ask(
+        self,
+        o: Outcome,
+        step: Step,
+        attempt: int,
+        choices: tuple[str, ...] | None,
+        values: dict[str, str],
+    ) -> str:
+        request = self.request(o.index, step, attempt, choices, values)
+        trace = StepTrace(step=step, attempt=attempt)
+        o.steps.append(trace)
+        try:
+            completion = await self.engine.complete(request)
+        except RequestError as exc:
+            trace.error = str(exc) or type(exc).__name__
+            raise _Dropped(f"{step}_failed") from None
+        trace.text = completion.text
+        trace.finish_reason = completion.finish_reason
+        trace.prompt_tokens = completion.prompt_tokens
+        trace.completion_tokens = completion.completion_tokens
+        return completion.text.strip()
+
+    def request(
+        self,
+        index: int,
+        step: Step,
+        attempt: int,
+        choices: tuple[str, ...] | None,
+        values: dict[str, str],
+    ) -> Request:
+        override = getattr(self.config.sampling, step)
+        messages = self.templates.step(step).messages(**values)
+
+        def pick(name: str) -> Any:
+            value = getattr(override, name)
+            return getattr(self.config, name) if value is None else value
+
+        return Request(
+            step=step,
+            messages=tuple(Message(role, content) for role, content in messages),
+            max_tokens=pick("max_tokens"),
+            temperature=pick("temperature"),
+            top_p=pick("top_p"),
+            seed=request_seed(self.config.seed, index, step, attempt),
+            choices=choices,
+        )
+
+    async def run(self, indices: Iterable[int]) -> AsyncIterator[Outcome]:
+        """Outcomes in the order of `indices`, with at most `concurrency` prompts in flight.
+
+        Finished outcomes wait in a window until those before them are done; the window is a
+        few times the concurrency, so memory stays bounded however long the range is.
+        """
+        limit = self.config.concurrency()
+        gate = asyncio.Semaphore(limit)
+
+        async def guarded(index: int) -> Outcome:
+            async with gate:
+                return await self.evolve(index)
+
+        window: deque[asyncio.Task[Outcome]] = deque()
+        try:
+            for index in indices:
+                window.append(asyncio.ensure_future(guarded(index)))
+                if len(window) >= 4 * limit:
+                    yield await window.popleft()
+            while window:
+                yield await window.popleft()
+        finally:
+            for task in window:
+                task.cancel()
+            await asyncio.gather(*window, return_exceptions=True)

@@ -1,0 +1,134 @@
+"""Base-prompt sources: an integer index maps to one prompt, deterministically.
+
+Indices past the end wrap around (as the original tool did), so any index range is valid and
+index `i` always means the same prompt for the same source. Every source has a content hash so
+a run can tell when its source changed underneath it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .config import Prompts
+from .errors import SeedError
+from .templates import StepTemplate, render
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """A fixed list of base prompts addressed cyclically by index."""
+
+    description: str
+    items: Sequence[str]
+    content_hash: str
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def prompt(self, index: int) -> str:
+        if index < 0:
+            raise IndexError(f"base-prompt index must be >= 0, got {index}")
+        return self.items[index % len(self.items)]
+
+
+def _hash(kind: str, items: Sequence[str]) -> str:
+    digest = hashlib.sha256(kind.encode())
+    for item in items:
+        digest.update(b"\0" + item.encode("utf-8"))
+    return digest.hexdigest()
+
+
+def _decode(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SeedError(f"{path}: base-prompt file not found") from None
+    except OSError as exc:
+        raise SeedError(f"{path}: cannot read base-prompt file ({exc.strerror})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SeedError(f"{path} line {line}: not valid UTF-8 text") from None
+
+
+def read_lines(path: Path) -> list[str]:
+    """Non-blank lines, stripped. Blank lines are skipped so a trailing newline or a spacer
+    line cannot become an empty base prompt."""
+    lines = [line.strip() for line in _decode(path).splitlines()]
+    items = [line for line in lines if line]
+    if not items:
+        raise SeedError(f"{path}: file has no non-blank lines")
+    return items
+
+
+def read_jsonl(path: Path, field: str) -> list[str]:
+    items = []
+    for number, line in enumerate(_decode(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SeedError(f"{path} line {number}: invalid JSON ({exc.msg})") from None
+        value = obj.get(field) if isinstance(obj, dict) else None
+        if not isinstance(value, str) or not value.strip():
+            raise SeedError(f"{path} line {number}: no non-empty string field {field!r}")
+        items.append(value.strip())
+    if not items:
+        raise SeedError(f"{path}: file has no records")
+    return items
+
+
+class _CrossProduct(Sequence[str]):
+    """Task x domain prompts rendered on demand: 10^4 pairs need not sit in memory as text."""
+
+    def __init__(self, tasks: list[str], domains: list[str], template: StepTemplate) -> None:
+        self.tasks, self.domains, self.template = tasks, domains, template
+
+    def __len__(self) -> int:
+        return len(self.tasks) * len(self.domains)
+
+    def __getitem__(self, index: int) -> str:  # type: ignore[override]
+        task = self.tasks[index // len(self.domains)]
+        domain = self.domains[index % len(self.domains)]
+        return render(self.template.user, {"task": task, "domain": domain})
+
+
+def _builtin_list(name: str) -> list[str]:
+    text = resources.files(__package__).joinpath(f"data/{name}").read_text("utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def cross_product(
+    tasks: list[str], domains: list[str], template: StepTemplate, label: str
+) -> PromptSource:
+    seq = _CrossProduct(tasks, domains, template)
+    payload = json.dumps([tasks, domains, template.user], ensure_ascii=False)
+    return PromptSource(label, seq, _hash("cross", [payload]))
+
+
+def load_source(settings: Prompts, seed_template: StepTemplate) -> PromptSource:
+    """Build the source the config names; every failure is a one-line `SeedError`."""
+    if settings.source == "builtin":
+        tasks, domains = _builtin_list("tasks_ja.txt"), _builtin_list("domains_ja.txt")
+        return cross_product(tasks, domains, seed_template, "built-in tasks x domains")
+    if settings.source == "tasks_domains":
+        if settings.tasks_file is None or settings.domains_file is None:
+            raise SeedError("prompts: source 'tasks_domains' needs tasks_file and domains_file")
+        tasks, domains = read_lines(settings.tasks_file), read_lines(settings.domains_file)
+        label = f"{settings.tasks_file.name} x {settings.domains_file.name}"
+        return cross_product(tasks, domains, seed_template, label)
+    if settings.file is None:
+        raise SeedError("prompts: source 'file' needs file")
+    path = settings.file
+    if path.suffix == ".jsonl":
+        items = read_jsonl(path, settings.field)
+        return PromptSource(str(path), items, _hash(f"jsonl:{settings.field}", items))
+    items = read_lines(path)
+    return PromptSource(str(path), items, _hash("lines", items))

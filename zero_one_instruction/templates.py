@@ -1,0 +1,158 @@
+"""Step prompts: the shipped Japanese templates, user overrides, and safe substitution.
+
+Placeholders are `{name}`. Substitution is one regex pass over the template, so the inserted
+text is never scanned again: a base prompt full of braces, `{prompt}` or Jinja syntax arrives in
+the model's input exactly as written. `{{` and `}}` write literal braces.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import TemplateError
+
+_TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+# template name -> (required placeholders, optional placeholders)
+PLACEHOLDERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "seed": (frozenset({"domain", "task"}), frozenset()),
+    "width": (frozenset({"prompt"}), frozenset()),
+    "judge": (frozenset({"prompt"}), frozenset()),
+    "fix": (frozenset({"prompt"}), frozenset()),
+    "depth": (frozenset({"prompt"}), frozenset()),
+    "flatten": (frozenset({"prompt"}), frozenset()),
+    "answer": (frozenset({"question"}), frozenset({"refusal_marker"})),
+}
+KEYS = ("output_system_prompt", *PLACEHOLDERS)
+
+
+def placeholders(text: str) -> set[str]:
+    return {m.group(1) for m in _TOKEN.finditer(text) if m.group(1)}
+
+
+def render(text: str, values: dict[str, str]) -> str:
+    """Fill placeholders in a single pass; callers guarantee every name is in `values`."""
+
+    def replace(match: re.Match[str]) -> str:
+        token = match.group(0)
+        if token == "{{":
+            return "{"
+        if token == "}}":
+            return "}"
+        return values[match.group(1)]
+
+    return _TOKEN.sub(replace, text)
+
+
+@dataclass(frozen=True)
+class StepTemplate:
+    """One step's chat: an optional system message and the user message."""
+
+    name: str
+    user: str
+    system: str | None = None
+
+    def messages(self, **values: str) -> list[tuple[str, str]]:
+        chat = [] if self.system is None else [("system", render(self.system, values))]
+        chat.append(("user", render(self.user, values)))
+        return chat
+
+
+@dataclass(frozen=True)
+class Templates:
+    output_system_prompt: str
+    seed: StepTemplate
+    width: StepTemplate
+    judge: StepTemplate
+    fix: StepTemplate
+    depth: StepTemplate
+    flatten: StepTemplate
+    answer: StepTemplate
+
+    def step(self, name: str) -> StepTemplate:
+        return getattr(self, name)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data, for the run fingerprint and `zoi config show`."""
+        out: dict[str, Any] = {"output_system_prompt": self.output_system_prompt}
+        for name in PLACEHOLDERS:
+            tpl = self.step(name)
+            out[name] = {"system": tpl.system, "user": tpl.user}
+        return out
+
+
+def _read_yaml(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        text = resources.files(__package__).joinpath("templates/ja.yaml").read_text("utf-8")
+        source = "built-in templates"
+    else:
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TemplateError(f"{path}: cannot read templates file ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}:" if mark else ""
+        raise TemplateError(f"{source}:{where} invalid YAML in templates file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TemplateError(f"{source}: expected a mapping of template names")
+    unknown = sorted(set(data) - set(KEYS))
+    if unknown:
+        raise TemplateError(f"{source}: unknown template {unknown[0]!r} (known: {', '.join(KEYS)})")
+    return data
+
+
+def _step(name: str, raw: Any, source: str) -> StepTemplate:
+    if isinstance(raw, str):
+        raw = {"user": raw}
+    if not isinstance(raw, dict) or set(raw) - {"system", "user"}:
+        raise TemplateError(f"{source}: template {name!r} must be a string or have system/user")
+    user, system = raw.get("user"), raw.get("system")
+    if not isinstance(user, str) or not user.strip():
+        raise TemplateError(f"{source}: template {name!r} has no user message")
+    if system is not None and not isinstance(system, str):
+        raise TemplateError(f"{source}: template {name!r}: system must be a string")
+    if name == "seed" and system is not None:
+        raise TemplateError(f"{source}: template 'seed' is a base prompt and takes no system")
+    required, optional = PLACEHOLDERS[name]
+    found = placeholders(user) | placeholders(system or "")
+    missing = sorted(required - found)
+    if missing:
+        raise TemplateError(f"{source}: template {name!r} lacks placeholder {{{missing[0]}}}")
+    unknown = sorted(found - required - optional)
+    if unknown:
+        raise TemplateError(
+            f"{source}: template {name!r} uses unknown placeholder {{{unknown[0]}}} "
+            f"(write {{{{{unknown[0]}}}}} for literal braces)"
+        )
+    return StepTemplate(name=name, user=user, system=system)
+
+
+def load_templates(path: Path | None = None, system_prompt: str | None = None) -> Templates:
+    """The built-in templates with any subset replaced by the user's file, validated.
+
+    `system_prompt` (from the config) replaces the output conversation's system message.
+    """
+    merged = _read_yaml(None)
+    source = "built-in templates"
+    if path is not None:
+        merged.update(_read_yaml(path))
+        source = str(path)
+    system = system_prompt if system_prompt is not None else merged.get("output_system_prompt")
+    if not isinstance(system, str) or not system.strip():
+        raise TemplateError(f"{source}: output_system_prompt must be a non-empty string")
+    if placeholders(system):
+        raise TemplateError(f"{source}: output_system_prompt cannot contain placeholders")
+    steps = {name: _step(name, merged.get(name), source) for name in PLACEHOLDERS}
+    return Templates(output_system_prompt=render(system, {}), **steps)
