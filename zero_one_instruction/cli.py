@@ -21,9 +21,12 @@ import click
 
 from . import __version__
 from .config import Config, dump_config, load_config
+from .engines.base import engine_class
 from .errors import ZoiError
 from .generator import evolve_range, generate, load_inputs
 from .pipeline import DROP_REASONS, FINAL_JUDGE, FIX_JUDGE, Outcome, Tally
+from .seeds import PromptSource
+from .templates import Templates
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_CONFIG = "model_config.yml"
@@ -122,6 +125,33 @@ def _check_output(path: Path, overwrite: bool) -> None:
         raise ZoiError(f"{path}: already exists (pass --overwrite to replace it)")
 
 
+def _prepare(config: Config) -> tuple[Templates, PromptSource]:
+    """Everything that can be checked before a model loads: templates, base prompts and the
+    engine class."""
+    inputs = load_inputs(config)
+    engine_class(config.engine)
+    return inputs
+
+
+class _NoProgress:
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        return None
+
+
+def _progress(total: int) -> Any:
+    """A progress bar on a terminal; nothing when stderr is a file or pipe, where a bar
+    would only add noise to logs."""
+    if not sys.stderr.isatty():
+        return _NoProgress()
+    return click.progressbar(length=total, label="prompts", file=sys.stderr)
+
+
 def _summary(tally: Tally, seconds: float) -> str:
     rate = tally.kept / seconds if seconds else 0.0
     share = 100.0 * tally.kept / tally.prompts if tally.prompts else 0.0
@@ -178,10 +208,11 @@ def generate_cmd(
     _check_output(output, overwrite)
     if trace is not None:
         _check_output(trace, overwrite)
+    inputs = _prepare(config)
     began = time.monotonic()
-    with click.progressbar(length=end - start, label="prompts", file=sys.stderr) as bar:
+    with _progress(end - start) as bar:
         tally = asyncio.run(
-            generate(config, start, end, output, id_start, trace, lambda _: bar.update(1))
+            generate(config, inputs, start, end, output, id_start, trace, lambda _: bar.update(1))
         )
     click.echo(_summary(tally, time.monotonic() - began))
     click.echo(f"wrote     {tally.kept} records to {output}")
@@ -238,7 +269,7 @@ def preview(config_path: Path, num: int, start: int, as_json: bool) -> None:
     """Run a few base prompts and show every step's text and verdict, then the outcome:
     the quick loop for tuning templates and sampling."""
     config: Config = load_config(config_path)
-    inputs = load_inputs(config)
+    inputs = _prepare(config)
 
     def show(outcome: Outcome) -> None:
         text = (

@@ -48,6 +48,7 @@ async def evolve_range(
 
 async def generate(
     config: Config,
+    inputs: tuple[Templates, PromptSource],
     start: int,
     end: int,
     output: Path,
@@ -57,7 +58,6 @@ async def generate(
 ) -> Tally:
     """Write kept records to `output` (ids `record_<id_start>`...) and, if asked, every
     outcome with its full trace to `trace`. Both files appear only if the run completes."""
-    inputs = load_inputs(config)
     system = inputs[0].output_system_prompt
     next_id = id_start
     with ExitStack() as stack:

@@ -95,6 +95,8 @@ def _read_yaml(path: Path | None) -> dict[str, Any]:
         source = str(path)
         try:
             text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise TemplateError(f"{path}: templates file not found") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise TemplateError(f"{path}: cannot read templates file ({exc})") from None
     try:

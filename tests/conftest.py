@@ -1,0 +1,28 @@
+"""Shared fixtures. Tests that need the real vLLM engine are marked `vllm`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from zero_one_instruction.pipeline import Pipeline
+from zero_one_instruction.seeds import PromptSource
+from zero_one_instruction.templates import load_templates
+
+from .scripted_engine import ScriptedEngine, scripted_config
+
+
+def make_pipeline(prompts: list[str], **overrides: object) -> tuple[Pipeline, ScriptedEngine]:
+    """A pipeline over the scripted engine and a fixed list of base prompts."""
+    config = scripted_config(**overrides)
+    engine = ScriptedEngine(config)
+    source = PromptSource("test prompts", prompts, "test")
+    return Pipeline(config, load_templates(), source, engine), engine
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from zero_one_instruction.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

@@ -1,0 +1,89 @@
+"""A scripted engine: a deterministic test double that implements the engine contract.
+
+Base prompts carry a case name (`case=NAME`). Every generated text carries it on
+(`STEP|case=NAME ...`), so the engine can tell, from the request alone, which prompt and which
+step it is serving, however the requests interleave. `rules[case][key]` overrides a response,
+where `key` is a step name, or `judge@STEP` for the judge of the text STEP produced.
+
+Responses: plain text, or `!error` (RequestError), `!dead` (EngineDead), `!empty` (""),
+`!length:TEXT` (TEXT cut off at max_tokens). Rules come from `engine_kwargs: {rules: ...}` so
+CLI runs can script it too; `engine: "tests.scripted_engine:ScriptedEngine"`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+from zero_one_instruction.config import Config
+from zero_one_instruction.engines.base import Completion, EngineDead, Request, RequestError
+
+ENGINE = "tests.scripted_engine:ScriptedEngine"
+MARK = re.compile(r"(?:([a-z]+)\|)?case=([A-Za-z0-9_]+)")
+
+
+def default_text(step: str, case: str, seed: int) -> str:
+    if step == "judge":
+        return "はい"
+    if step == "answer":
+        return f"回答です。ケース{case}について詳しく説明します。番号{seed % 1000}"
+    return f"{step}|case={case} 質問{seed % 1000}"
+
+
+class ScriptedEngine:
+    def __init__(self, config: Config) -> None:
+        self.rules: dict[str, dict[str, str]] = dict(config.engine_kwargs.get("rules", {}))
+        self.delay = float(config.engine_kwargs.get("delay", 0.0))
+        self.requests: list[Request] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.closed = False
+
+    def _key(self, request: Request) -> tuple[str, str]:
+        text = request.messages[-1].content
+        match = MARK.search(text)
+        case = match.group(2) if match else "none"
+        if request.step == "judge":
+            return case, f"judge@{(match.group(1) if match else None) or 'base'}"
+        return case, request.step
+
+    async def complete(self, request: Request) -> Completion:
+        if self.closed:
+            raise EngineDead("closed")
+        self.requests.append(request)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay)  # lets other prompts interleave, as a real engine does
+        finally:
+            self.in_flight -= 1
+        case, key = self._key(request)
+        response = self.rules.get(case, {}).get(key, default_text(request.step, case, request.seed))
+        return self._respond(request, response)
+
+    def _respond(self, request: Request, response: str) -> Completion:
+        finish = "stop"
+        if response == "!error":
+            raise RequestError(f"scripted failure at {request.step}")
+        if response == "!dead":
+            raise EngineDead("scripted engine death")
+        if response == "!empty":
+            response = ""
+        if response.startswith("!length:"):
+            response, finish = response.removeprefix("!length:"), "length"
+        prompt_tokens = sum(len(m.content) for m in request.messages)
+        return Completion(response, finish, prompt_tokens, len(response))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def scripted_config(**overrides: Any) -> Config:
+    """A config for the scripted engine; `overrides` are top-level config keys."""
+    data: dict[str, Any] = {
+        "model_name": "scripted",
+        "engine": "tests.scripted_engine:ScriptedEngine",
+    }
+    data.update(overrides)
+    return Config.model_validate(data)

@@ -1,0 +1,117 @@
+"""Loading configs: the original file, defaults, and one clear line for every mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zero_one_instruction.config import Config, dump_config, load_config
+
+from .clitools import assert_one_line_error, zoi
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_original_model_config_loads_unchanged() -> None:
+    original = yaml.safe_load((ROOT / "model_config.yml").read_text(encoding="utf-8"))
+    config = load_config(ROOT / "model_config.yml")
+    for key, value in original.items():
+        assert getattr(config, key) == value, key
+    assert set(original) == {
+        "model_name", "quantization", "gpu_memory_utilization", "tensor_parallel_size",
+        "batch_size", "max_tokens", "max_model_len", "trust_remote_code", "dtype",
+        "temperature", "top_p",
+    }  # fmt: skip
+
+
+def test_defaults_are_filled_in(tmp_path: Path) -> None:
+    path = tmp_path / "c.yml"
+    path.write_text("model_name: m\n", encoding="utf-8")
+    config = load_config(path)
+    assert config.pipeline.depth_steps == 1
+    assert config.pipeline.fixer is True
+    assert config.pipeline.min_answer_chars == 10
+    assert config.pipeline.refusal_marker == "不可能"
+    assert (config.sampling.judge.temperature, config.sampling.judge.max_tokens) == (0.0, 8)
+    assert config.engine == "vllm"
+    assert config.concurrency() == 2 * config.batch_size
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "model").mkdir()
+    path = tmp_path / "sub" / "c.yml"
+    path.write_text(
+        "model_name: ../model\ntemplates: t.yaml\nprompts: {source: file, file: p.txt}\n",
+        encoding="utf-8",
+    )
+    config = load_config(path)
+    assert config.model_name == str((tmp_path / "model").resolve())
+    assert config.templates == (tmp_path / "sub" / "t.yaml").resolve()
+    assert config.prompts.file == (tmp_path / "sub" / "p.txt").resolve()
+
+
+def test_hub_ids_are_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "c.yml"
+    path.write_text("model_name: Qwen/Qwen2.5-7B-Instruct\n", encoding="utf-8")
+    assert load_config(path).model_name == "Qwen/Qwen2.5-7B-Instruct"
+
+
+def test_show_prints_effective_config_that_loads_back(tmp_path: Path) -> None:
+    result = zoi("config", "show", str(ROOT / "model_config.yml"))
+    assert result.exit_code == 0
+    shown = yaml.safe_load(result.stdout)
+    assert shown["pipeline"]["depth_steps"] == 1
+    assert shown["quantization"] == "awq"
+    again = tmp_path / "again.yml"
+    again.write_text(result.stdout, encoding="utf-8")
+    assert load_config(again) == load_config(ROOT / "model_config.yml")
+    assert dump_config(Config(model_name="m")).startswith("model_name: m\n")
+
+
+def test_check_accepts_the_shipped_configs() -> None:
+    for name in ("model_config.yml", "examples/tiny_cpu.yml"):
+        result = zoi("config", "check", str(ROOT / name))
+        assert result.exit_code == 0, result.stderr
+        assert "ok (2916 base prompts" in result.stdout
+
+
+BAD_CONFIGS = [
+    ("model_name: [unclosed\n", "invalid YAML"),
+    ("model_name: m\nmodle_name: x\n", "modle_name: unknown key"),
+    ("model_name: m\npipeline:\n  depth_step: 2\n", "pipeline.depth_step: unknown key"),
+    ("model_name: m\nbatch_size: many\n", "batch_size"),
+    ("model_name: m\ngpu_memory_utilization: 1.5\n", "gpu_memory_utilization"),
+    ("model_name: m\npipeline: {depth_steps: -1}\n", "pipeline.depth_steps"),
+    ("model_name: m\ntop_p: 0\n", "top_p"),
+    ("quantization: awq\n", "model_name: required key is missing"),
+    ("- model_name: m\n", "mapping"),
+    ("model_name: m\nengine: nonsense\n", "engine"),
+    ("model_name: m\nprompts: {source: web}\n", "prompts.source"),
+    ("model_name: m\nsampling: {judge: {max_tokens: 0}}\n", "sampling.judge.max_tokens"),
+    ("model_name: m\nseed: -1\n", "seed"),
+    ("model_name: m\ntemplates: missing.yaml\n", "missing.yaml"),
+    ("model_name: m\nengine: no_such_module:Engine\n", "no_such_module"),
+    ("model_name: m\nengine: 'tests.scripted_engine:Nope'\n", "has no class 'Nope'"),
+    ("model_name: m\n\tdtype: auto\n", "line 2"),
+]
+
+
+@pytest.mark.parametrize(("text", "fragment"), BAD_CONFIGS)
+def test_bad_config_gives_one_line_and_exit_2(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "bad.yml"
+    path.write_text(text, encoding="utf-8")
+    # `generate` validates the config, then the engine spec, before it loads any model.
+    result = zoi("generate", "-c", str(path), "--start", "0", "--end", "2", "-o",
+                 str(tmp_path / "out.jsonl"))  # fmt: skip
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_missing_and_undecodable_config_files(tmp_path: Path) -> None:
+    assert_one_line_error(zoi("config", "check", str(tmp_path / "none.yml")), "not found")
+    path = tmp_path / "latin1.yml"
+    path.write_bytes(b"model_name: caf\xe9\n")
+    assert_one_line_error(zoi("config", "show", str(path)), "latin1.yml", "cannot read")
