@@ -20,10 +20,18 @@ def test_original_model_config_loads_unchanged() -> None:
     for key, value in original.items():
         assert getattr(config, key) == value, key
     assert set(original) == {
-        "model_name", "quantization", "gpu_memory_utilization", "tensor_parallel_size",
-        "batch_size", "max_tokens", "max_model_len", "trust_remote_code", "dtype",
-        "temperature", "top_p",
-    }  # fmt: skip
+        "model_name",
+        "quantization",
+        "gpu_memory_utilization",
+        "tensor_parallel_size",
+        "batch_size",
+        "max_tokens",
+        "max_model_len",
+        "trust_remote_code",
+        "dtype",
+        "temperature",
+        "top_p",
+    }
 
 
 def test_defaults_are_filled_in(tmp_path: Path) -> None:
@@ -104,8 +112,9 @@ def test_bad_config_gives_one_line_and_exit_2(tmp_path: Path, text: str, fragmen
     path = tmp_path / "bad.yml"
     path.write_text(text, encoding="utf-8")
     # `generate` validates the config, then the engine spec, before it loads any model.
-    result = zoi("generate", "-c", str(path), "--start", "0", "--end", "2", "-o",
-                 str(tmp_path / "out.jsonl"))  # fmt: skip
+    result = zoi(
+        "generate", "-c", str(path), "--start", "0", "--end", "2", "-o", str(tmp_path / "out.jsonl")
+    )
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "out.jsonl").exists()
 

@@ -21,7 +21,7 @@ import click
 
 from . import __version__
 from .config import Config, dump_config, load_config
-from .engines.base import engine_class
+from .engines.base import EngineDead, engine_class
 from .errors import ZoiError
 from .generator import evolve_range, generate, load_inputs
 from .pipeline import DROP_REASONS, FINAL_JUDGE, FIX_JUDGE, Outcome, Tally
@@ -53,6 +53,8 @@ def friendly(func: F) -> F:
             return func(*args, **kwargs)
         except ZoiError as exc:
             _fail(str(exc), exc.exit_code)
+        except EngineDead as exc:
+            _fail(f"engine failed: {exc}; nothing was written", 1)
         except KeyboardInterrupt:
             _fail("interrupted; nothing was written", 130)
 
@@ -86,7 +88,7 @@ def main(verbose: bool) -> None:
 
 @main.group("config")
 def config_group() -> None:
-    """Inspect and validate configuration files."""
+    """Inspect and validate configuration files before a run loads any model."""
 
 
 @config_group.command("show")

@@ -1,0 +1,185 @@
+"""The `zoi` commands end to end with the scripted engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zero_one_instruction import __version__
+
+from .clitools import assert_one_line_error, zoi
+from .scripted_engine import ENGINE
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = [
+    [],
+    ["config"],
+    ["config", "show"],
+    ["config", "check"],
+    ["generate"],
+    ["preview"],
+    ["tiny-model"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "zoi")
+def test_every_command_explains_itself(command: list[str]) -> None:
+    result = zoi(*command, "--help")
+    assert result.exit_code == 0
+    assert "Usage: " in result.stdout
+    description = result.stdout.split("\n\n")[1]
+    assert len(description.split()) >= 6, description
+
+
+def test_version() -> None:
+    assert zoi("--version").stdout.strip() == f"zoi, version {__version__}"
+
+
+def write_config(tmp_path: Path, extra: str = "") -> Path:
+    """Built-in prompts tagged `case=...` by a prompts file, and the scripted engine."""
+    cases = ["ok", "ok", "final", "ok", "short", "ok"]
+    (tmp_path / "prompts.txt").write_text(
+        "".join(f"質問 {i} case={c}\n" for i, c in enumerate(cases)), encoding="utf-8"
+    )
+    config = tmp_path / "c.yml"
+    config.write_text(
+        f"model_name: scripted\nengine: '{ENGINE}'\nprompts: {{source: file, file: prompts.txt}}\n"
+        "engine_kwargs:\n  rules:\n    final: {judge@flatten: いいえ}\n    short: {answer: 短い}\n"
+        + extra,
+        encoding="utf-8",
+    )
+    return config
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_generate_writes_the_original_schema_in_index_order(tmp_path: Path) -> None:
+    config, out, trace = write_config(tmp_path), tmp_path / "out.jsonl", tmp_path / "trace.jsonl"
+    result = zoi(
+        "generate",
+        "-c",
+        str(config),
+        "--start",
+        "0",
+        "--end",
+        "8",
+        "-o",
+        str(out),
+        "--id-start",
+        "100",
+        "--trace",
+        str(trace),
+    )
+    assert result.exit_code == 0, result.stderr
+    records = read_jsonl(out)
+    assert [r["id"] for r in records] == [f"record_{i}" for i in range(100, 106)]
+    for record in records:
+        assert set(record) == {"id", "input", "output", "conversation"}
+        system, human, gpt = record["conversation"]
+        assert system["from"] == "system" and "日本語" in system["value"]
+        assert human == {"from": "human", "value": record["input"]}
+        assert gpt == {"from": "gpt", "value": record["output"]}
+    # prompts 0..7 cycle over the 6 cases; 2 ("final") and 4 ("short") are dropped.
+    kept_prompts = [0, 1, 3, 5, 6, 7]
+    assert all(r["input"].startswith("flatten|case=ok 質問") for r in records)
+    assert all(r["output"].startswith("回答です。ケースok") for r in records)
+    outcomes = read_jsonl(trace)
+    assert [o["index"] for o in outcomes] == list(range(8))
+    assert [o["index"] for o in outcomes if o["drop_reason"] is None] == kept_prompts
+    assert {o["drop_reason"] for o in outcomes} == {None, "final_rejected", "answer_too_short"}
+    assert "kept      6 (75.0%)" in result.stdout
+    assert "final_rejected" in result.stdout and "answer_too_short" in result.stdout
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_generate_is_reproducible(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    for name in ("a.jsonl", "b.jsonl"):
+        zoi("generate", "-c", str(config), "--start", "3", "--end", "9", "-o", str(tmp_path / name))
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    assert (tmp_path / "a.jsonl").stat().st_size > 0
+
+
+def test_generate_refuses_to_clobber_and_checks_its_arguments(tmp_path: Path) -> None:
+    config, out = write_config(tmp_path), tmp_path / "out.jsonl"
+    out.write_text("precious\n", encoding="utf-8")
+    base = ["generate", "-c", str(config), "-o", str(out)]
+    assert_one_line_error(zoi(*base, "--start", "0", "--end", "2"), "already exists")
+    assert out.read_text(encoding="utf-8") == "precious\n"
+    assert zoi(*base, "--start", "0", "--end", "2", "--overwrite").exit_code == 0
+    assert len(read_jsonl(out)) == 2
+    missing_dir = ["generate", "-c", str(config), "-o", str(tmp_path / "no" / "o.jsonl")]
+    assert_one_line_error(zoi(*missing_dir, "--start", "0", "--end", "2"), "does not exist")
+    bad_range = zoi(*base, "--start", "5", "--end", "5", "--overwrite")
+    assert bad_range.exit_code == 2 and "--end" in bad_range.stderr
+    negative = zoi(*base, "--start", "-1", "--end", "5", "--overwrite")
+    assert negative.exit_code == 2 and "--start" in negative.stderr
+
+
+def test_failed_run_writes_nothing(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "pipeline: {depth_steps: 0}\n")
+    text = config.read_text(encoding="utf-8").replace(
+        "short: {answer: 短い}", "short: {answer: '!dead'}"
+    )
+    config.write_text(text, encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    result = zoi("generate", "-c", str(config), "--start", "0", "--end", "6", "-o", str(out))
+    assert_one_line_error(result, "engine failed", "scripted engine death", code=1)
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_preview_shows_every_step_and_verdict(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    result = zoi("preview", "-c", str(config), "-n", "3")
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert out.count("=== base prompt") == 3
+    for label in (
+        "--- width",
+        "--- judge",
+        "--- depth 1",
+        "--- flatten",
+        "--- final judge",
+        "--- answer",
+    ):
+        assert label in out
+    assert "=> dropped: final_rejected" in out and out.count("=> kept") == 2
+    assert "kept 2 of 3" in out
+    as_json = zoi("preview", "-c", str(config), "-n", "2", "--start", "2", "--json")
+    outcomes = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [o["index"] for o in outcomes] == [2, 3]
+    assert outcomes[0]["steps"][-1]["verdict"] is False
+
+
+def test_console_script_runs_as_a_process(tmp_path: Path) -> None:
+    """The installed `zoi` entry point, as a user runs it, with the scripted engine."""
+    config, out = write_config(tmp_path), tmp_path / "out.jsonl"
+    zoi_bin = Path(sys.executable).parent / "zoi"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [str(zoi_bin), "generate", "-c", str(config), "--start", "0", "--end", "4", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(read_jsonl(out)) == 3
+    bad = subprocess.run(
+        [str(zoi_bin), "config", "check", str(tmp_path / "nope.yml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "not found" in bad.stderr

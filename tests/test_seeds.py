@@ -1,0 +1,93 @@
+"""Base-prompt sources: determinism, cycling, hashing, and one clear line per bad file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from zero_one_instruction.config import Prompts
+from zero_one_instruction.errors import SeedError
+from zero_one_instruction.seeds import load_source
+from zero_one_instruction.templates import load_templates
+
+from .clitools import assert_one_line_error, zoi
+
+SEED = load_templates().seed
+
+
+def source(**settings: object):
+    return load_source(Prompts.model_validate(settings), SEED)
+
+
+def test_builtin_source_is_a_varied_cross_product() -> None:
+    builtin = source()
+    assert len(builtin) >= 40 * 40
+    prompts = [builtin.prompt(i) for i in range(len(builtin))]
+    assert len(set(prompts)) == len(prompts)
+    assert all("テーマ" in p and "タスク" in p for p in prompts[:50])
+    assert builtin.prompt(5) == builtin.prompt(5 + len(builtin))  # cyclic, like the original
+    assert source().content_hash == builtin.content_hash
+
+
+def test_tasks_domains_files(tmp_path: Path) -> None:
+    (tmp_path / "t.txt").write_text("要約する\n\n翻訳する\n", encoding="utf-8")
+    (tmp_path / "d.txt").write_text("\ufeff歴史\n料理\n数学\n", encoding="utf-8")
+    src = source(
+        source="tasks_domains", tasks_file=tmp_path / "t.txt", domains_file=tmp_path / "d.txt"
+    )
+    assert len(src) == 6
+    assert "歴史" in src.prompt(0) and "要約する" in src.prompt(0)
+    assert "数学" in src.prompt(5) and "翻訳する" in src.prompt(5)
+    assert src.prompt(6) == src.prompt(0)
+
+
+def test_prompt_files_txt_and_jsonl(tmp_path: Path) -> None:
+    (tmp_path / "p.txt").write_text("一つ目\n  \n二つ目\n", encoding="utf-8")
+    txt = source(source="file", file=tmp_path / "p.txt")
+    assert [txt.prompt(i) for i in range(3)] == ["一つ目", "二つ目", "一つ目"]
+    lines = [json.dumps({"q": f"質問{i}", "other": 1}, ensure_ascii=False) for i in range(3)]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    jsonl = source(source="file", file=tmp_path / "p.jsonl", field="q")
+    assert [jsonl.prompt(i) for i in range(4)] == ["質問0", "質問1", "質問2", "質問0"]
+    with pytest.raises(IndexError):
+        jsonl.prompt(-1)
+
+
+def test_content_hash_follows_content(tmp_path: Path) -> None:
+    path = tmp_path / "p.txt"
+    path.write_text("a\nb\n", encoding="utf-8")
+    first = source(source="file", file=path).content_hash
+    path.write_text("a\nc\n", encoding="utf-8")
+    assert source(source="file", file=path).content_hash != first
+    path.write_text("a\nb\n", encoding="utf-8")
+    assert source(source="file", file=path).content_hash == first
+
+
+BAD_SOURCES = [
+    ("missing.txt", None, "base-prompt file not found"),
+    ("blank.txt", b"\n   \n\n", "no non-blank lines"),
+    ("bad.jsonl", b'{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": \n', "line 3: invalid JSON"),
+    ("field.jsonl", b'{"prompt": "a"}\n{"text": "b"}\n', "line 2: no non-empty string field"),
+    ("number.jsonl", b'{"prompt": 12}\n', "line 1: no non-empty string field 'prompt'"),
+    ("bytes.txt", "一\n二\n三\n".encode() + b"\xff\xfe\n", "line 4: not valid UTF-8"),
+    ("empty.jsonl", b"", "no records"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "fragment"), BAD_SOURCES)
+def test_bad_seed_file_gives_one_line_and_exit_2(
+    tmp_path: Path, name: str, content: bytes | None, fragment: str
+) -> None:
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    config = tmp_path / "c.yml"
+    config.write_text(f"model_name: m\nprompts: {{source: file, file: {name}}}\n", "utf-8")
+    line = assert_one_line_error(zoi("config", "check", str(config)), fragment)
+    assert name in line
+
+
+def test_tasks_domains_needs_both_files(tmp_path: Path) -> None:
+    with pytest.raises(SeedError, match="needs tasks_file and domains_file"):
+        source(source="tasks_domains", tasks_file=tmp_path / "t.txt")

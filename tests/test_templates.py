@@ -1,0 +1,79 @@
+"""Template loading, validation and single-pass substitution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from zero_one_instruction.errors import TemplateError
+from zero_one_instruction.templates import PLACEHOLDERS, load_templates, placeholders, render
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "t.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_builtin_templates_are_complete_and_japanese() -> None:
+    templates = load_templates()
+    for name, (required, optional) in PLACEHOLDERS.items():
+        tpl = templates.step(name)
+        found = placeholders(tpl.user) | placeholders(tpl.system or "")
+        assert required <= found <= required | optional, name
+        assert any("\u3040" <= ch <= "\u30ff" for ch in tpl.user + (tpl.system or "")), name
+    assert "日本語" in templates.output_system_prompt
+    assert templates.answer.user == "{question}"
+
+
+def test_override_a_subset_keeps_the_rest(tmp_path: Path) -> None:
+    path = write(tmp_path, "width: |-\n  同じテーマで別の質問を書いてください。\n  {prompt}\n")
+    templates = load_templates(path)
+    builtin = load_templates()
+    assert templates.width.user.startswith("同じテーマで別の質問")
+    assert templates.width.system is None
+    assert templates.judge == builtin.judge
+    assert templates.output_system_prompt == builtin.output_system_prompt
+
+
+def test_system_prompt_from_config_wins() -> None:
+    assert load_templates(None, "あなたは先生です。").output_system_prompt == "あなたは先生です。"
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("width: 新しい質問を書いてください。\n", "template 'width' lacks placeholder {prompt}"),
+        ("judge: '{prompt} {answer}'\n", "template 'judge' uses unknown placeholder {answer}"),
+        ("answer: {system: '{refusal_marker}', user: 'no question'}\n", "lacks placeholder"),
+        ("depthh: '{prompt}'\n", "unknown template 'depthh'"),
+        ("fix: [a, b]\n", "template 'fix' must be a string"),
+        ("seed: {system: '{task}', user: '{domain}{task}'}\n", "takes no system"),
+        ("flatten: {user: ''}\n", "has no user message"),
+        ("output_system_prompt: '{prompt}'\n", "cannot contain placeholders"),
+        ("width: [unclosed\n", "invalid YAML"),
+        ("- width\n", "expected a mapping"),
+    ],
+)
+def test_bad_templates_are_rejected_naming_the_template(
+    tmp_path: Path, text: str, fragment: str
+) -> None:
+    with pytest.raises(TemplateError, match=None) as info:
+        load_templates(write(tmp_path, text))
+    assert fragment in str(info.value)
+    assert str(tmp_path / "t.yaml") in str(info.value)
+
+
+def test_literal_braces_are_allowed_and_unescaped(tmp_path: Path) -> None:
+    path = write(tmp_path, 'width: "JSON例: {{prompt}} と {\\"a\\": 1}\\n{prompt}"\n')
+    templates = load_templates(path)
+    ((_, user),) = templates.width.messages(prompt="X")
+    assert user == 'JSON例: {prompt} と {"a": 1}\nX'
+
+
+def test_render_is_single_pass_for_any_inserted_text() -> None:
+    nasty = "{prompt} {{prompt}} {question} {% if x %}{{ y }}{% endif %} \\1 $0 %s {0} " * 2000
+    out = render("前{prompt}後", {"prompt": nasty})
+    assert out == f"前{nasty}後"
+    assert len(out) > 100_000
