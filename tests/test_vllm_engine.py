@@ -165,6 +165,17 @@ def test_prompt_longer_than_max_model_len_fails_only_its_record(
     assert outcomes[0].drop_reason != "width_failed" and outcomes[2].drop_reason != "width_failed"
 
 
+def test_unknown_engine_argument_is_a_config_error(tiny_model: Path) -> None:
+    from zero_one_instruction.engines.vllm import VLLMEngine
+    from zero_one_instruction.errors import ConfigError
+
+    config = tiny_config(tiny_model, engine_kwargs={"load_format": "dummy", "no_such_arg": 1})
+    with pytest.raises(
+        ConfigError, match=r"engine_kwargs: not a vLLM engine argument.*no_such_arg"
+    ):
+        VLLMEngine(config)
+
+
 def engine_processes() -> list[psutil.Process]:
     alive = []
     for child in psutil.Process().children(recursive=True):
