@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -79,6 +80,8 @@ def _config_option(func: F) -> F:
 def main(verbose: bool) -> None:
     """zero-one-instruction: evolve base prompts into Japanese SFT question/answer pairs
     with vLLM (width, judge, fixer, depth, flatten, judge, answer, filter)."""
+    if verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

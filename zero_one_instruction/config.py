@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+from .yamlfile import read_yaml
 
 STEPS = ("width", "judge", "fix", "depth", "flatten", "answer")
 
@@ -153,19 +154,7 @@ def parse_config(data: Any, source: str, base: Path | None = None) -> Config:
 
 def load_config(path: str | Path) -> Config:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config file ({exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
+    data = read_yaml(path, "config", ConfigError)
     return parse_config(data, str(path), base=path.resolve().parent)
 
 

@@ -13,9 +13,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import TemplateError
+from .yamlfile import parse_yaml, read_yaml
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -89,22 +88,12 @@ class Templates:
 
 def _read_yaml(path: Path | None) -> dict[str, Any]:
     if path is None:
-        text = resources.files(__package__).joinpath("templates/ja.yaml").read_text("utf-8")
         source = "built-in templates"
+        text = resources.files(__package__).joinpath("templates/ja.yaml").read_text("utf-8")
+        data = parse_yaml(text, source, TemplateError)
     else:
         source = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise TemplateError(f"{path}: templates file not found") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise TemplateError(f"{path}: cannot read templates file ({exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}:" if mark else ""
-        raise TemplateError(f"{source}:{where} invalid YAML in templates file") from None
+        data = read_yaml(path, "templates", TemplateError)
     if data is None:
         return {}
     if not isinstance(data, dict):
