@@ -21,4 +21,4 @@ pip=("$venv/bin/python" -m pip --quiet --disable-pip-version-check)
 # text models need none of them.
 "${pip[@]}" uninstall --yes torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 "${pip[@]}" install --editable ".[dev]"
-"$venv/bin/python" -c "import vllm, zero_one_instruction; print('vllm', vllm.__version__, 'ready in $venv')" 2>/dev/null
+"$venv/bin/python" -c "import vllm, zero_one_instruction; print('vllm', vllm.__version__, 'ready in $venv')"

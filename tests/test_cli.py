@@ -117,10 +117,28 @@ def test_generate_refuses_to_clobber_and_checks_its_arguments(tmp_path: Path) ->
     assert len(read_jsonl(out)) == 2
     missing_dir = ["generate", "-c", str(config), "-o", str(tmp_path / "no" / "o.jsonl")]
     assert_one_line_error(zoi(*missing_dir, "--start", "0", "--end", "2"), "does not exist")
-    bad_range = zoi(*base, "--start", "5", "--end", "5", "--overwrite")
-    assert bad_range.exit_code == 2 and "--end" in bad_range.stderr
-    negative = zoi(*base, "--start", "-1", "--end", "5", "--overwrite")
-    assert negative.exit_code == 2 and "--start" in negative.stderr
+    assert_one_line_error(zoi(*base, "--start", "5", "--end", "5", "--overwrite"), "--end")
+    assert_one_line_error(zoi(*base, "--start", "-1", "--end", "5", "--overwrite"), "'--start'")
+    assert_one_line_error(zoi(*base, "--start", "a", "--end", "5"), "'a' is not a valid integer")
+    assert_one_line_error(zoi(*base, "--end", "5"), "Missing option '--start'")
+    id_start = zoi(*base, "--start", "0", "--end", "2", "--id-start", "-5", "--overwrite")
+    assert_one_line_error(id_start, "'--id-start'")
+    same = zoi(*base, "--start", "0", "--end", "2", "--trace", str(out), "--overwrite")
+    assert_one_line_error(same, "--trace must not be the output file")
+    unwritable = [
+        "generate",
+        "-c",
+        str(config),
+        "-o",
+        "/proc/zoi.jsonl",
+        "--start",
+        "0",
+        "--end",
+        "1",
+    ]
+    assert_one_line_error(zoi(*unwritable), "/proc/zoi.jsonl")
+    assert_one_line_error(zoi("preview", "-c", str(config), "-n", "0"), "'-n'")
+    assert_one_line_error(zoi("nonsense"), "No such command 'nonsense'")
 
 
 def test_failed_run_writes_nothing(tmp_path: Path) -> None:
@@ -133,6 +151,26 @@ def test_failed_run_writes_nothing(tmp_path: Path) -> None:
     result = zoi("generate", "-c", str(config), "--start", "0", "--end", "6", "-o", str(out))
     assert_one_line_error(result, "engine failed", "scripted engine death", code=1)
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+class BrokenEngine:
+    def __init__(self, config: object) -> None:
+        raise RuntimeError("the plug-in could not connect")
+
+    async def complete(self, request: object) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def test_unexpected_engine_errors_are_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "c.yml"
+    config.write_text("model_name: m\nengine: 'tests.test_cli:BrokenEngine'\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    result = zoi("generate", "-c", str(config), "--start", "0", "--end", "2", "-o", str(out))
+    assert_one_line_error(result, "RuntimeError: the plug-in could not connect", code=1)
+    assert not out.exists()
 
 
 def test_preview_shows_every_step_and_verdict(tmp_path: Path) -> None:

@@ -90,18 +90,45 @@ BAD_CONFIGS = [
     ("model_name: [unclosed\n", "invalid YAML"),
     ("model_name: m\nmodle_name: x\n", "modle_name: unknown key"),
     ("model_name: m\npipeline:\n  depth_step: 2\n", "pipeline.depth_step: unknown key"),
-    ("model_name: m\nbatch_size: many\n", "batch_size"),
-    ("model_name: m\ngpu_memory_utilization: 1.5\n", "gpu_memory_utilization"),
-    ("model_name: m\npipeline: {depth_steps: -1}\n", "pipeline.depth_steps"),
-    ("model_name: m\ntop_p: 0\n", "top_p"),
+    ("model_name: m\nbatch_size: many\n", "batch_size: Input should be a valid integer"),
+    ("model_name: m\nbatch_size: 3.0\n", "batch_size: Input should be a valid integer"),
+    ("model_name: m\ntemperature: true\n", "temperature: Input should be a valid number"),
+    ("model_name: m\ntemperature: .inf\n", "temperature: Input should be a finite number"),
+    ("model_name: m\npipeline: {fixer: 1}\n", "pipeline.fixer: Input should be a valid boolean"),
+    (
+        "model_name: m\ngpu_memory_utilization: 1.5\n",
+        "gpu_memory_utilization: Input should be less",
+    ),
+    (
+        "model_name: m\npipeline: {depth_steps: -1}\n",
+        "pipeline.depth_steps: Input should be greater",
+    ),
+    ("model_name: m\ntop_p: 0\n", "top_p: Input should be greater than 0"),
     ("quantization: awq\n", "model_name: required key is missing"),
-    ("- model_name: m\n", "mapping"),
-    ("model_name: m\nengine: nonsense\n", "engine"),
-    ("model_name: m\nprompts: {source: web}\n", "prompts.source"),
-    ("model_name: m\nsampling: {judge: {max_tokens: 0}}\n", "sampling.judge.max_tokens"),
-    ("model_name: m\nseed: -1\n", "seed"),
-    ("model_name: m\ntemplates: missing.yaml\n", "missing.yaml"),
-    ("model_name: m\nengine: no_such_module:Engine\n", "no_such_module"),
+    ("model_name: '  '\n", "model_name: String should match"),
+    ("- model_name: m\n", "expected a mapping"),
+    (
+        "model_name: m\nmodel_name: n\n",
+        "line 2, column 1: invalid YAML: duplicate key 'model_name'",
+    ),
+    ("model_name: m\nengine: nonsense\n", "engine: must be 'vllm' or 'package.module:ClassName'"),
+    ("model_name: m\nengine: ':'\n", "engine: must be 'vllm'"),
+    ("model_name: m\nprompts: {source: web}\n", "prompts.source: Input should be 'builtin'"),
+    (
+        "model_name: m\nprompts: {source: builtin, file: p.txt}\n",
+        "file is set but source is 'builtin'",
+    ),
+    ("model_name: m\nprompts: {source: file}\n", "source 'file' needs file"),
+    ("model_name: m\nprompts: {file: p.json}\n", "file p.json: use a .txt or a .jsonl file"),
+    ("model_name: m\nsampling: {judge: {max_tokens: 0}}\n", "sampling.judge.max_tokens: Input"),
+    ("model_name: m\nmax_tokens: 5000\n", "may generate 5000 tokens, which leaves no room"),
+    ("model_name: m\nseed: -1\n", "seed: Input should be greater than or equal to 0"),
+    ("model_name: m\nseed: 99999999999\n", "seed: Input should be less than or equal"),
+    ("model_name: m\nsystem_prompt: ''\n", "system_prompt: String should match"),
+    ("model_name: m\nsystem_prompt: 'hi {prompt}'\n", "takes no {placeholders}"),
+    ("model_name: m\ntemplates: missing.yaml\n", "missing.yaml: templates file not found"),
+    ("model_name: m\nchat_template: missing.jinja\n", "chat_template: file"),
+    ("model_name: m\nengine: no_such_module:Engine\n", "cannot import module 'no_such_module'"),
     ("model_name: m\nengine: 'tests.scripted_engine:Nope'\n", "has no class 'Nope'"),
     ("model_name: m\n\tdtype: auto\n", "line 2"),
 ]
@@ -117,6 +144,38 @@ def test_bad_config_gives_one_line_and_exit_2(tmp_path: Path, text: str, fragmen
     )
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize(("text", "fragment"), BAD_CONFIGS[:12])
+def test_config_check_reports_the_same_errors(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "bad.yml"
+    path.write_text(text, encoding="utf-8")
+    assert_one_line_error(zoi("config", "check", str(path)), fragment)
+
+
+def test_absolute_paths_are_kept_and_show_round_trips(tmp_path: Path) -> None:
+    (tmp_path / "t.yaml").write_text("width: '新しく書いて: {prompt}'\n", encoding="utf-8")
+    (tmp_path / "p.txt").write_text("質問\n", encoding="utf-8")
+    path = tmp_path / "sub" / "c.yml"
+    path.parent.mkdir()
+    text = f"model_name: m\ntemplates: {tmp_path / 't.yaml'}\nprompts: {{file: {tmp_path}/p.txt}}\n"
+    path.write_text(text, encoding="utf-8")
+    config = load_config(path)
+    assert config.templates == tmp_path / "t.yaml"
+    assert config.prompts.source == "file" and config.prompts.file == tmp_path / "p.txt"
+    again = tmp_path / "again.yml"
+    again.write_text(dump_config(config), encoding="utf-8")
+    assert load_config(again) == config
+    assert "1 base prompts from" in zoi("config", "check", str(path)).stdout
+
+
+def test_partial_judge_override_keeps_it_greedy(tmp_path: Path) -> None:
+    path = tmp_path / "c.yml"
+    path.write_text("model_name: m\nsampling: {judge: {max_tokens: 16}}\n", encoding="utf-8")
+    judge = load_config(path).sampling.judge
+    assert (judge.temperature, judge.max_tokens) == (0.0, 16)
+    path.write_text("model_name: m\nsampling: {judge: {temperature: null}}\n", encoding="utf-8")
+    assert load_config(path).sampling.judge.temperature is None
 
 
 def test_missing_and_undecodable_config_files(tmp_path: Path) -> None:

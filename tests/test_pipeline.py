@@ -56,7 +56,10 @@ def test_happy_path_walks_every_step_in_order() -> None:
 
 
 def test_rejected_width_is_fixed_then_accepted() -> None:
-    outcome = evolve("fixme", **rules("fixme", judge__width="いいえ"))
+    pipeline, engine = make_pipeline(["case=fixme"], **rules("fixme", judge__width="いいえ"))
+    outcome = asyncio.run(pipeline.evolve(0))
+    fix_request = next(r for r in engine.requests if r.step == "fix")
+    assert "width|case=fixme" in fix_request.messages[-1].content  # the rejected width text
     assert outcome.kept and outcome.fixer_ran
     assert steps(outcome)[:4] == [("width", 0), ("judge", 0), ("fix", 0), ("judge", FIX_JUDGE)]
     assert [s.verdict for s in outcome.steps if s.step == "judge"] == [False, True, True]
@@ -96,7 +99,7 @@ def test_empty_width_without_fixer_is_dropped() -> None:
     [
         ("width", "!error", "width_failed"),
         ("judge__width", "!error", "judge_failed"),
-        ("judge__width", "たぶん", "judge_failed"),
+        ("judge__width", "たぶん", "judge_invalid"),
         ("depth", "!error", "depth_failed"),
         ("depth", "!empty", "depth_empty"),
         ("flatten", "!error", "flatten_failed"),

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from zero_one_instruction.config import Prompts
-from zero_one_instruction.errors import SeedError
 from zero_one_instruction.seeds import load_source
 from zero_one_instruction.templates import load_templates
 
@@ -39,6 +39,7 @@ def test_tasks_domains_files(tmp_path: Path) -> None:
     )
     assert len(src) == 6
     assert "歴史" in src.prompt(0) and "要約する" in src.prompt(0)
+    assert "\ufeff" not in src.prompt(0)
     assert "数学" in src.prompt(5) and "翻訳する" in src.prompt(5)
     assert src.prompt(6) == src.prompt(0)
 
@@ -53,6 +54,15 @@ def test_prompt_files_txt_and_jsonl(tmp_path: Path) -> None:
     assert [jsonl.prompt(i) for i in range(4)] == ["質問0", "質問1", "質問2", "質問0"]
     with pytest.raises(IndexError):
         jsonl.prompt(-1)
+
+
+def test_only_newlines_split_prompts(tmp_path: Path) -> None:
+    odd = "改行\u2028区切り\x0cと\x85制御文字"
+    (tmp_path / "p.txt").write_text(f"{odd}\r\n二つ目\n", encoding="utf-8")
+    assert list(source(file=tmp_path / "p.txt").items) == [odd, "二つ目"]
+    line = json.dumps({"prompt": odd}, ensure_ascii=False)
+    (tmp_path / "p.jsonl").write_text(line + "\n", encoding="utf-8")
+    assert list(source(file=tmp_path / "p.jsonl").items) == [odd]
 
 
 def test_content_hash_follows_content(tmp_path: Path) -> None:
@@ -89,5 +99,5 @@ def test_bad_seed_file_gives_one_line_and_exit_2(
 
 
 def test_tasks_domains_needs_both_files(tmp_path: Path) -> None:
-    with pytest.raises(SeedError, match="needs tasks_file and domains_file"):
+    with pytest.raises(ValidationError, match="needs domains_file and tasks_file"):
         source(source="tasks_domains", tasks_file=tmp_path / "t.txt")

@@ -44,8 +44,14 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _verbose() -> bool:
+    context = click.get_current_context(silent=True)
+    return bool(context and context.find_root().params.get("verbose"))
+
+
 def friendly(func: F) -> F:
-    """Turn user errors into one line and a non-zero exit."""
+    """Turn every failure into one line and a non-zero exit: user errors exit 2, a failed
+    engine or an unexpected error exits 1 (with the traceback only under `zoi -v`)."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -55,11 +61,36 @@ def friendly(func: F) -> F:
         except ZoiError as exc:
             _fail(str(exc), exc.exit_code)
         except EngineDead as exc:
-            _fail(f"engine failed: {exc}; nothing was written", 1)
+            _fail(f"engine failed: {exc}", 1)
         except KeyboardInterrupt:
-            _fail("interrupted; nothing was written", 130)
+            _fail("interrupted", 130)
+        except click.ClickException:
+            raise
+        except Exception as exc:
+            if _verbose():
+                raise
+            _fail(f"{type(exc).__name__}: {exc} (run 'zoi -v ...' for the traceback)", 1)
 
     return wrapper  # type: ignore[return-value]
+
+
+class ZoiGroup(click.Group):
+    """Click's usage errors as one line too, like every other error of this tool."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        kwargs.setdefault("prog_name", "zoi")
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            _fail(f"{exc.format_message()}{where}", exc.exit_code)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            _fail("aborted", 1)
+        if not standalone_mode:
+            return result
+        sys.exit(result if isinstance(result, int) else 0)
 
 
 def _config_option(func: F) -> F:
@@ -74,7 +105,7 @@ def _config_option(func: F) -> F:
     )(func)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ZoiGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="zoi")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
 def main(verbose: bool) -> None:
@@ -110,13 +141,11 @@ def config_check(file: Path) -> None:
     """Validate FILE and everything it points to (templates, base-prompt files) without
     loading a model. Exit code 0 means the config is usable."""
     config = load_config(file)
-    _, source = load_inputs(config)
+    _, source = _prepare(config)
     click.echo(f"{file}: ok ({len(source)} base prompts from {source.description})")
 
 
 def _validate_range(start: int, end: int) -> None:
-    if start < 0:
-        raise click.BadParameter("must be >= 0", param_hint="--start")
     if end <= start:
         raise click.BadParameter(f"must be greater than --start ({start})", param_hint="--end")
 
@@ -157,6 +186,16 @@ def _progress(total: int) -> Any:
     return click.progressbar(length=total, label="prompts", file=sys.stderr)
 
 
+def _warn_if_all_failed(tally: Tally) -> None:
+    failed = sum(n for reason, n in tally.dropped.items() if reason.endswith("_failed"))
+    if tally.prompts and failed == tally.prompts:
+        click.echo(
+            "zoi: warning: every prompt failed at a request; check max_tokens, max_model_len "
+            "and the engine (--trace FILE shows each error)",
+            err=True,
+        )
+
+
 def _summary(tally: Tally, seconds: float) -> str:
     rate = tally.kept / seconds if seconds else 0.0
     share = 100.0 * tally.kept / tally.prompts if tally.prompts else 0.0
@@ -180,12 +219,18 @@ def _summary(tally: Tally, seconds: float) -> str:
 
 @main.command("generate")
 @_config_option
-@click.option("--start", type=int, required=True, help="First base-prompt index (inclusive).")
+@click.option("--start", type=click.IntRange(min=0), required=True, help="First base-prompt index.")
 @click.option("--end", type=int, required=True, help="Last base-prompt index (exclusive).")
 @click.option(
     "-o", "--output", required=True, type=click.Path(path_type=Path), help="JSONL file to write."
 )
-@click.option("--id-start", type=int, default=0, show_default=True, help="First record_N id.")
+@click.option(
+    "--id-start",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="First record_N id.",
+)
 @click.option(
     "--trace",
     type=click.Path(path_type=Path),
@@ -213,6 +258,8 @@ def generate_cmd(
     _check_output(output, overwrite)
     if trace is not None:
         _check_output(trace, overwrite)
+        if trace.resolve() == output.resolve():
+            raise ZoiError(f"{trace}: --trace must not be the output file")
     inputs = _prepare(config)
     began = time.monotonic()
     with _progress(end - start) as bar:
@@ -221,6 +268,7 @@ def generate_cmd(
         )
     click.echo(_summary(tally, time.monotonic() - began))
     click.echo(f"wrote     {tally.kept} records to {output}")
+    _warn_if_all_failed(tally)
 
 
 _JUDGE_LABELS = {0: "judge", FIX_JUDGE: "judge after fix", FINAL_JUDGE: "final judge"}

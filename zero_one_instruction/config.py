@@ -1,26 +1,36 @@
 """Settings: the original `model_config.yml` keys plus the sections this tool adds.
 
 The original keys stay flat at the top level so an existing `model_config.yml` loads unchanged.
-Everything else lives in named sections. Unknown keys are errors, because a misspelt key that is
-silently ignored produces a dataset nobody asked for.
+Everything else lives in named sections. Unknown keys are errors, and values are not coerced
+(`temperature: true` is not 1.0): a misspelt or mistyped setting that is silently accepted
+produces a dataset nobody asked for.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 from .yamlfile import read_yaml
 
-STEPS = ("width", "judge", "fix", "depth", "flatten", "answer")
+LaxPath = Annotated[Path, Field(strict=False)]
+ENGINE_SPEC = re.compile(r"^vllm$|^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+MAX_SEED = 2**32 - 1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class StepSampling(_Strict):
@@ -31,16 +41,31 @@ class StepSampling(_Strict):
     max_tokens: int | None = Field(default=None, ge=1)
 
 
-class Sampling(_Strict):
-    """Overrides per pipeline step. The judge is greedy and short by default: it only picks a
-    choice, and a verdict that changes between reruns would make runs irreproducible."""
+# Steps whose defaults differ from "inherit". The judge only picks a choice, greedily: a
+# verdict that changed between reruns would make runs irreproducible.
+STEP_DEFAULTS: dict[str, dict[str, Any]] = {"judge": {"temperature": 0.0, "max_tokens": 8}}
 
+
+class Sampling(_Strict):
     width: StepSampling = StepSampling()
-    judge: StepSampling = StepSampling(temperature=0.0, max_tokens=8)
+    judge: StepSampling = StepSampling(**STEP_DEFAULTS["judge"])
     fix: StepSampling = StepSampling()
     depth: StepSampling = StepSampling()
     flatten: StepSampling = StepSampling()
     answer: StepSampling = StepSampling()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_step_defaults(cls, data: Any) -> Any:
+        """`judge: {max_tokens: 16}` keeps the judge greedy; only `temperature: null` would
+        make it inherit the top-level temperature."""
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for step, defaults in STEP_DEFAULTS.items():
+            if isinstance(data.get(step), dict):
+                merged[step] = {**defaults, **data[step]}
+        return merged
 
 
 class Pipeline(_Strict):
@@ -57,19 +82,46 @@ class Prompts(_Strict):
 
     `builtin` crosses the shipped task and domain lists; `tasks_domains` crosses the user's own
     lists; `file` reads one prompt per line (`.txt`) or one JSON object per line (`.jsonl`).
+    Left out, `source` follows from the files given.
     """
 
     source: Literal["builtin", "tasks_domains", "file"] = "builtin"
-    tasks_file: Path | None = None
-    domains_file: Path | None = None
-    file: Path | None = None
+    tasks_file: LaxPath | None = None
+    domains_file: LaxPath | None = None
+    file: LaxPath | None = None
     field: str = Field(default="prompt", min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_source(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "source" not in data:
+            if data.get("file") is not None:
+                return {**data, "source": "file"}
+            if data.get("tasks_file") is not None or data.get("domains_file") is not None:
+                return {**data, "source": "tasks_domains"}
+        return data
+
+    @model_validator(mode="after")
+    def _files_match_source(self) -> Prompts:
+        given = {k for k in ("tasks_file", "domains_file", "file") if getattr(self, k)}
+        wanted = {
+            "builtin": set(),
+            "tasks_domains": {"tasks_file", "domains_file"},
+            "file": {"file"},
+        }[self.source]
+        if given - wanted:
+            raise ValueError(f"{sorted(given - wanted)[0]} is set but source is {self.source!r}")
+        if wanted - given:
+            raise ValueError(f"source {self.source!r} needs {' and '.join(sorted(wanted))}")
+        if self.file is not None and self.file.suffix.lower() not in (".txt", ".jsonl"):
+            raise ValueError(f"file {self.file.name}: use a .txt or a .jsonl file")
+        return self
 
 
 class Config(_Strict):
     # --- the original model_config.yml keys, same names and meaning ---
-    model_name: str = Field(min_length=1)
-    quantization: str | None = None
+    model_name: str = Field(min_length=1, pattern=r"\S")
+    quantization: str | None = Field(default=None, min_length=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     tensor_parallel_size: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=32, ge=1)
@@ -80,7 +132,7 @@ class Config(_Strict):
     temperature: float = Field(default=0.9, ge=0.0)
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
     # --- added by this tool ---
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     engine: str = "vllm"
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     chat_template: str | None = None
@@ -88,15 +140,35 @@ class Config(_Strict):
     sampling: Sampling = Sampling()
     pipeline: Pipeline = Pipeline()
     prompts: Prompts = Prompts()
-    templates: Path | None = None
-    system_prompt: str | None = None
+    templates: LaxPath | None = None
+    system_prompt: str | None = Field(default=None, pattern=r"\S")
 
     @field_validator("engine")
     @classmethod
     def _engine_form(cls, value: str) -> str:
-        if value != "vllm" and ":" not in value:
+        if not ENGINE_SPEC.match(value):
             raise ValueError("must be 'vllm' or 'package.module:ClassName'")
         return value
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _system_prompt_plain(cls, value: str | None) -> str | None:
+        if value is not None and re.search(r"\{[A-Za-z_]\w*\}", value):
+            raise ValueError("the output system prompt takes no {placeholders}")
+        return value
+
+    @model_validator(mode="after")
+    def _lengths_fit(self) -> Config:
+        if self.max_model_len is None:
+            return self
+        for step in ("width", "judge", "fix", "depth", "flatten", "answer"):
+            tokens = getattr(self.sampling, step).max_tokens or self.max_tokens
+            if tokens >= self.max_model_len:
+                raise ValueError(
+                    f"{step} may generate {tokens} tokens, which leaves no room for its prompt "
+                    f"within max_model_len {self.max_model_len}"
+                )
+        return self
 
     def concurrency(self) -> int:
         """Records in flight at once. Twice the engine's slots keeps every slot fed while
@@ -115,27 +187,49 @@ def _first_error(exc: ValidationError) -> str:
         return f"{where}: unknown key"
     if err["type"] == "missing":
         return f"{where}: required key is missing"
-    return f"{where}: {err['msg']} (got {err.get('input')!r})"
+    message = err["msg"].removeprefix("Value error, ")
+    shown = repr(err.get("input"))
+    if len(shown) > 60 or isinstance(err.get("input"), dict):
+        return f"{where}: {message}"
+    return f"{where}: {message} (got {shown})"
 
 
-def _resolve_paths(config: Config, base: Path) -> Config:
+def _resolve(path: Path | None, base: Path) -> Path | None:
+    if path is None:
+        return None
+    path = path.expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _resolve_chat_template(value: str | None, base: Path, source: str) -> str | None:
+    """A `chat_template` without braces is a file path, relative to the config file."""
+    if value is None or "{" in value:
+        return value
+    path = _resolve(Path(value), base)
+    assert path is not None
+    if not path.is_file():
+        raise ConfigError(f"{source}: chat_template: file {path} not found")
+    return str(path)
+
+
+def _resolve_paths(config: Config, base: Path, source: str) -> Config:
     """Relative file paths in a config mean relative to the config file, not to the shell's
     working directory, so a run behaves the same wherever it is started from."""
-
-    def fix(path: Path | None) -> Path | None:
-        return None if path is None or path.is_absolute() else (base / path).resolve()
-
     prompts = config.prompts.model_copy(
         update={
-            "tasks_file": fix(config.prompts.tasks_file),
-            "domains_file": fix(config.prompts.domains_file),
-            "file": fix(config.prompts.file),
+            "tasks_file": _resolve(config.prompts.tasks_file, base),
+            "domains_file": _resolve(config.prompts.domains_file, base),
+            "file": _resolve(config.prompts.file, base),
         }
     )
-    update: dict[str, Any] = {"prompts": prompts, "templates": fix(config.templates)}
-    model = Path(config.model_name)
+    update: dict[str, Any] = {
+        "prompts": prompts,
+        "templates": _resolve(config.templates, base),
+        "chat_template": _resolve_chat_template(config.chat_template, base, source),
+    }
+    model = Path(config.model_name).expanduser()
     if config.model_name.startswith((".", "~")) or (base / model).is_dir():
-        update["model_name"] = str((base / model.expanduser()).resolve())
+        update["model_name"] = str(_resolve(model, base))
     return config.model_copy(update=update)
 
 
@@ -149,7 +243,7 @@ def parse_config(data: Any, source: str, base: Path | None = None) -> Config:
         config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_first_error(exc)}") from None
-    return _resolve_paths(config, base) if base is not None else config
+    return _resolve_paths(config, base, source) if base is not None else config
 
 
 def load_config(path: str | Path) -> Config:
@@ -160,5 +254,7 @@ def load_config(path: str | Path) -> Config:
 
 def dump_config(config: Config) -> str:
     """The effective config as YAML, defaults included: what `zoi config show` prints."""
+    import yaml
+
     data = config.model_dump(mode="json")
     return yaml.safe_dump(data, allow_unicode=True, sort_keys=False)

@@ -5,7 +5,7 @@ pipeline."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, aclosing
 from pathlib import Path
 
 from .config import Config
@@ -38,9 +38,10 @@ async def evolve_range(
     engine = load_engine(config)
     try:
         pipeline = Pipeline(config, templates, source, engine)
-        async for outcome in pipeline.run(range(start, end)):
-            tally.add(outcome)
-            on_outcome(outcome)
+        async with aclosing(pipeline.run(range(start, end))) as outcomes:
+            async for outcome in outcomes:
+                tally.add(outcome)
+                on_outcome(outcome)
     finally:
         engine.close()
     return tally

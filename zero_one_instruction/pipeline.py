@@ -32,7 +32,8 @@ FIRST_JUDGE, FIX_JUDGE, FINAL_JUDGE = 0, 1, 2
 DROP_REASONS: dict[str, str] = {
     "width_failed": "the width request failed",
     "width_empty": "width returned nothing and the fixer is off",
-    "judge_failed": "a judge request failed or answered neither はい nor いいえ",
+    "judge_failed": "a judge request failed",
+    "judge_invalid": "a judge answered neither はい nor いいえ",
     "judge_rejected": "the first judge said いいえ and the fixer is off",
     "fix_failed": "the fixer request failed",
     "fix_empty": "the fixer returned nothing",
@@ -92,7 +93,7 @@ class Outcome:
         return sum(s.completion_tokens for s in self.steps)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "kept": self.kept}
 
 
 @dataclass
@@ -188,7 +189,7 @@ class Pipeline:
         verdict = await self._ask(o, "judge", attempt, JUDGE_CHOICES, {"prompt": prompt})
         if verdict not in JUDGE_CHOICES:
             o.steps[-1].error = f"not one of the choices: {verdict!r}"
-            raise _Dropped("judge_failed")
+            raise _Dropped("judge_invalid")
         o.steps[-1].verdict = verdict == YES
         return verdict == YES
 

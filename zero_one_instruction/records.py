@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from .errors import ZoiError
 
 
 def original_record(record_id: str, question: str, answer: str, system: str) -> dict[str, Any]:
@@ -29,17 +32,26 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
+def temporary_name(path: Path) -> Path:
+    """A sibling name no other process or thread writes to, so two writers racing for the
+    same file each produce a whole file and the last rename wins."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+
+
 @contextmanager
 def atomic_text(path: Path) -> Iterator[IO[str]]:
-    """Write `path.tmp`, fsync, then rename over `path`: readers see the old file or the whole
-    new one, never a half-written one. On error the temporary file is removed."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write a temporary sibling, fsync, then rename over `path`: readers see the old file or
+    the whole new one, never a half-written one. On error the temporary file is removed."""
+    tmp = temporary_name(path)
     try:
         with tmp.open("w", encoding="utf-8") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ZoiError(f"{path}: cannot write ({exc.strerror or exc})") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

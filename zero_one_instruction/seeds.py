@@ -57,10 +57,16 @@ def _decode(path: Path) -> str:
         raise SeedError(f"{path} line {line}: not valid UTF-8 text") from None
 
 
+def _lines(text: str) -> list[str]:
+    """Split on newlines only: `str.splitlines` also splits on U+2028, form feeds and other
+    characters that are legal inside a prompt or a JSON string."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def read_lines(path: Path) -> list[str]:
     """Non-blank lines, stripped. Blank lines are skipped so a trailing newline or a spacer
     line cannot become an empty base prompt."""
-    lines = [line.strip() for line in _decode(path).splitlines()]
+    lines = [line.strip() for line in _lines(_decode(path))]
     items = [line for line in lines if line]
     if not items:
         raise SeedError(f"{path}: file has no non-blank lines")
@@ -69,7 +75,7 @@ def read_lines(path: Path) -> list[str]:
 
 def read_jsonl(path: Path, field: str) -> list[str]:
     items = []
-    for number, line in enumerate(_decode(path).splitlines(), start=1):
+    for number, line in enumerate(_lines(_decode(path)), start=1):
         if not line.strip():
             continue
         try:
@@ -127,7 +133,7 @@ def load_source(settings: Prompts, seed_template: StepTemplate) -> PromptSource:
     if settings.file is None:
         raise SeedError("prompts: source 'file' needs file")
     path = settings.file
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         items = read_jsonl(path, settings.field)
         return PromptSource(str(path), items, _hash(f"jsonl:{settings.field}", items))
     items = read_lines(path)

@@ -82,7 +82,11 @@ class Templates:
         out: dict[str, Any] = {"output_system_prompt": self.output_system_prompt}
         for name in PLACEHOLDERS:
             tpl = self.step(name)
-            out[name] = {"system": tpl.system, "user": tpl.user}
+            out[name] = (
+                {"user": tpl.user}
+                if tpl.system is None
+                else {"system": tpl.system, "user": tpl.user}
+            )
         return out
 
 
@@ -147,3 +151,11 @@ def load_templates(path: Path | None = None, system_prompt: str | None = None) -
         raise TemplateError(f"{source}: output_system_prompt cannot contain placeholders")
     steps = {name: _step(name, merged.get(name), source) for name in PLACEHOLDERS}
     return Templates(output_system_prompt=render(system, {}), **steps)
+
+
+def templates_from_dict(data: dict[str, Any], source: str) -> Templates:
+    """Rebuild frozen templates (`Templates.as_dict()`, as a run directory keeps them)."""
+    if not isinstance(data, dict) or not isinstance(data.get("output_system_prompt"), str):
+        raise TemplateError(f"{source}: frozen templates are malformed")
+    steps = {name: _step(name, data.get(name), source) for name in PLACEHOLDERS}
+    return Templates(output_system_prompt=data["output_system_prompt"], **steps)

@@ -1,4 +1,8 @@
-"""Reading user YAML files with errors that name the file and the line."""
+"""Reading user YAML files with errors that name the file and the line.
+
+Duplicate keys are errors: PyYAML would silently keep the last one, and a config with two
+`model_name` lines is a mistake whichever one was meant.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,27 @@ import yaml
 from .errors import ZoiError
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path, kind: str, error: type[ZoiError]) -> Any:
     """Parse the YAML file `path` (a `kind` file, for messages), raising `error` on failure."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise error(f"{path}: {kind} file not found") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, not a {kind} file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise error(f"{path}: cannot read {kind} file ({exc})") from None
     return parse_yaml(text, str(path), error)
@@ -23,7 +42,7 @@ def read_yaml(path: Path, kind: str, error: type[ZoiError]) -> Any:
 
 def parse_yaml(text: str, source: str, error: type[ZoiError]) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

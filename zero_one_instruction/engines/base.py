@@ -78,7 +78,7 @@ def engine_class(spec: str) -> type:
     module_name, _, class_name = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except (ImportError, ValueError, TypeError) as exc:
         raise ConfigError(f"engine: cannot import module {module_name!r} ({exc})") from None
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type):

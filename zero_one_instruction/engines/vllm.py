@@ -65,16 +65,14 @@ def _choice_params() -> Any:
         return lambda choices: {"guided_decoding": GuidedDecodingParams(choice=choices)}
 
 
-def _read_chat_template(value: str | None) -> str | None:
+def read_chat_template(value: str | None) -> str | None:
     """`chat_template` may be a path to a Jinja file or the template text itself."""
-    if value is None:
-        return None
-    path = Path(value).expanduser()
-    if "{" not in value and path.is_file():
-        return path.read_text(encoding="utf-8")
-    if "{" not in value:
-        raise ConfigError(f"chat_template: {value!r} is neither a file nor a template")
-    return value
+    if value is None or "{" in value:
+        return value
+    try:
+        return Path(value).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"chat_template: cannot read {value} ({exc})") from None
 
 
 class VLLMEngine:
@@ -98,7 +96,7 @@ class VLLMEngine:
         self._final_only = RequestOutputKind.FINAL_ONLY
         self._dead_error = EngineDeadError
         self._choice = _choice_params()
-        self._chat_template = _read_chat_template(config.chat_template)
+        self._chat_template = read_chat_template(config.chat_template)
         self._template_kwargs = dict(config.chat_template_kwargs)
         try:
             engine_arguments = AsyncEngineArgs(**engine_args(config))
@@ -112,7 +110,11 @@ class VLLMEngine:
                 f"engine vllm: could not start on {config.model_name}: {exc} "
                 "(vLLM's log above has the cause)"
             ) from None
-        self._tokenizer = self._engine.get_tokenizer()
+        try:
+            self._tokenizer = self._engine.get_tokenizer()
+        except Exception:
+            self.close()
+            raise
         if self._chat_template is None and not getattr(self._tokenizer, "chat_template", None):
             self.close()
             raise ConfigError(
