@@ -6,13 +6,16 @@ step it is serving, however the requests interleave. `rules[case][key]` override
 where `key` is a step name, or `judge@STEP` for the judge of the text STEP produced.
 
 Responses: plain text, or `!error` (RequestError), `!dead` (EngineDead), `!empty` (""),
-`!length:TEXT` (TEXT cut off at max_tokens). Rules come from `engine_kwargs: {rules: ...}` so
+`!length:TEXT` (TEXT cut off at max_tokens). `delay` makes every request take that long;
+`log` names a file that gets a line per request, so tests can count how often each request
+ran across worker processes. Rules come from `engine_kwargs: {rules: ...}` so
 CLI runs can script it too; `engine: "tests.scripted_engine:ScriptedEngine"`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from typing import Any
 
@@ -35,6 +38,7 @@ class ScriptedEngine:
     def __init__(self, config: Config) -> None:
         self.rules: dict[str, dict[str, str]] = dict(config.engine_kwargs.get("rules", {}))
         self.delay = float(config.engine_kwargs.get("delay", 0.0))
+        self.log = config.engine_kwargs.get("log")  # a file: one line per request, any process
         self.requests: list[Request] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -52,6 +56,9 @@ class ScriptedEngine:
         if self.closed:
             raise EngineDead("closed")
         self.requests.append(request)
+        if self.log:
+            with open(self.log, "a", encoding="utf-8") as handle:
+                handle.write(f"{request.step} {request.seed} {os.getpid()}\n")
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:

@@ -345,3 +345,290 @@ def tiny_model(directory: Path) -> None:
     from .tiny_model import build_tiny_model
 
     click.echo(f"tiny model written to {build_tiny_model(directory)}")
+
+
+# --- the queue: enqueue, worker, merge, status -------------------------------------------
+
+_RUN_HELP = "Run directory: run.json, the shards, and the embedded Redis's data."
+
+
+def _run_option(func: F) -> F:
+    return click.option(
+        "--run", "run_dir", required=True, type=click.Path(path_type=Path), help=_RUN_HELP
+    )(func)
+
+
+def _redis_option(func: F) -> F:
+    return click.option(
+        "--redis-url",
+        envvar="ZOI_REDIS_URL",
+        help="redis://[:password@]host:port/db, rediss://... or unix://path (also "
+        "ZOI_REDIS_URL). Without it, the run's own embedded Valkey server is used.",
+    )(func)
+
+
+def _index_range(num_prompts: int | None, start: int | None, end: int | None) -> tuple[int, int]:
+    if num_prompts is not None:
+        if start is not None or end is not None:
+            raise click.UsageError("give --num-prompts or --start/--end, not both")
+        return 0, num_prompts
+    if start is None or end is None:
+        raise click.UsageError("give --num-prompts N, or both --start and --end")
+    _validate_range(start, end)
+    return start, end
+
+
+@main.command("enqueue")
+@_config_option
+@_run_option
+@click.option("--num-prompts", type=click.IntRange(min=1), help="Base prompts [0, N).")
+@click.option("--start", type=click.IntRange(min=0), help="First base-prompt index.")
+@click.option("--end", type=click.IntRange(min=1), help="End of the range (exclusive).")
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Base prompts per queue job (and per shard).",
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="How often a failed or abandoned chunk is retried.",
+)
+@click.option(
+    "--job-timeout",
+    type=click.IntRange(min=60),
+    default=24 * 3600,
+    show_default=True,
+    help="Seconds a chunk may run before it is failed (and retried).",
+)
+@_redis_option
+@friendly
+def enqueue_cmd(
+    config_path: Path,
+    run_dir: Path,
+    num_prompts: int | None,
+    start: int | None,
+    end: int | None,
+    chunk_size: int,
+    retries: int,
+    job_timeout: int,
+    redis_url: str | None,
+) -> None:
+    """Create (or reopen) a run and queue every chunk of its range that is not done.
+
+    Safe to repeat: chunks done on disk, queued or running are skipped; failed, abandoned and
+    vanished ones are queued again. A run directory made for other settings is refused,
+    naming the settings that differ.
+    """
+    from .broker import connect
+    from .producer import JobPolicy, enqueue
+    from .rundir import create_or_open
+
+    first, last = _index_range(num_prompts, start, end)
+    config = load_config(config_path)
+    run = create_or_open(run_dir, config, first, last, chunk_size)
+    policy = JobPolicy(retries=retries, timeout=job_timeout)
+    with connect(redis_url, run.path, "enqueue") as connection:
+        report = enqueue(connection, run, policy)
+    replaced = ", ".join(f"{n} {state}" for state, n in sorted(report.replaced.items()))
+    click.echo(
+        f"run {run.path} ({run.key}): {report.chunks} chunks of {run.chunk_size} over "
+        f"[{run.start}, {run.end})\n"
+        f"done {report.done}, already queued or running {report.active}, "
+        f"enqueued {report.enqueued}"
+        + (f" (replacing {replaced})" if replaced else "")
+        + f" in {report.seconds:.2f} s"
+    )
+    for problem in report.bad_shards:
+        click.echo(f"zoi: warning: bad shard set aside and queued again: {problem}", err=True)
+
+
+@main.command("worker")
+@_run_option
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="This machine's settings (GPU memory, batch size, engine_kwargs); the settings that "
+    "shape the data must match the run's.",
+)
+@_redis_option
+@click.option("--name", help="Worker name (the process id is appended).")
+@click.option("--burst", is_flag=True, help="Exit when the queue is empty.")
+@click.option(
+    "--heartbeat",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds between heartbeats of running chunks.",
+)
+@click.option(
+    "--heartbeat-ttl",
+    type=click.IntRange(min=1),
+    help="Seconds without a heartbeat after which a chunk counts as abandoned "
+    "[default: 3 x heartbeat + 5; at least heartbeat + 2].",
+)
+@click.option(
+    "--janitor",
+    type=click.FloatRange(min=0.1),
+    default=15.0,
+    show_default=True,
+    help="Seconds between sweeps that return abandoned chunks to the queue.",
+)
+@friendly
+def worker_cmd(
+    run_dir: Path,
+    config_path: Path | None,
+    redis_url: str | None,
+    name: str | None,
+    burst: bool,
+    heartbeat: float,
+    heartbeat_ttl: int | None,
+    janitor: float,
+) -> None:
+    """Hold one engine for the worker's whole life and turn queued chunks into shards.
+
+    Stop it with SIGTERM or Ctrl-C: the chunks in hand finish and nothing new is taken. A
+    second signal stops at once, and the chunks in hand go back to the queue.
+    """
+    from .broker import connect
+    from .rundir import open_run
+    from .worker import serve
+
+    run = open_run(run_dir)
+    if config_path is not None:
+        run = run.with_hardware(load_config(config_path))
+    with connect(redis_url, run.path, "worker") as connection:
+        serve(
+            connection,
+            run,
+            name=name,
+            burst=burst,
+            heartbeat_interval=heartbeat,
+            heartbeat_ttl=heartbeat_ttl,
+            janitor_interval=janitor,
+        )
+
+
+@main.command("merge")
+@_run_option
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSONL file to write (replaced if it exists).",
+)
+@click.option(
+    "--id-start",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="First id N of record_N.",
+)
+@click.option("--allow-partial", is_flag=True, help="Merge the done chunks of an unfinished run.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["original", "messages"]),
+    default="original",
+    show_default=True,
+    help="original: id/input/output/conversation; messages: id and role/content "
+    "messages, as TRL-style trainers load them.",
+)
+@click.option(
+    "--with-meta",
+    is_flag=True,
+    help="Add each record's source index and evolution trace under 'meta'.",
+)
+@click.option("--dedup", is_flag=True, help="Drop records whose question repeats an earlier one.")
+@friendly
+def merge_cmd(
+    run_dir: Path,
+    output: Path,
+    id_start: int,
+    allow_partial: bool,
+    fmt: str,
+    with_meta: bool,
+    dedup: bool,
+) -> None:
+    """Assemble the output from the run's verified shards, in base-prompt order.
+
+    The output does not depend on which worker did what or how often anything crashed. An
+    unfinished run is refused (exit 1) with its missing index ranges unless --allow-partial.
+    """
+    from .merger import describe_ranges, merge
+    from .rundir import open_run
+
+    run = open_run(run_dir)
+    if not output.parent.exists():
+        raise ZoiError(f"{output}: directory {output.parent} does not exist")
+    report = merge(run, output, id_start, allow_partial, fmt, with_meta, dedup)  # type: ignore[arg-type]
+    click.echo(
+        f"merged {report.merged}/{report.chunks} chunks: {report.records} records, "
+        f"{report.bytes / 1e6:.1f} MB in {report.seconds:.2f} s -> {output}"
+        + (f" ({report.duplicates} duplicate questions dropped)" if dedup else "")
+    )
+    for problem in report.problems:
+        click.echo(f"zoi: warning: {problem}", err=True)
+    if report.missing:
+        click.echo(
+            f"zoi: warning: missing base-prompt ranges {describe_ranges(report.missing)}", err=True
+        )
+
+
+def _format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s"
+
+
+def _show_status(state: Any) -> str:
+    chunks = state.chunks
+    lines = [
+        f"run       {state.run} [{state.range[0]}, {state.range[1]})",
+        "chunks    " + ", ".join(f"{k} {v}" for k, v in chunks.items()),
+        f"prompts   {state.prompts_done} done, {state.records} records kept, "
+        f"fixer ran {state.fixer_ran}",
+    ]
+    for reason, count in state.dropped.items():
+        lines.append(f"  {reason:<18} {count:>8}  {DROP_REASONS.get(reason, '')}")
+    recent = state.recent
+    lines += [
+        f"tokens    {state.tokens['prompt']} prompt + {state.tokens['completion']} generated",
+        f"recent    {recent['records_per_s']:.2f} records/s, {recent['tokens_per_s']:.0f} "
+        f"tokens/s; ETA {_format_seconds(state.eta_seconds)}",
+        f"workers   {len(state.workers)}"
+        + "".join(f"\n  {w['name']} {w['state']}" for w in state.workers),
+    ]
+    if state.missing_ranges:
+        from .merger import describe_ranges
+
+        lines.append(f"to do     {describe_ranges(state.missing_ranges)}")
+    lines += [f"problem   {p}" for p in state.problems]
+    return "\n".join(lines)
+
+
+@main.command("status")
+@_run_option
+@_redis_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for scripts.")
+@friendly
+def status_cmd(run_dir: Path, redis_url: str | None, as_json: bool) -> None:
+    """Show a run: chunks done, queued, running, failed and missing; records so far; the
+    funnel of drops by reason; recent throughput and ETA; live workers."""
+    from .broker import connect
+    from .rundir import open_run
+    from .status import status
+
+    run = open_run(run_dir)
+    with connect(redis_url, run.path, "status") as connection:
+        state = status(run, connection)
+    click.echo(json.dumps(state.as_dict(), ensure_ascii=False) if as_json else _show_status(state))

@@ -1,0 +1,94 @@
+"""Driving enqueue, workers and merge as separate processes, as users and machines do."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+from zero_one_instruction.broker import embedded, release
+
+from .scripted_engine import ENGINE
+
+ROOT = Path(__file__).resolve().parent.parent
+ZOI = str(Path(sys.executable).parent / "zoi")
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+FAST = ["--heartbeat", "0.3", "--heartbeat-ttl", "2", "--janitor", "0.5"]
+
+
+def zoi(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [ZOI, *args], capture_output=True, text=True, env=ENV, timeout=timeout, check=False
+    )
+
+
+def ok(*args: str, timeout: float = 180) -> str:
+    done = zoi(*args, timeout=timeout)
+    assert done.returncode == 0, (args, done.stdout, done.stderr)
+    return done.stdout
+
+
+def worker(run: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [ZOI, "worker", "--run", str(run), *FAST, *extra],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 60) -> str:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=timeout)
+    return err
+
+
+def scripted_config(tmp_path: Path, delay: float = 0.01, log: Path | None = None) -> Path:
+    log_line = f"  log: {log}\n" if log else ""
+    config = tmp_path / "scripted.yml"
+    config.write_text(
+        f"model_name: scripted\nengine: '{ENGINE}'\nbatch_size: 4\nseed: 5\n"
+        f"engine_kwargs:\n  delay: {delay}\n{log_line}"
+        "  rules:\n    none: {}\n",
+        encoding="utf-8",
+    )
+    return config
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 60, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.05)
+
+
+def done_chunks(run: Path) -> set[str]:
+    return {p.name.removesuffix(".done") for p in (run / "shards").glob("*.done")}
+
+
+def requests_per_seed(log: Path, step: str = "width") -> Counter[str]:
+    """How often each request ran, over every process that logged to `log`."""
+    lines = log.read_text(encoding="utf-8").splitlines() if log.exists() else []
+    return Counter(line.split()[1] for line in lines if line.startswith(step + " "))
+
+
+class Broker:
+    """A test's own connection to the run's embedded server; holding it keeps the server up
+    between commands, as a long-lived launcher would."""
+
+    def __init__(self, run: Path) -> None:
+        self.run = run
+        self.client: redis.Redis = embedded(run, "test")
+
+    def close(self) -> None:
+        release(self.client, self.run)

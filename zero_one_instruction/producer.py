@@ -1,0 +1,138 @@
+"""The producer: put every chunk that is not done on the queue, exactly once.
+
+Done markers on disk decide what is done; Redis only says what is already waiting or
+running. Re-enqueueing a job id that RQ still holds can run it twice or make it vanish, so
+each missing chunk is handled by its job's state: queued or running ones are left alone, and
+failed, finished-without-shard or vanished ones are cleared and enqueued afresh. A lock in
+Redis makes concurrent enqueues take turns, so two of them never push the same chunk twice.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import redis
+from rq import Retry
+from rq.job import Job
+from rq.queue import Queue
+
+from . import shards
+from .errors import ZoiError
+from .jobs import CHUNK_FUNCTION, ChunkJob, chunk_args, chunk_queue
+from .rundir import Chunk, Run
+
+ACTIVE = {"queued", "started", "scheduled", "deferred"}
+BATCH = 1000
+
+
+@dataclass(frozen=True)
+class JobPolicy:
+    retries: int = 3
+    timeout: int = 24 * 3600
+    result_ttl: int = 24 * 3600
+    failure_ttl: int = 7 * 24 * 3600
+
+
+@dataclass
+class EnqueueReport:
+    chunks: int = 0
+    done: int = 0
+    active: int = 0
+    enqueued: int = 0
+    replaced: dict[str, int] = field(default_factory=dict)  # previous job state -> count
+    bad_shards: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def job_states(connection: redis.Redis, run: Run, chunks: list[Chunk]) -> list[str | None]:
+    """Each chunk's job status as RQ stores it, `None` when there is no job. Read-only: unlike
+    RQ's registry counts, this never runs cleanups."""
+    states: list[str | None] = []
+    for offset in range(0, len(chunks), BATCH):
+        with connection.pipeline(transaction=False) as pipe:
+            for chunk in chunks[offset : offset + BATCH]:
+                pipe.hget(Job.key_for(run.job_id(chunk)), "status")
+            states += [s.decode() if s else None for s in pipe.execute()]
+    return states
+
+
+@contextmanager
+def enqueue_lock(connection: redis.Redis, run: Run, wait: float = 120.0) -> Iterator[None]:
+    key, token = f"zoi:{run.key}:enqueue-lock", uuid.uuid4().hex
+    deadline = time.monotonic() + wait
+    while not connection.set(key, token, nx=True, ex=300):
+        if time.monotonic() > deadline:
+            raise ZoiError(f"another enqueue into {run.path} holds the lock ({key}); try again")
+        time.sleep(0.1)
+    try:
+        yield
+    finally:
+        if connection.get(key) == token.encode():
+            connection.delete(key)
+
+
+def _clear(queue: Queue, job_ids: list[str]) -> None:
+    for job_id in job_ids:
+        try:
+            ChunkJob.fetch(
+                job_id, connection=queue.connection, serializer=queue.serializer
+            ).delete()
+        except Exception:  # a half-written or foreign hash: remove the key itself
+            queue.connection.delete(Job.key_for(job_id))
+
+
+def _push(queue: Queue, run: Run, chunks: list[Chunk], policy: JobPolicy) -> None:
+    for offset in range(0, len(chunks), BATCH):
+        batch = [
+            Queue.prepare_data(
+                CHUNK_FUNCTION,
+                args=chunk_args(run, chunk),
+                job_id=run.job_id(chunk),
+                timeout=policy.timeout,
+                result_ttl=policy.result_ttl,
+                failure_ttl=policy.failure_ttl,
+                retry=Retry(max=policy.retries) if policy.retries else None,
+                description=f"zoi chunk {chunk.id} of {run.path}",
+            )
+            for chunk in chunks[offset : offset + BATCH]
+        ]
+        queue.enqueue_many(batch)
+
+
+def enqueue(connection: redis.Redis, run: Run, policy: JobPolicy | None = None) -> EnqueueReport:
+    """Make the queue hold exactly the chunks that are neither done nor already in hand."""
+    policy = policy or JobPolicy()
+    began = time.monotonic()
+    report = EnqueueReport()
+    queue = chunk_queue(connection, run)
+    with enqueue_lock(connection, run):
+        chunks = run.chunks()
+        report.chunks = len(chunks)
+        # States first, markers second: a job that finishes in between is then seen as done.
+        states = job_states(connection, run, chunks)
+        todo: list[Chunk] = []
+        stale: list[str] = []
+        for chunk, state in zip(chunks, states, strict=True):
+            if state in ACTIVE:
+                report.active += 1
+                continue
+            result = shards.check(run.shards, chunk)
+            if result.done:
+                report.done += 1
+                continue
+            if result.problem:
+                report.bad_shards.append(f"{chunk.id}: {result.problem}")
+                shards.set_aside(run.shards, chunk)
+            if state is not None:
+                stale.append(run.job_id(chunk))
+                report.replaced[state] = report.replaced.get(state, 0) + 1
+            todo.append(chunk)
+        _clear(queue, stale)
+        _push(queue, run, todo, policy)
+        report.enqueued = len(todo)
+    report.seconds = time.monotonic() - began
+    return report

@@ -1,0 +1,223 @@
+"""The run directory: the unit of resumption.
+
+`run.json` freezes everything that shapes the data: the model and sampling, the pipeline
+settings, the templates' text, the base prompts' content hash, the index range and the chunk
+size. Its fingerprint names the run. Hardware settings (`gpu_memory_utilization`,
+`tensor_parallel_size`, `batch_size`, `pipeline.concurrency`, `engine_kwargs`) stay out of it,
+so each machine can size its own engine and still work on the same run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import ZoiError
+from .records import atomic_text
+from .seeds import PromptSource, load_source
+from .templates import Templates, load_templates, templates_from_dict
+
+RUN_FILE = "run.json"
+FORMAT = 1
+HARDWARE_KEYS = ("gpu_memory_utilization", "tensor_parallel_size", "batch_size", "engine_kwargs")
+
+
+class RunError(ZoiError):
+    """The run directory is missing, corrupt, or belongs to another configuration."""
+
+
+@dataclass(frozen=True, order=True)
+class Chunk:
+    """A half-open range of base-prompt indices; its id orders like its start."""
+
+    start: int
+    end: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.start:010d}-{self.end:010d}"
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+def split(start: int, end: int, size: int) -> list[Chunk]:
+    return [Chunk(s, min(s + size, end)) for s in range(start, end, size)]
+
+
+def _chat_template_text(value: str | None) -> str | None:
+    from .engines.vllm import read_chat_template
+
+    return read_chat_template(value)
+
+
+def data_spec(
+    config: Config, templates: Templates, source: PromptSource, start: int, end: int, size: int
+) -> dict[str, Any]:
+    """What the records depend on, and nothing else: paths are replaced by content."""
+    spec = config.model_dump(
+        mode="json", exclude={*HARDWARE_KEYS, "templates", "system_prompt", "chat_template"}
+    )
+    spec["pipeline"].pop("concurrency")
+    spec["prompts"] = {
+        "source": config.prompts.source,
+        "field": config.prompts.field,
+        "count": len(source),
+        "content_hash": source.content_hash,
+    }
+    spec["chat_template"] = _chat_template_text(config.chat_template)
+    spec["templates"] = templates.as_dict()
+    spec["range"] = {"start": start, "end": end}
+    spec["chunk_size"] = size
+    return spec
+
+
+def fingerprint(spec: dict[str, Any]) -> str:
+    canonical = json.dumps(spec, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = _flatten(old), _flatten(new)
+    return sorted(key for key in a.keys() | b.keys() if a.get(key) != b.get(key))
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path
+    config: Config
+    spec: dict[str, Any]
+    fingerprint: str
+
+    @property
+    def key(self) -> str:
+        """Short, stable, Redis-safe name of this run: its queue and job ids derive from it."""
+        return self.fingerprint[:16]
+
+    @property
+    def queue_name(self) -> str:
+        return f"zoi-{self.key}"
+
+    @property
+    def start(self) -> int:
+        return int(self.spec["range"]["start"])
+
+    @property
+    def end(self) -> int:
+        return int(self.spec["range"]["end"])
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.spec["chunk_size"])
+
+    @property
+    def shards(self) -> Path:
+        return self.path / "shards"
+
+    @property
+    def templates(self) -> Templates:
+        return templates_from_dict(self.spec["templates"], str(self.path / RUN_FILE))
+
+    def chunks(self) -> list[Chunk]:
+        return split(self.start, self.end, self.chunk_size)
+
+    def job_id(self, chunk: Chunk) -> str:
+        return f"zoi-{self.key}-{chunk.id}"
+
+    def source(self) -> PromptSource:
+        """The base prompts, checked against the content the run was created with."""
+        source = load_source(self.config.prompts, self.templates.seed)
+        if source.content_hash != self.spec["prompts"]["content_hash"]:
+            raise RunError(
+                f"{self.path}: base prompts ({source.description}) changed since the run was "
+                "created; restore them or start a new run"
+            )
+        return source
+
+    def with_hardware(self, config: Config) -> Run:
+        """This run with another machine's hardware settings, if `config` shapes the same data."""
+        templates = load_templates(config.templates, config.system_prompt)
+        source = load_source(config.prompts, templates.seed)
+        spec = data_spec(config, templates, source, self.start, self.end, self.chunk_size)
+        _check_same(self.path, self.spec, spec)
+        return Run(self.path, config, self.spec, self.fingerprint)
+
+
+def _check_same(path: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    if fingerprint(old) != fingerprint(new):
+        keys = differing_keys(old, new)
+        shown = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+        raise RunError(f"{path} belongs to another configuration: {shown} differ")
+
+
+def _read(path: Path) -> dict[str, Any]:
+    file = path / RUN_FILE
+    if not path.exists():
+        raise RunError(f"{path}: run directory does not exist")
+    if not file.exists():
+        raise RunError(f"{path}: not a run directory (no {RUN_FILE})")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(
+                f"unknown format {data.get('format') if isinstance(data, dict) else data!r}"
+            )
+        return data
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RunError(f"{file}: corrupt run file ({exc})") from None
+
+
+def open_run(path: Path) -> Run:
+    """An existing run, as `zoi worker`, `zoi merge` and `zoi status` see it."""
+    data = _read(path)
+    try:
+        config = Config.model_validate(data["config"])
+        spec = data["spec"]
+        if fingerprint(spec) != data["fingerprint"]:
+            raise ValueError("fingerprint does not match its settings")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RunError(f"{path / RUN_FILE}: corrupt run file ({exc})") from None
+    return Run(path, config, spec, data["fingerprint"])
+
+
+def create_or_open(path: Path, config: Config, start: int, end: int, chunk_size: int) -> Run:
+    """The run for this config and range: created on first use, reused after, refused when the
+    directory was made for different data."""
+    templates = load_templates(config.templates, config.system_prompt)
+    source = load_source(config.prompts, templates.seed)
+    spec = data_spec(config, templates, source, start, end, chunk_size)
+    if (path / RUN_FILE).exists():
+        run = open_run(path)
+        _check_same(path, run.spec, spec)
+        return run
+    if path.exists() and not path.is_dir():
+        raise RunError(f"{path}: exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "shards").mkdir(exist_ok=True)
+    digest = fingerprint(spec)
+    record = {
+        "format": FORMAT,
+        "fingerprint": digest,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_by": f"{os.uname().nodename}:{os.getpid()}",
+        "spec": spec,
+        "config": config.model_dump(mode="json"),
+    }
+    with atomic_text(path / RUN_FILE) as handle:
+        handle.write(json.dumps(record, ensure_ascii=False, indent=2) + "\n")
+    return Run(path, config, spec, digest)

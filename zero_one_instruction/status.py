@@ -1,0 +1,148 @@
+"""Where a run stands: chunks by state, the funnel, recent throughput, live workers.
+
+Progress comes from the done markers: they are the truth, and they carry the funnel and
+timings. Redis adds what is queued, running or failed. It is read without RQ's registry
+cleanups, so looking at a run never changes it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+import redis
+from rq.worker import Worker
+
+from . import shards
+from .jobs import chunk_queue
+from .merger import index_ranges
+from .producer import job_states
+from .rundir import Chunk, Run
+
+RECENT = 600.0  # seconds of finished chunks that "recent" throughput averages over
+
+
+@dataclass
+class RunStatus:
+    run: str
+    fingerprint: str
+    range: tuple[int, int]
+    chunks: dict[str, int]
+    prompts_done: int
+    records: int
+    fixer_ran: int
+    dropped: dict[str, int]
+    tokens: dict[str, int]
+    recent: dict[str, float]
+    eta_seconds: float | None
+    missing_ranges: list[tuple[int, int]]
+    problems: list[str]
+    workers: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _timestamp(value: Any) -> float | None:
+    try:
+        return datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return None
+
+
+def _recent(markers: list[dict[str, Any]], now: float) -> dict[str, float]:
+    """Throughput over the chunks finished in the last RECENT seconds."""
+    window = [m for m in markers if (_timestamp(m.get("finished_at")) or 0.0) >= now - RECENT]
+    if not window:
+        return {"prompts_per_s": 0.0, "records_per_s": 0.0, "tokens_per_s": 0.0}
+    first = min(_timestamp(m.get("started_at")) or now for m in window)
+    span = max(now - first, 1e-6)
+    funnels = [m["funnel"] for m in window]
+    return {
+        "prompts_per_s": sum(f["prompts"] for f in funnels) / span,
+        "records_per_s": sum(f["kept"] for f in funnels) / span,
+        "tokens_per_s": sum(f["completion_tokens"] for f in funnels) / span,
+    }
+
+
+def _eta(remaining: int, rate: float) -> float | None:
+    if not remaining:
+        return 0.0
+    return remaining / rate if rate > 0 else None
+
+
+def _workers(connection: redis.Redis, run: Run) -> list[dict[str, Any]]:
+    queue = chunk_queue(connection, run)
+    found = []
+    for worker in Worker.all(connection=connection, queue=queue):
+        found.append(
+            {
+                "name": worker.name,
+                "state": worker.get_state(),
+                "last_heartbeat": str(worker.last_heartbeat),
+            }
+        )
+    return found
+
+
+def status(run: Run, connection: redis.Redis | None) -> RunStatus:
+    chunks = run.chunks()
+    states: list[str | None] = (
+        job_states(connection, run, chunks) if connection else [None] * len(chunks)
+    )
+    counts: Counter[str] = Counter()
+    markers, absent, problems = [], [], []
+    for chunk, state in zip(chunks, states, strict=True):
+        result = shards.check(run.shards, chunk)
+        if result.done and result.marker is not None:
+            counts["done"] += 1
+            markers.append(result.marker)
+            continue
+        absent.append(chunk)
+        if result.problem:
+            problems.append(f"chunk {chunk.id}: {result.problem}")
+            counts["bad"] += 1
+        key = {"queued": "queued", "started": "running", "failed": "failed"}.get(state or "")
+        counts[key or "missing"] += 1
+    return _summarise(run, chunks, counts, markers, absent, problems, connection)
+
+
+def _summarise(
+    run: Run,
+    chunks: list[Chunk],
+    counts: Counter[str],
+    markers: list[dict[str, Any]],
+    absent: list[Chunk],
+    problems: list[str],
+    connection: redis.Redis | None,
+) -> RunStatus:
+    dropped: Counter[str] = Counter()
+    for marker in markers:
+        dropped.update(marker["funnel"]["dropped"])
+    funnel = [m["funnel"] for m in markers]
+    now = time.time()
+    recent = _recent(markers, now)
+    remaining = sum(len(c) for c in absent)
+    names = ("done", "queued", "running", "failed", "missing", "bad")
+    return RunStatus(
+        run=str(run.path),
+        fingerprint=run.fingerprint,
+        range=(run.start, run.end),
+        chunks={"total": len(chunks), **{name: counts[name] for name in names}},
+        prompts_done=sum(f["prompts"] for f in funnel),
+        records=sum(f["kept"] for f in funnel),
+        fixer_ran=sum(f["fixer_ran"] for f in funnel),
+        dropped=dict(dropped.most_common()),
+        tokens={
+            "prompt": sum(f["prompt_tokens"] for f in funnel),
+            "completion": sum(f["completion_tokens"] for f in funnel),
+        },
+        recent=recent,
+        eta_seconds=_eta(remaining, recent["prompts_per_s"]),
+        missing_ranges=index_ranges(absent),
+        problems=problems,
+        workers=_workers(connection, run) if connection else [],
+    )

@@ -1,0 +1,431 @@
+"""The worker: one engine for the process's whole life, chunks from the queue, shards on disk.
+
+Three kinds of threads share the process:
+
+- The engine loop thread runs one asyncio loop. The engine lives on it, and every record of
+  every chunk is evolved there. A global limit on records in flight keeps the engine's batch
+  full, and it is shared by all chunks.
+- A job thread per chunk runs RQ's own `perform_job` (status, retries, registries) around
+  `run_chunk`. `run_chunk` hands the chunk to the loop and writes the shard when it is done.
+- The main thread is RQ's work loop. It takes the next chunk as soon as every record of the
+  current one has started, so the next chunk's records fill the engine while the current
+  chunk's last records finish. The chunk boundary no longer leaves the engine idle.
+
+A heartbeat thread keeps every running chunk alive in Redis; a plain SimpleWorker sends none,
+so a long chunk would be declared abandoned and run twice. The same thread also runs the
+janitor, which returns chunks of dead workers to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import redis
+from rq.exceptions import StopRequested
+from rq.executions import Execution
+from rq.job import Job
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+from rq.timeouts import BaseDeathPenalty
+from rq.worker import SimpleWorker
+
+from . import shards
+from .engines.base import EngineDead, load_engine
+from .jobs import ChunkJob, chunk_queue
+from .pipeline import Outcome, Pipeline
+from .rundir import Chunk, Run
+
+log = logging.getLogger(__name__)
+
+
+class WrongRun(RuntimeError):
+    """A chunk job of another run reached this worker's queue."""
+
+
+class ChunkTimeout(RuntimeError):
+    """A chunk ran past its job timeout."""
+
+
+class EngineHost:
+    """The engine, its event loop thread, and the chunks being evolved on it."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.dead: BaseException | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="engine-loop", daemon=True
+        )
+        self._thread.start()
+        self._futures: set[concurrent.futures.Future[Any]] = set()
+        templates = run.templates
+        self.system_prompt = templates.output_system_prompt
+        source = run.source()
+        try:
+            self.engine = self.call(self._start())
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.pipeline = Pipeline(run.config, templates, source, self.engine)
+
+    async def _start(self) -> Any:
+        self._slots = asyncio.Semaphore(self.run.config.concurrency())
+        return load_engine(self.run.config)
+
+    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        self._futures.add(future)
+        future.add_done_callback(self._futures.discard)
+        return future
+
+    async def evolve_chunk(self, chunk: Chunk, started: threading.Event) -> list[Outcome]:
+        """All records of a chunk, each started as soon as a slot frees up. `started` is set
+        once the last record has a slot: the worker may then take the next chunk."""
+        tasks: list[asyncio.Task[Outcome]] = []
+        try:
+            for index in range(chunk.start, chunk.end):
+                await self._slots.acquire()
+                task = asyncio.ensure_future(self.pipeline.evolve(index))
+                task.add_done_callback(lambda _: self._slots.release())
+                tasks.append(task)
+            started.set()
+            return list(await asyncio.gather(*tasks))
+        except EngineDead as exc:
+            self.dead = exc
+            raise
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def cancel_all(self) -> None:
+        """Abandon every chunk in flight (cold stop): their jobs fail and are retried."""
+        for future in list(self._futures):
+            future.cancel()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+
+    def close(self) -> None:
+        async def close_engine() -> None:
+            self.engine.close()
+
+        try:
+            self.call(close_engine())
+        finally:
+            self._stop_loop()
+
+
+@dataclass
+class _Context:
+    """What `run_chunk` needs from the worker process that runs it."""
+
+    run: Run
+    host: EngineHost
+    worker_name: str
+
+
+_context: _Context | None = None
+_job = threading.local()
+
+
+def run_chunk(run_key: str, start: int, end: int) -> dict[str, Any]:
+    """The chunk job: evolve prompts [start, end) and commit their shard.
+
+    Idempotent: a chunk whose marker is valid returns at once, so a duplicate delivery costs
+    nothing and never writes a second copy.
+    """
+    context = _context
+    if context is None:
+        raise RuntimeError("run_chunk runs only inside `zoi worker`")
+    started: threading.Event = getattr(_job, "started", threading.Event())
+    run, host = context.run, context.host
+    if run_key != run.key:
+        started.set()
+        raise WrongRun(f"chunk of run {run_key} reached the worker of run {run.key}")
+    chunk = Chunk(start, end)
+    existing = shards.check(run.shards, chunk)
+    if existing.done:
+        started.set()
+        return {"chunk": chunk.id, "already_done": True}
+    if existing.problem:
+        log.warning("chunk %s: setting aside a bad shard (%s)", chunk.id, existing.problem)
+        shards.set_aside(run.shards, chunk)
+    began, wall = time.monotonic(), datetime.now(timezone.utc)
+    future = host.submit(host.evolve_chunk(chunk, started))
+    outcomes = _wait(future, getattr(_job, "timeout", None))
+    seconds = time.monotonic() - began
+    info = {
+        "worker": context.worker_name,
+        "host": socket.gethostname(),
+        "model": run.config.model_name,
+        "run": run.fingerprint,
+        "started_at": wall.isoformat(timespec="milliseconds"),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "seconds": round(seconds, 3),
+    }
+    marker = shards.write_chunk(run.shards, chunk, outcomes, host.system_prompt, info)
+    funnel = marker["funnel"]
+    log.info("chunk %s: %d/%d kept in %.1f s", chunk.id, funnel["kept"], len(chunk), seconds)
+    return {"chunk": chunk.id, "kept": funnel["kept"], "seconds": info["seconds"]}
+
+
+def _wait(future: concurrent.futures.Future[Any], timeout: float | None) -> Any:
+    try:
+        return future.result(timeout=timeout if timeout and timeout > 0 else None)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise ChunkTimeout(f"chunk exceeded its {timeout} s timeout") from None
+
+
+# Atomically take a job off the intermediate list, and put it back on the queue only if it
+# never started: otherwise its registry entry (and the janitor) already account for it.
+_REQUEUE_STRANDED = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  if redis.call('HGET', KEYS[3], 'status') == 'queued' then
+    redis.call('LPUSH', KEYS[2], ARGV[1])
+    return 1
+  end
+end
+return 0
+"""
+
+
+class _NoDeathPenalty(BaseDeathPenalty):
+    """Chunks run in job threads, where RQ's SIGALRM timeout cannot work; `run_chunk`
+    enforces the job timeout itself."""
+
+    def setup_death_penalty(self) -> None:
+        return None
+
+    def cancel_death_penalty(self) -> None:
+        return None
+
+
+class ChunkWorker(SimpleWorker):
+    """An RQ SimpleWorker that keeps its engine, overlaps chunks, and sends heartbeats."""
+
+    death_penalty_class = _NoDeathPenalty
+
+    def __init__(
+        self,
+        queues: list[Queue],
+        host: EngineHost,
+        heartbeat_interval: float = 10.0,
+        heartbeat_ttl: int = 60,
+        janitor_interval: float = 15.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(queues, job_class=ChunkJob, serializer=JSONSerializer, **kwargs)
+        self.host = host
+        self.heartbeat_interval = heartbeat_interval
+        # RQ stores heartbeat deadlines in whole seconds, so a deadline can be up to a second
+        # early: the TTL must cover the interval plus that rounding, or a live chunk looks dead.
+        self.heartbeat_ttl = max(heartbeat_ttl, math.ceil(heartbeat_interval) + 2)
+        self.janitor_interval = janitor_interval
+        self._active: dict[str, tuple[Job, Execution, threading.Thread]] = {}
+        self._lock = threading.Lock()
+        self._beats = threading.Event()
+        self._in_execute = False
+        self._burst = False
+        self._stranded: dict[str, float] = {}
+        self._requeue_stranded = self.connection.register_script(_REQUEUE_STRANDED)
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return self.heartbeat_ttl
+
+    # --- running chunks in job threads -------------------------------------------------
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        self._in_execute = True
+        try:
+            execution = self.prepare_execution(job)
+            started = threading.Event()
+            thread = threading.Thread(
+                target=self._perform,
+                args=(job, queue, execution, started),
+                name=f"job-{job.id}",
+                daemon=True,
+            )
+            with self._lock:
+                self._active[job.id] = (job, execution, thread)
+            thread.start()
+        finally:
+            self._in_execute = False
+        while not started.wait(0.2):
+            if not thread.is_alive() or self._stop_requested:
+                break
+        if self.host.dead is not None:
+            self._stop_requested = True
+            raise StopRequested()
+        if self._stop_requested:
+            raise StopRequested()
+
+    def _perform(
+        self, job: Job, queue: Queue, execution: Execution, started: threading.Event
+    ) -> None:
+        _job.started, _job.timeout = started, job.timeout
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            started.set()
+            with self._lock:
+                self._active.pop(job.id, None)
+
+    def active_jobs(self) -> list[str]:
+        with self._lock:
+            return list(self._active)
+
+    def _join_active(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                threads = [thread for _, _, thread in self._active.values()]
+            if not threads:
+                return
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            threads[0].join(remaining if remaining is not None else 0.5)
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+
+    # --- stopping ------------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        """Warm stop: take no new chunk; the chunks in hand finish (see `teardown`)."""
+        self._stop_requested = True
+        self.set_shutdown_requested_date()
+        if not self._in_execute:
+            raise StopRequested()
+
+    def teardown(self) -> None:
+        self._join_active()
+        super().teardown()
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """In burst mode, an empty queue is not the end while chunks are still running: a
+        worker that dies returns its chunks to the queue, and someone must take them."""
+        while True:
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            if result is not None or not self._burst or not self._chunks_running():
+                return result
+            time.sleep(min(self.janitor_interval, 1.0))
+
+    def _chunks_running(self) -> bool:
+        if self.active_jobs():
+            return True
+        return any(
+            q.started_job_registry.get_job_count(cleanup=False)
+            or q.connection.llen(q.intermediate_queue_key)
+            for q in self.queues
+        )
+
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        self._burst = bool(kwargs.get("burst"))
+        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        beat.start()
+        try:
+            return super().work(*args, **kwargs)
+        except SystemExit:  # cold stop: release the chunks in hand; RQ retries them
+            self.host.cancel_all()
+            self._join_active(timeout=60)
+            super().teardown()
+            raise
+        finally:
+            self._beats.set()
+            beat.join(timeout=10)
+
+    # --- heartbeats and the janitor ----------------------------------------------------
+    def _sweep_intermediate(self, queue: Queue) -> None:
+        """Return jobs stranded between dequeue and start to the queue.
+
+        RQ moves a job to an intermediate list when a worker takes it and into the started
+        registry a moment later. A worker killed in between strands the job there, and RQ's
+        own sweep waits a minute before it looks. Here, a job that stays for a heartbeat TTL,
+        neither started nor ours, goes back to the front of the queue if it never started.
+        """
+        now = time.monotonic()
+        present = set(queue.intermediate_queue.get_job_ids())
+        started = set(queue.started_job_registry.get_job_ids(cleanup=False))
+        suspects = present - started - set(self.active_jobs())
+        self._stranded = {j: self._stranded.get(j, now) for j in suspects}
+        for job_id, since in list(self._stranded.items()):
+            if now - since >= self.heartbeat_ttl:
+                keys = [queue.intermediate_queue_key, queue.key, Job.key_for(job_id)]
+                moved = self._requeue_stranded(keys=keys, args=[job_id])
+                log.warning(
+                    "job %s was stranded after dequeue; %s",
+                    job_id,
+                    "queued again" if moved else "dropped from the intermediate list",
+                )
+                del self._stranded[job_id]
+
+    def _heartbeat_loop(self) -> None:
+        last_sweep = 0.0
+        while not self._beats.wait(self.heartbeat_interval):
+            try:
+                with self._lock:
+                    active = [(job, execution) for job, execution, _ in self._active.values()]
+                for job, execution in active:
+                    self.maintain_heartbeats(job, execution)
+                if not active:
+                    self.heartbeat()
+                if time.monotonic() - last_sweep >= self.janitor_interval:
+                    last_sweep = time.monotonic()
+                    self.clean_registries()
+                    for queue in self.queues:
+                        self._sweep_intermediate(queue)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+
+def worker_name(name: str | None) -> str:
+    """Unique per process: RQ refuses a name that a dead worker's key still holds."""
+    base = name or f"zoi-{socket.gethostname()}"
+    return f"{base}-{os.getpid()}"
+
+
+def serve(
+    connection: redis.Redis,
+    run: Run,
+    name: str | None = None,
+    burst: bool = False,
+    heartbeat_interval: float = 10.0,
+    heartbeat_ttl: int | None = None,
+    janitor_interval: float = 15.0,
+) -> bool:
+    """Build the engine, then process chunks until stopped (or, with `burst`, until the queue
+    is empty). Returns whether any chunk ran. Raises `EngineDead` if the engine died."""
+    global _context
+    host = EngineHost(run)
+    worker = ChunkWorker(
+        [chunk_queue(connection, run)],
+        host,
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_ttl=heartbeat_ttl or int(3 * heartbeat_interval) + 5,
+        janitor_interval=janitor_interval,
+        connection=connection,
+        name=worker_name(name),
+    )
+    _context = _Context(run, host, worker.name)
+    try:
+        worked = worker.work(burst=burst, logging_level="WARNING", with_scheduler=False)
+    finally:
+        _context = None
+        host.close()
+    if host.dead is not None:
+        raise EngineDead(f"the engine died: {host.dead}")
+    return worked
