@@ -355,3 +355,46 @@ def test_status_reports_progress_and_funnel(setup) -> None:
     assert after["recent"]["records_per_s"] > 0 and after["eta_seconds"] == 0.0
     text = ok("status", "--run", str(run))
     assert "chunks    total 12, done 12" in text
+
+
+def test_warm_stop_finishes_the_chunks_in_hand_and_takes_no_more(tmp_path: Path) -> None:
+    log = tmp_path / "requests.log"
+    config = scripted_config(tmp_path, delay=0.15, log=log)
+    run = tmp_path / "run"
+    ok("enqueue", "-c", str(config), "--run", str(run), "--num-prompts", "40", "--chunk-size", "8")
+    proc = worker(run)
+    wait_until(lambda: requests_per_seed(log), timeout=60, what="work to start")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, stop(proc)
+    done = done_chunks(run)
+    assert 1 <= len(done) < 5
+    started = set(requests_per_seed(log))
+    state = json.loads(ok("status", "--run", str(run), "--json"))
+    assert state["prompts_done"] == 8 * len(done)
+    assert len(started) == 8 * len(done), "work was started on a chunk that was not finished"
+    assert state["chunks"]["queued"] == 5 - len(done) and state["chunks"]["running"] == 0
+
+
+def test_second_signal_releases_the_chunks_in_hand(setup, tmp_path: Path) -> None:
+    config, run, _, reference = setup
+    enqueue(config, run)
+    (tmp_path / "slow").mkdir()
+    slow = scripted_config(tmp_path / "slow", delay=0.3)
+    broker = Broker(run)
+    try:
+        proc = worker(run, "-c", str(slow))  # this machine's engine settings: a slower engine
+        wait_until(lambda: _started_ids(broker, run), timeout=60, what="a chunk to start")
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1.2)  # RQ ignores a second signal within a second of the first
+        in_hand = _started_ids(broker, run)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert in_hand
+        for job_id in in_hand:
+            status = broker.client.hget(f"rq:job:{job_id}", "status")
+            assert status == b"queued", (job_id, status)
+            assert not (run / "shards" / (job_id.split("-", 2)[2] + ".done")).exists()
+        assert worker(run, "--burst").wait(timeout=120) == 0
+    finally:
+        broker.close()
+    assert merged(run, tmp_path) == reference.read_bytes()

