@@ -101,8 +101,8 @@ def test_sigkill_mid_chunk_loses_nothing_and_duplicates_nothing(setup, tmp_path:
         assert finisher.wait(timeout=120) == 0, stop(finisher)
     finally:
         broker.close()
+    # Byte-identical although killed workers may leave half-written *.tmp files behind.
     assert merged(run, tmp_path) == reference.read_bytes()
-    assert not list((run / "shards").glob("*.jsonl.*.tmp")) or True  # leftovers are never merged
 
 
 def _started_ids(broker: Broker, run: Path) -> set[str]:
@@ -362,8 +362,11 @@ def test_warm_stop_finishes_the_chunks_in_hand_and_takes_no_more(tmp_path: Path)
     config = scripted_config(tmp_path, delay=0.15, log=log)
     run = tmp_path / "run"
     ok("enqueue", "-c", str(config), "--run", str(run), "--num-prompts", "40", "--chunk-size", "8")
-    proc = worker(run)
+    proc = worker(run, "--name", "warm")
     wait_until(lambda: requests_per_seed(log), timeout=60, what="work to start")
+    live = json.loads(ok("status", "--run", str(run), "--json"))
+    assert [w["name"].split("-")[0] for w in live["workers"]] == ["warm"]
+    assert live["chunks"]["running"] >= 1
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, stop(proc)
     done = done_chunks(run)

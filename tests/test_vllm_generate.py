@@ -113,3 +113,37 @@ def test_queue_with_two_vllm_workers_equals_generate(
     markers = [json.loads(p.read_text()) for p in (run / "shards").glob("*.done")]
     assert len(markers) == PROMPTS // 4
     assert {m["model"] for m in markers} == {str(tiny_model)}
+
+
+def test_sigkilled_worker_leaves_no_engine_behind(tiny_config: Path, tmp_path: Path) -> None:
+    """vLLM's engine process outlives a parent killed with SIGKILL; the reaper must not let it."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    zoi(
+        "enqueue",
+        "-c",
+        str(tiny_config),
+        "--run",
+        str(run),
+        "--num-prompts",
+        "400",
+        "--chunk-size",
+        "50",
+    )
+    before = engine_processes()
+    proc = subprocess.Popen(
+        [ZOI, "worker", "--run", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while not (engine_processes() - before) or not list((run / "shards").glob("*.done")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the worker never got going"
+        time.sleep(0.5)
+    assert engine_processes() - before, "expected the worker's engine processes"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while engine_processes() - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert engine_processes() - before == set(), "engine processes outlived a killed worker"

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigError, ZoiError
 from ..gpus import default_tensor_parallel_size
 from .base import Completion, EngineDead, Request, RequestError
+from .reaper import guard_children
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -110,6 +111,7 @@ class VLLMEngine:
                 f"engine vllm: could not start on {config.model_name}: {exc} "
                 "(vLLM's log above has the cause)"
             ) from None
+        self._reaper = guard_children()
         try:
             self._tokenizer = self._engine.get_tokenizer()
         except Exception:
@@ -177,3 +179,4 @@ class VLLMEngine:
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.shutdown()
+            self._reaper.release()
