@@ -42,6 +42,7 @@ from rq.worker import SimpleWorker
 
 from . import shards
 from .engines.base import EngineDead, load_engine
+from .janitor import Janitor
 from .jobs import ChunkJob, chunk_queue
 from .pipeline import Outcome, Pipeline
 from .rundir import Chunk, Run
@@ -192,19 +193,6 @@ def _wait(future: concurrent.futures.Future[Any], timeout: float | None) -> Any:
         raise ChunkTimeout(f"chunk exceeded its {timeout} s timeout") from None
 
 
-# Atomically take a job off the intermediate list, and put it back on the queue only if it
-# never started: otherwise its registry entry (and the janitor) already account for it.
-_REQUEUE_STRANDED = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
-  if redis.call('HGET', KEYS[3], 'status') == 'queued' then
-    redis.call('LPUSH', KEYS[2], ARGV[1])
-    return 1
-  end
-end
-return 0
-"""
-
-
 class _NoDeathPenalty(BaseDeathPenalty):
     """Chunks run in job threads, where RQ's SIGALRM timeout cannot work; `run_chunk`
     enforces the job timeout itself."""
@@ -242,8 +230,7 @@ class ChunkWorker(SimpleWorker):
         self._beats = threading.Event()
         self._in_execute = False
         self._burst = False
-        self._stranded: dict[str, float] = {}
-        self._requeue_stranded = self.connection.register_script(_REQUEUE_STRANDED)
+        self.janitors = [Janitor(q, self.heartbeat_ttl, self.active_jobs) for q in self.queues]
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.heartbeat_ttl
@@ -325,13 +312,7 @@ class ChunkWorker(SimpleWorker):
             time.sleep(min(self.janitor_interval, 1.0))
 
     def _chunks_running(self) -> bool:
-        if self.active_jobs():
-            return True
-        return any(
-            q.started_job_registry.get_job_count(cleanup=False)
-            or q.connection.llen(q.intermediate_queue_key)
-            for q in self.queues
-        )
+        return bool(self.active_jobs()) or any(janitor.busy() for janitor in self.janitors)
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         self._burst = bool(kwargs.get("burst"))
@@ -349,30 +330,6 @@ class ChunkWorker(SimpleWorker):
             beat.join(timeout=10)
 
     # --- heartbeats and the janitor ----------------------------------------------------
-    def _sweep_intermediate(self, queue: Queue) -> None:
-        """Return jobs stranded between dequeue and start to the queue.
-
-        RQ moves a job to an intermediate list when a worker takes it and into the started
-        registry a moment later. A worker killed in between strands the job there, and RQ's
-        own sweep waits a minute before it looks. Here, a job that stays for a heartbeat TTL,
-        neither started nor ours, goes back to the front of the queue if it never started.
-        """
-        now = time.monotonic()
-        present = set(queue.intermediate_queue.get_job_ids())
-        started = set(queue.started_job_registry.get_job_ids(cleanup=False))
-        suspects = present - started - set(self.active_jobs())
-        self._stranded = {j: self._stranded.get(j, now) for j in suspects}
-        for job_id, since in list(self._stranded.items()):
-            if now - since >= self.heartbeat_ttl:
-                keys = [queue.intermediate_queue_key, queue.key, Job.key_for(job_id)]
-                moved = self._requeue_stranded(keys=keys, args=[job_id])
-                log.warning(
-                    "job %s was stranded after dequeue; %s",
-                    job_id,
-                    "queued again" if moved else "dropped from the intermediate list",
-                )
-                del self._stranded[job_id]
-
     def _heartbeat_loop(self) -> None:
         last_sweep = 0.0
         while not self._beats.wait(self.heartbeat_interval):
@@ -385,9 +342,8 @@ class ChunkWorker(SimpleWorker):
                     self.heartbeat()
                 if time.monotonic() - last_sweep >= self.janitor_interval:
                     last_sweep = time.monotonic()
-                    self.clean_registries()
-                    for queue in self.queues:
-                        self._sweep_intermediate(queue)
+                    for janitor in self.janitors:
+                        janitor.sweep()
             except (redis.RedisError, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
 

@@ -1,0 +1,74 @@
+"""The janitor: returns the chunks of dead workers to the queue, quickly.
+
+RQ notices an abandoned job only when someone cleans its started-job registry, and a job
+stranded between dequeue and start only after a minute. Every worker runs a janitor between
+heartbeats, and so does the `zoi run` launcher, so a dead worker's chunks come back within
+about a heartbeat TTL plus one sweep interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from rq.job import Job
+from rq.queue import Queue
+
+log = logging.getLogger(__name__)
+
+# Atomically take a job off the intermediate list, and put it back on the queue only if it
+# never started: otherwise its registry entry (and the registry cleanup) accounts for it.
+_REQUEUE_STRANDED = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  if redis.call('HGET', KEYS[3], 'status') == 'queued' then
+    redis.call('LPUSH', KEYS[2], ARGV[1])
+    return 1
+  end
+end
+return 0
+"""
+
+
+class Janitor:
+    def __init__(
+        self, queue: Queue, ttl: float, ours: Callable[[], list[str]] = lambda: []
+    ) -> None:
+        """`ttl`: how long a job may sit between dequeue and start; `ours`: job ids the
+        caller is running itself, never stranded."""
+        self.queue, self.ttl, self.ours = queue, ttl, ours
+        self._first_seen: dict[str, float] = {}
+        self._requeue = queue.connection.register_script(_REQUEUE_STRANDED)
+
+    def sweep(self) -> None:
+        self.queue.started_job_registry.cleanup()
+        self._sweep_intermediate()
+
+    def _sweep_intermediate(self) -> None:
+        """A worker killed between RQ's dequeue and the job's start leaves the job on the
+        intermediate list. One that stays a whole TTL, neither started nor ours, goes back to
+        the front of the queue if it never started."""
+        queue, now = self.queue, time.monotonic()
+        present = set(queue.intermediate_queue.get_job_ids())
+        started = set(queue.started_job_registry.get_job_ids(cleanup=False))
+        suspects = present - started - set(self.ours())
+        self._first_seen = {j: self._first_seen.get(j, now) for j in suspects}
+        for job_id, since in list(self._first_seen.items()):
+            if now - since < self.ttl:
+                continue
+            keys = [queue.intermediate_queue_key, queue.key, Job.key_for(job_id)]
+            moved = self._requeue(keys=keys, args=[job_id])
+            log.warning(
+                "job %s was stranded after dequeue; %s",
+                job_id,
+                "queued again" if moved else "dropped from the intermediate list",
+            )
+            del self._first_seen[job_id]
+
+    def busy(self) -> bool:
+        """Whether any chunk is running or stranded: a burst worker must not leave yet."""
+        queue = self.queue
+        return bool(
+            queue.started_job_registry.get_job_count(cleanup=False)
+            or queue.connection.llen(queue.intermediate_queue_key)
+        )
