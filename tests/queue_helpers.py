@@ -52,8 +52,11 @@ def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float 
     return err
 
 
-def scripted_config(tmp_path: Path, delay: float = 0.01, log: Path | None = None) -> Path:
+def scripted_config(
+    tmp_path: Path, delay: float = 0.01, log: Path | None = None, env_log: Path | None = None
+) -> Path:
     log_line = f"  log: {log}\n" if log else ""
+    log_line += f"  env_log: {env_log}\n" if env_log else ""
     config = tmp_path / "scripted.yml"
     config.write_text(
         f"model_name: scripted\nengine: '{ENGINE}'\nbatch_size: 4\nseed: 5\n"

@@ -15,6 +15,7 @@ CLI runs can script it too; `engine: "tests.scripted_engine:ScriptedEngine"`.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 from typing import Any
@@ -39,6 +40,14 @@ class ScriptedEngine:
         self.rules: dict[str, dict[str, str]] = dict(config.engine_kwargs.get("rules", {}))
         self.delay = float(config.engine_kwargs.get("delay", 0.0))
         self.log = config.engine_kwargs.get("log")  # a file: one line per request, any process
+        if config.engine_kwargs.get("env_log"):  # what the process was given: GPUs and TP
+            seen = {
+                "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "tp": config.tensor_parallel_size,
+                "pid": os.getpid(),
+            }
+            with open(config.engine_kwargs["env_log"], "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(seen) + "\n")
         self.requests: list[Request] = []
         self.in_flight = 0
         self.max_in_flight = 0

@@ -25,6 +25,7 @@ from .config import Config, dump_config, load_config
 from .engines.base import EngineDead, engine_class
 from .errors import ZoiError
 from .generator import evolve_range, generate, load_inputs
+from .gpus import visible_gpus
 from .pipeline import DROP_REASONS, FINAL_JUDGE, FIX_JUDGE, Outcome, Tally
 from .seeds import PromptSource
 from .templates import Templates
@@ -458,8 +459,14 @@ def enqueue_cmd(
     "shape the data must match the run's.",
 )
 @_redis_option
+@click.option("--gpus", help="GPU ids this worker uses, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES).")
+@click.option(
+    "--tp",
+    type=click.IntRange(min=1),
+    help="Tensor-parallel size [default: the number of --gpus, else the config's].",
+)
 @click.option("--name", help="Worker name (the process id is appended).")
-@click.option("--burst", is_flag=True, help="Exit when the queue is empty.")
+@click.option("--burst", is_flag=True, help="Exit when no chunk is queued or running.")
 @click.option(
     "--heartbeat",
     type=click.FloatRange(min=0.1),
@@ -485,6 +492,8 @@ def worker_cmd(
     run_dir: Path,
     config_path: Path | None,
     redis_url: str | None,
+    gpus: str | None,
+    tp: int | None,
     name: str | None,
     burst: bool,
     heartbeat: float,
@@ -503,6 +512,14 @@ def worker_cmd(
     run = open_run(run_dir)
     if config_path is not None:
         run = run.with_hardware(load_config(config_path))
+    if gpus is not None:
+        from .gpus import select
+
+        chosen = select(visible_gpus(), gpus, None)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)  # before anything touches CUDA
+        tp = tp or len(chosen)
+    if tp is not None:
+        run = run.with_tensor_parallel(tp)
     with connect(redis_url, run.path, "worker") as connection:
         serve(
             connection,
@@ -632,3 +649,139 @@ def status_cmd(run_dir: Path, redis_url: str | None, as_json: bool) -> None:
     with connect(redis_url, run.path, "status") as connection:
         state = status(run, connection)
     click.echo(json.dumps(state.as_dict(), ensure_ascii=False) if as_json else _show_status(state))
+
+
+# --- zoi run: the whole machine ---------------------------------------------------------
+
+
+class _StatusLine:
+    """The live progress line: redrawn in place on a terminal, printed every 30 s otherwise
+    (so logs stay readable). Events print above it."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+        self.width = 0
+
+    def progress(self, progress: Any) -> None:
+        now = time.monotonic()
+        if self.tty:
+            text = progress.line()
+            click.echo("\r" + text.ljust(self.width), err=True, nl=False)
+            self.width = len(text)
+        elif now - self.last >= 30:
+            self.last = now
+            click.echo(progress.line(), err=True)
+
+    def event(self, message: str) -> None:
+        if self.tty and self.width:
+            click.echo("\r" + " " * self.width + "\r", err=True, nl=False)
+        click.echo(f"zoi: {message}", err=True)
+
+    def close(self) -> None:
+        if self.tty and self.width:
+            click.echo("", err=True)
+
+
+@main.command("run")
+@_config_option
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSONL file to write when every chunk is done.",
+)
+@click.option("--num-prompts", type=click.IntRange(min=1), help="Base prompts [0, N).")
+@click.option("--start", type=click.IntRange(min=0), help="First base-prompt index.")
+@click.option("--end", type=click.IntRange(min=1), help="End of the range (exclusive).")
+@click.option(
+    "--run", "run_dir", type=click.Path(path_type=Path), help="Run directory [default: OUTPUT.run]."
+)
+@click.option("--gpus", help="GPU ids to use, e.g. 0,1,2,3 [default: every visible GPU].")
+@click.option("--num-gpus", type=click.IntRange(min=1), help="Use the first G visible GPUs.")
+@click.option(
+    "--tp",
+    type=click.IntRange(min=1),
+    help="GPUs per worker (tensor parallel). Default: one group per power of two, "
+    "as the original tool (7 GPUs: 4+2+1).",
+)
+@click.option(
+    "--id-start",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="First id N of record_N.",
+)
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Base prompts per queue job (and per shard).",
+)
+@_redis_option
+@friendly
+def run_cmd(
+    config_path: Path,
+    output: Path,
+    num_prompts: int | None,
+    start: int | None,
+    end: int | None,
+    run_dir: Path | None,
+    gpus: str | None,
+    num_gpus: int | None,
+    tp: int | None,
+    id_start: int,
+    chunk_size: int,
+    redis_url: str | None,
+) -> None:
+    """Generate a dataset on this machine in one command: enqueue, one worker per GPU group,
+    live progress, merge.
+
+    Rerun the same command after Ctrl-C, a crash or a reboot to resume; chunks already done
+    are not run again, and a finished run just merges. Ctrl-C stops warmly (the chunks in hand
+    finish); a second Ctrl-C stops at once.
+    """
+    from .broker import connect, socket_path
+    from .gpus import groups, select
+    from .launcher import Launcher, plan
+    from .merger import merge
+    from .rundir import create_or_open
+
+    first, last = _index_range(num_prompts, start, end)
+    config = load_config(config_path)
+    if not output.parent.exists():
+        raise ZoiError(f"{output}: directory {output.parent} does not exist")
+    gpu_groups, idle = groups(select(visible_gpus(), gpus, num_gpus), tp)
+    specs = plan(gpu_groups)
+    line = _StatusLine()
+    if not gpu_groups:
+        line.event("no GPU found: one CPU worker (needs a CPU build of vLLM or another engine)")
+    if idle:
+        line.event(f"GPUs {','.join(idle)} stay idle: they do not fill a group of {tp}")
+    run = create_or_open(run_dir or Path(f"{output}.run"), config, first, last, chunk_size)
+    began = time.monotonic()
+    with connect(redis_url, run.path, "launcher") as connection:
+        worker_url = redis_url or f"unix://{socket_path(run.path)}"
+        launcher = Launcher(run, connection, worker_url, specs, line.event, line.progress)
+        line.event(
+            f"run {run.path}: {len(run.chunks())} chunks, workers: "
+            + ", ".join(f"{s.name} (tp {s.tp})" for s in specs)
+        )
+        try:
+            progress = launcher.execute()
+        finally:
+            line.close()
+    report = merge(run, output, id_start)
+    seconds = time.monotonic() - began
+    tally = Tally(
+        prompts=progress.prompts,
+        kept=progress.records,
+        fixer_ran=progress.fixer_ran,
+        prompt_tokens=progress.prompt_tokens,
+        completion_tokens=progress.completion_tokens,
+    )
+    tally.dropped.update(progress.dropped)
+    click.echo(_summary(tally, seconds).replace(" incl. engine start", ""))
+    click.echo(f"wrote     {report.records} records to {output} (run directory {run.path})")

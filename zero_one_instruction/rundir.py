@@ -149,6 +149,10 @@ class Run:
             )
         return source
 
+    def with_tensor_parallel(self, size: int) -> Run:
+        config = self.config.model_copy(update={"tensor_parallel_size": size})
+        return Run(self.path, config, self.spec, self.fingerprint)
+
     def with_hardware(self, config: Config) -> Run:
         """This run with another machine's hardware settings, if `config` shapes the same data."""
         templates = load_templates(config.templates, config.system_prompt)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import math
 import os
@@ -180,9 +181,39 @@ def run_chunk(run_key: str, start: int, end: int) -> dict[str, Any]:
         "seconds": round(seconds, 3),
     }
     marker = shards.write_chunk(run.shards, chunk, outcomes, host.system_prompt, info)
+    _log_chunk(run, marker)
     funnel = marker["funnel"]
-    log.info("chunk %s: %d/%d kept in %.1f s", chunk.id, funnel["kept"], len(chunk), seconds)
     return {"chunk": chunk.id, "kept": funnel["kept"], "seconds": info["seconds"]}
+
+
+def _log_chunk(run: Run, marker: dict[str, Any]) -> None:
+    """One structured line per finished chunk in RUN/logs/chunks.jsonl (a single append, so
+    lines of concurrent workers never interleave)."""
+    funnel, seconds = marker["funnel"], max(marker["seconds"], 1e-9)
+    line = {
+        "time": marker["finished_at"],
+        "chunk": marker["chunk"],
+        "worker": marker["worker"],
+        "prompts": funnel["prompts"],
+        "records": funnel["kept"],
+        "dropped": funnel["dropped"],
+        "seconds": marker["seconds"],
+        "tokens_per_s": round(funnel["completion_tokens"] / seconds, 1),
+    }
+    log.info(
+        "chunk %s: %d/%d kept in %.1f s",
+        marker["chunk"],
+        funnel["kept"],
+        funnel["prompts"],
+        seconds,
+    )
+    logs = run.path / "logs"
+    logs.mkdir(exist_ok=True)
+    fd = os.open(logs / "chunks.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
 
 
 def _wait(future: concurrent.futures.Future[Any], timeout: float | None) -> Any:
