@@ -65,6 +65,22 @@ class Janitor:
             )
             del self._first_seen[job_id]
 
+    def release_worker(self, worker_name: str) -> int:
+        """Treat a worker known to be dead as abandoned now, rather than after its heartbeat
+        TTL: its chunks go back to the queue (through their retries) at once."""
+        registry = self.queue.started_job_registry
+        entries = self.queue.connection.zrange(registry.key, 0, -1)
+        dead = []
+        for entry in entries:
+            job_id = entry.decode().split(":", 1)[0]
+            owner = self.queue.connection.hget(Job.key_for(job_id), "worker_name")
+            if owner is not None and owner.decode() == worker_name:
+                dead.append(entry)
+        if dead:
+            self.queue.connection.zadd(registry.key, dict.fromkeys(dead, 0))
+            registry.cleanup()
+        return len(dead)
+
     def busy(self) -> bool:
         """Whether any chunk is running or stranded: a burst worker must not leave yet."""
         queue = self.queue

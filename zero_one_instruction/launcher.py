@@ -274,6 +274,9 @@ class Launcher:
         if slot.process is None or slot.process.poll() is None:
             return
         code = slot.process.returncode
+        released = self.janitor.release_worker(f"{slot.spec.name}-{slot.process.pid}")
+        if released:
+            self.on_event(f"returned {released} chunks of worker {slot.spec.name} to the queue")
         quick = now - slot.started < QUICK
         slot.quick_failures = slot.quick_failures + 1 if quick else 1
         log_file = self.run.path / "logs" / f"worker-{slot.spec.name}.log"
