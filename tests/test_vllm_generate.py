@@ -147,3 +147,26 @@ def test_sigkilled_worker_leaves_no_engine_behind(tiny_config: Path, tmp_path: P
     while engine_processes() - before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert engine_processes() - before == set(), "engine processes outlived a killed worker"
+
+
+def test_zoi_run_on_vllm_equals_generate(
+    tiny_config: Path, reference: tuple[Path, str], tmp_path: Path
+) -> None:
+    """What `make demo` does: the whole machine in one command, embedded Redis included."""
+    out = tmp_path / "out.jsonl"
+    done = zoi(
+        "run",
+        "-c",
+        str(tiny_config),
+        "--num-prompts",
+        str(PROMPTS),
+        "--chunk-size",
+        "4",
+        "-o",
+        str(out),
+    )
+    assert "no GPU found: one CPU worker" in done.stderr
+    assert out.read_bytes() == reference[0].read_bytes()
+    from zero_one_instruction.broker import socket_path
+
+    assert not socket_path(Path(f"{out}.run")).exists(), "the embedded Redis was left running"
