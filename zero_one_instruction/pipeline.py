@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -239,6 +239,29 @@ class Pipeline:
             seed=request_seed(self.config.seed, index, step, attempt),
             choices=choices,
         )
+
+    async def evolve_sharing(
+        self,
+        indices: Iterable[int],
+        slots: asyncio.Semaphore,
+        started: Callable[[], None] = lambda: None,
+    ) -> list[Outcome]:
+        """Evolve these prompts, each as soon as one of `slots` (shared with other batches in
+        flight) frees up. `started` is called once the last prompt has its slot: from then on
+        this batch only drains, and the caller may start the next batch into the freed slots,
+        so the engine never idles at a batch boundary."""
+        tasks: list[asyncio.Task[Outcome]] = []
+        try:
+            for index in indices:
+                await slots.acquire()
+                task = asyncio.ensure_future(self.evolve(index))
+                task.add_done_callback(lambda _: slots.release())
+                tasks.append(task)
+            started()
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
 
     async def run(self, indices: Iterable[int]) -> AsyncIterator[Outcome]:
         """Outcomes in the order of `indices`, with at most `concurrency` prompts in flight.

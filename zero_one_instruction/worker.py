@@ -97,21 +97,12 @@ class EngineHost:
     async def evolve_chunk(self, chunk: Chunk, started: threading.Event) -> list[Outcome]:
         """All records of a chunk, each started as soon as a slot frees up. `started` is set
         once the last record has a slot: the worker may then take the next chunk."""
-        tasks: list[asyncio.Task[Outcome]] = []
         try:
-            for index in range(chunk.start, chunk.end):
-                await self._slots.acquire()
-                task = asyncio.ensure_future(self.pipeline.evolve(index))
-                task.add_done_callback(lambda _: self._slots.release())
-                tasks.append(task)
-            started.set()
-            return list(await asyncio.gather(*tasks))
+            indices = range(chunk.start, chunk.end)
+            return await self.pipeline.evolve_sharing(indices, self._slots, started.set)
         except EngineDead as exc:
             self.dead = exc
             raise
-        finally:
-            for task in tasks:
-                task.cancel()
 
     def cancel_all(self) -> None:
         """Abandon every chunk in flight (cold stop): their jobs fail and are retried."""
