@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
+import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -28,6 +31,7 @@ from redis.retry import Retry
 from .errors import ZoiError
 
 SCHEMES = ("redis", "rediss", "unix")
+SERVER_FILE = "server.json"
 CLIENT_PREFIX = "zoi"
 START_TIMEOUT = 15.0
 
@@ -45,6 +49,11 @@ def redact(url: str) -> str:
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+def url_path(client: redis.Redis) -> str:
+    """The unix socket a client talks to."""
+    return str(client.connection_pool.connection_kwargs["path"])
 
 
 def client_name(role: str) -> str:
@@ -85,6 +94,10 @@ def socket_path(run_path: Path) -> Path:
     inside a deep run directory easily is not."""
     base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"zoi-{os.getuid()}"
     base.mkdir(mode=0o700, exist_ok=True)
+    info = base.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        # a predictable name in a shared directory: someone else's would let them swap sockets
+        raise BrokerError(f"{base} must be a directory owned by you with mode 700")
     digest = hashlib.sha256(str(run_path.resolve()).encode()).hexdigest()[:16]
     return base / f"{digest}.sock"
 
@@ -128,15 +141,71 @@ def _start_lock(data_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _try(sock: Path, role: str) -> redis.Redis | None:
+def _answers(sock: Path) -> bool | None:
+    """True: a server answers on the socket; None: it is still loading its append-only file;
+    False: nobody is there. A short timeout: a hung server must not hang every command."""
     if not sock.exists():
-        return None
-    client = redis.Redis(unix_socket_path=str(sock), client_name=client_name(role))
+        return False
+    probe = redis.Redis(
+        unix_socket_path=str(sock),
+        socket_timeout=5,
+        socket_connect_timeout=5,
+        retry=Retry(NoBackoff(), 0),
+    )
     try:
-        client.ping()
-    except (redis.ConnectionError, OSError):
+        probe.ping()
+        return True
+    except redis.BusyLoadingError:
         return None
-    return client
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
+    finally:
+        probe.close()
+
+
+def _wait_for(sock: Path, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _answers(sock):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _client(sock: Path, role: str) -> redis.Redis:
+    return redis.Redis(unix_socket_path=str(sock), client_name=client_name(role))
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is still a valkey server (not a stranger that reused the pid)."""
+    try:
+        return "valkey" in Path(f"/proc/{pid}/comm").read_text(encoding="utf-8")
+    except OSError:
+        try:
+            os.kill(pid, 0)  # no /proc (macOS): trust the pid
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+
+def _recorded_server(data_dir: Path, run_path: Path) -> Path | None:
+    """The socket of the server recorded for this run, if it still runs. Recorded, not
+    recomputed: another shell's environment (XDG_RUNTIME_DIR, TMPDIR) would compute another
+    socket path and start a second server on the same append-only file."""
+    try:
+        info = json.loads((data_dir / SERVER_FILE).read_text(encoding="utf-8"))
+        host, pid, sock = info["host"], int(info["pid"]), Path(info["socket"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname():
+        if not _answers(sock):
+            raise BrokerError(
+                f"the embedded Redis of {run_path} was started on host {host}; runs shared "
+                f"between hosts need --redis-url (delete {data_dir / SERVER_FILE} if that "
+                "server is gone)"
+            )
+        return sock
+    return sock if _alive(pid) else None
 
 
 def _launch(data_dir: Path, sock: Path) -> None:
@@ -168,19 +237,26 @@ def embedded(run_path: Path, role: str) -> redis.Redis:
     """A client of the run's own server, starting the server if nobody has."""
     data_dir = run_path.resolve() / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
-    sock = socket_path(run_path)
     with _start_lock(data_dir):
-        client = _try(sock, role)
-        if client is not None:
-            return client
+        running = _recorded_server(data_dir, run_path)
+        if running is not None:
+            if _wait_for(running, START_TIMEOUT):
+                return _client(running, role)
+            raise BrokerError(f"the embedded Redis of {run_path} ({running}) does not answer")
+        sock = socket_path(run_path)
         _launch(data_dir, sock)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            client = _try(sock, role)
-            if client is not None:
-                return client
-            time.sleep(0.05)
-    raise BrokerError(f"embedded Valkey for {run_path} did not start: {_log_tail(data_dir)}")
+        if not _wait_for(sock, START_TIMEOUT):
+            raise BrokerError(
+                f"embedded Valkey for {run_path} did not start: {_log_tail(data_dir)}"
+            )
+        client = _client(sock, role)
+        record = {
+            "host": socket.gethostname(),
+            "pid": client.info("server")["process_id"],
+            "socket": str(sock),
+        }
+        (data_dir / SERVER_FILE).write_text(json.dumps(record), encoding="utf-8")
+        return client
 
 
 def _other_zoi_processes(client: redis.Redis) -> int:
@@ -194,10 +270,12 @@ def _other_zoi_processes(client: redis.Redis) -> int:
 def release(client: redis.Redis, run_path: Path) -> None:
     """Leave the embedded server; the last zoi client shuts it down (flushing its
     append-only file) so no server is left running after the work is done."""
-    with _start_lock(run_path.resolve() / "redis"):
+    data_dir = run_path.resolve() / "redis"
+    with _start_lock(data_dir):
         try:
             if _other_zoi_processes(client) == 0:
-                _shutdown(socket_path(run_path))
+                _shutdown(Path(url_path(client)))
+                (data_dir / SERVER_FILE).unlink(missing_ok=True)
         except (redis.ConnectionError, OSError):
             pass
         finally:

@@ -743,7 +743,7 @@ def run_cmd(
     are not run again, and a finished run just merges. Ctrl-C stops warmly (the chunks in hand
     finish); a second Ctrl-C stops at once.
     """
-    from .broker import connect, socket_path
+    from .broker import connect, url_path
     from .gpus import groups, select
     from .launcher import Launcher, plan
     from .merger import merge
@@ -763,7 +763,7 @@ def run_cmd(
     run = create_or_open(run_dir or Path(f"{output}.run"), config, first, last, chunk_size)
     began = time.monotonic()
     with connect(redis_url, run.path, "launcher") as connection:
-        worker_url = redis_url or f"unix://{socket_path(run.path)}"
+        worker_url = redis_url or f"unix://{url_path(connection)}"
         launcher = Launcher(run, connection, worker_url, specs, line.event, line.progress)
         line.event(
             f"run {run.path}: {len(run.chunks())} chunks, workers: "

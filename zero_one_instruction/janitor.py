@@ -8,10 +8,12 @@ about a heartbeat TTL plus one sweep interval.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 
+from redis.exceptions import LockError
 from rq.job import Job
 from rq.queue import Queue
 
@@ -21,7 +23,8 @@ log = logging.getLogger(__name__)
 # never started: otherwise its registry entry (and the registry cleanup) accounts for it.
 _REQUEUE_STRANDED = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
-  if redis.call('HGET', KEYS[3], 'status') == 'queued' then
+  if redis.call('HGET', KEYS[3], 'status') == 'queued'
+     and redis.call('HEXISTS', KEYS[3], 'data') == 1 then
     redis.call('LPUSH', KEYS[2], ARGV[1])
     return 1
   end
@@ -41,8 +44,19 @@ class Janitor:
         self._requeue = queue.connection.register_script(_REQUEUE_STRANDED)
 
     def sweep(self) -> None:
-        self.queue.started_job_registry.cleanup()
-        self._sweep_intermediate()
+        """One sweep, by one janitor at a time: RQ's registry cleanup reads a job and then
+        retries it, so two sweeps at once would put an abandoned chunk on the queue twice."""
+        lock = self.queue.connection.lock(
+            f"zoi:janitor:{self.queue.name}", timeout=60, blocking=False
+        )
+        if not lock.acquire():
+            return
+        try:
+            self.queue.started_job_registry.cleanup()
+            self._sweep_intermediate()
+        finally:
+            with contextlib.suppress(LockError):
+                lock.release()
 
     def _sweep_intermediate(self) -> None:
         """A worker killed between RQ's dequeue and the job's start leaves the job on the
@@ -78,7 +92,7 @@ class Janitor:
                 dead.append(entry)
         if dead:
             self.queue.connection.zadd(registry.key, dict.fromkeys(dead, 0))
-            registry.cleanup()
+            self.sweep()
         return len(dead)
 
     def busy(self) -> bool:

@@ -70,6 +70,16 @@ class _Writer:
         self.next_id = id_start
         self.seen: set[bytes] = set()
         self.duplicates = 0
+        self._chunk_seen: set[bytes] = set()
+        self._chunk_duplicates = 0
+
+    def begin_chunk(self) -> None:
+        self._chunk_seen, self._chunk_duplicates = set(), 0
+
+    def commit_chunk(self) -> None:
+        """The chunk verified: its questions now count for --dedup."""
+        self.seen |= self._chunk_seen
+        self.duplicates += self._chunk_duplicates
 
     @property
     def fast(self) -> bool:
@@ -84,10 +94,10 @@ class _Writer:
         record = json.loads(raw)
         if self.dedup:
             key = hashlib.blake2b(record["input"].encode("utf-8"), digest_size=16).digest()
-            if key in self.seen:
-                self.duplicates += 1
+            if key in self.seen or key in self._chunk_seen:
+                self._chunk_duplicates += 1
                 return None
-            self.seen.add(key)
+            self._chunk_seen.add(key)
         out: dict[str, Any] = {"id": f"record_{self.next_id}"}
         self.next_id += 1
         if self.fmt == "messages":
@@ -174,8 +184,10 @@ def merge(
         with tmp.open("wb") as out:
             for chunk, marker in ready:
                 offset, first_id = out.tell(), writer.next_id
+                writer.begin_chunk()
                 problem = _copy_chunk(run, chunk, marker, writer, out)
                 if problem is None:
+                    writer.commit_chunk()
                     report.merged += 1
                     continue
                 out.seek(offset)

@@ -43,6 +43,7 @@ from rq.worker import SimpleWorker
 
 from . import shards
 from .engines.base import EngineDead, load_engine
+from .errors import ZoiError
 from .janitor import Janitor
 from .jobs import ChunkJob, chunk_queue
 from .pipeline import Outcome, Pipeline
@@ -53,6 +54,12 @@ log = logging.getLogger(__name__)
 
 class WrongRun(RuntimeError):
     """A chunk job of another run reached this worker's queue."""
+
+
+class WorkerStopped(ZoiError):
+    """RQ's work loop gave up for a reason other than a stop request or an empty queue."""
+
+    exit_code = 1
 
 
 class ChunkTimeout(RuntimeError):
@@ -252,6 +259,7 @@ class ChunkWorker(SimpleWorker):
         self._beats = threading.Event()
         self._in_execute = False
         self._burst = False
+        self.drained = False  # a burst worker found nothing left to do
         self.janitors = [Janitor(q, self.heartbeat_ttl, self.active_jobs) for q in self.queues]
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
@@ -270,7 +278,7 @@ class ChunkWorker(SimpleWorker):
                 daemon=True,
             )
             with self._lock:
-                self._active[job.id] = (job, execution, thread)
+                self._active[execution.id] = (job, execution, thread)
             thread.start()
         finally:
             self._in_execute = False
@@ -292,11 +300,11 @@ class ChunkWorker(SimpleWorker):
         finally:
             started.set()
             with self._lock:
-                self._active.pop(job.id, None)
+                self._active.pop(execution.id, None)
 
     def active_jobs(self) -> list[str]:
         with self._lock:
-            return list(self._active)
+            return [job.id for job, _, _ in self._active.values()]
 
     def _join_active(self, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -329,7 +337,10 @@ class ChunkWorker(SimpleWorker):
         worker that dies returns its chunks to the queue, and someone must take them."""
         while True:
             result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-            if result is not None or not self._burst or not self._chunks_running():
+            if result is not None:
+                return result
+            if not self._burst or not self._chunks_running():
+                self.drained = self._burst
                 return result
             time.sleep(min(self.janitor_interval, 1.0))
 
@@ -366,8 +377,8 @@ class ChunkWorker(SimpleWorker):
                     last_sweep = time.monotonic()
                     for janitor in self.janitors:
                         janitor.sweep()
-            except (redis.RedisError, OSError) as exc:
-                log.warning("heartbeat failed: %s", exc)
+            except Exception:  # the thread must outlive any one bad beat or sweep
+                log.exception("heartbeat or janitor sweep failed; trying again")
 
 
 def worker_name(name: str | None) -> str:
@@ -406,4 +417,7 @@ def serve(
         host.close()
     if host.dead is not None:
         raise EngineDead(f"the engine died: {host.dead}")
+    if not (worker.drained or worker._stop_requested):
+        # RQ's loop ends quietly on an unexpected error; a supervisor must see a failure.
+        raise WorkerStopped("the worker loop ended unexpectedly; its log has the cause")
     return worked

@@ -166,6 +166,12 @@ class VLLMEngine:
         if final is None or not final.outputs:
             raise RequestError("vLLM returned no output")
         out = final.outputs[0]
+        if out.finish_reason == "abort":
+            # vLLM aborts what is in flight when its engine process is signalled: a cut-off
+            # text must never become a record. The chunk fails and is retried instead.
+            raise EngineDead("vLLM aborted the request (its engine is shutting down)")
+        if out.finish_reason == "error":
+            raise RequestError("vLLM reported an error for this request")
         text = out.text.strip() if request.choices else out.text
         return Completion(
             text=text,

@@ -1,0 +1,163 @@
+"""Engine occupancy: our pipeline against the original tool's stage-by-stage batches, on the
+same simulated continuous-batching engine (benchmarks/sim_engine.py).
+
+Policies:
+- `original`: every 32 base prompts go through each step as one batch that waits for its
+  slowest item (width, judge, fixer and re-judge for the rejected, depth x N, flatten, judge,
+  answer); then the next 32.
+- `zoi, no overlap`: one coroutine per prompt, a chunk at a time; the next chunk starts when
+  the last prompt of the previous one is done.
+- `zoi`: what `zoi worker` does. A limit of 2 x S prompts in flight is shared by every chunk,
+  and the next chunk starts once the current one's last prompt has started.
+
+Reported: slot occupancy (busy slot-steps / all slot-steps) and makespan against the ideal
+(every decode token in a full slot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from zero_one_instruction.config import Config
+from zero_one_instruction.generator import load_inputs
+from zero_one_instruction.pipeline import JUDGE_CHOICES, YES, Pipeline
+
+from .sim_engine import SimEngine
+
+ORIGINAL_BATCH = 32
+
+
+@dataclass
+class Result:
+    policy: str
+    slots: int
+    chunk: int
+    prompts: int
+    occupancy: float
+    makespan_over_ideal: float
+
+
+def make(slots: int) -> tuple[Pipeline, SimEngine]:
+    config = Config(
+        model_name="simulated",
+        engine="benchmarks.sim_engine:SimEngine",
+        batch_size=slots,
+        max_tokens=1024,
+        max_model_len=8192,
+    )
+    engine = SimEngine(config)
+    templates, source = load_inputs(config)
+    return Pipeline(config, templates, source, engine), engine
+
+
+async def zoi_overlap(pipeline: Pipeline, chunks: list[range]) -> None:
+    slots = asyncio.Semaphore(pipeline.config.concurrency())
+    tasks = []
+    for chunk in chunks:
+        started = asyncio.Event()
+        tasks.append(asyncio.ensure_future(pipeline.evolve_sharing(chunk, slots, started.set)))
+        await started.wait()
+    await asyncio.gather(*tasks)
+
+
+async def zoi_chunk_by_chunk(pipeline: Pipeline, chunks: list[range]) -> None:
+    slots = asyncio.Semaphore(pipeline.config.concurrency())
+    for chunk in chunks:
+        await pipeline.evolve_sharing(chunk, slots)
+
+
+async def _batch_step(
+    pipeline: Pipeline, items: dict[int, str], step: Any, attempt: int, judge: bool = False
+) -> dict[int, str]:
+    choices = JUDGE_CHOICES if judge else None
+    key = "prompt" if step != "answer" else "question"
+    requests = {
+        i: pipeline.request(i, step, attempt, choices, {key: text, "refusal_marker": "不可能"})
+        for i, text in items.items()
+    }
+    done = await asyncio.gather(*(pipeline.engine.complete(r) for r in requests.values()))
+    return {i: c.text for i, c in zip(requests, done, strict=True)}
+
+
+async def original(pipeline: Pipeline, chunks: list[range]) -> None:
+    """The original main.py: each step a batch over 32 prompts, waiting for its slowest item."""
+    indices = [i for chunk in chunks for i in chunk]
+    depth_steps = pipeline.config.pipeline.depth_steps
+    for offset in range(0, len(indices), ORIGINAL_BATCH):
+        group = indices[offset : offset + ORIGINAL_BATCH]
+        items = await _batch_step(
+            pipeline, {i: pipeline.source.prompt(i) for i in group}, "width", 0
+        )
+        verdicts = await _batch_step(pipeline, items, "judge", 0, judge=True)
+        rejected = {i: t for i, t in items.items() if verdicts[i] != YES}
+        if rejected:
+            fixed = await _batch_step(pipeline, rejected, "fix", 0)
+            again = await _batch_step(pipeline, fixed, "judge", 1, judge=True)
+            items = {i: t for i, t in items.items() if verdicts[i] == YES}
+            items.update({i: t for i, t in fixed.items() if again[i] == YES})
+        for step in range(depth_steps):
+            items = await _batch_step(pipeline, items, "depth", step)
+        items = await _batch_step(pipeline, items, "flatten", 0)
+        final = await _batch_step(pipeline, items, "judge", 2, judge=True)
+        items = {i: t for i, t in items.items() if final[i] == YES}
+        await _batch_step(pipeline, items, "answer", 0)
+
+
+POLICIES: dict[str, Callable[[Pipeline, list[range]], Awaitable[None]]] = {
+    "original (batches of 32)": original,
+    "zoi, no chunk overlap": zoi_chunk_by_chunk,
+    "zoi (worker policy)": zoi_overlap,
+}
+
+
+def measure(policy: str, slots: int, chunk: int, chunks: int) -> Result:
+    pipeline, engine = make(slots)
+    ranges = [range(c * chunk, (c + 1) * chunk) for c in range(chunks)]
+    asyncio.run(POLICIES[policy](pipeline, ranges))
+    return Result(
+        policy,
+        slots,
+        chunk,
+        chunk * chunks,
+        engine.occupancy(),
+        engine.clock_ms / engine.ideal_ms(),
+    )
+
+
+def run(smoke: bool = False) -> list[Result]:
+    slots_list = [8] if smoke else [32, 64]
+    results = []
+    for slots in slots_list:
+        for multiple in [1, 4] if smoke else [1, 4, 16]:
+            chunk = multiple * slots
+            chunks = 2 if smoke else max(3, 2048 // chunk)
+            for policy in POLICIES:
+                results.append(measure(policy, slots, chunk, chunks))
+    return results
+
+
+def table(results: list[Result]) -> str:
+    lines = [
+        "| policy | slots S | chunk | prompts | occupancy | makespan / ideal |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.policy} | {r.slots} | {r.chunk} ({r.chunk // r.slots}×S) | {r.prompts} | "
+            f"{100 * r.occupancy:.1f}% | {r.makespan_over_ideal:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check it runs")
+    print(table(run(parser.parse_args().smoke)))
+
+
+if __name__ == "__main__":
+    main()
