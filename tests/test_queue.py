@@ -204,7 +204,7 @@ def test_damaged_shards_are_found_and_redone(setup, tmp_path: Path) -> None:
     assert "enqueued 3" in redo.stdout and redo.stderr.count("bad shard set aside") == 3
     assert worker(run, "--burst").wait(timeout=120) == 0
     assert merged(run, tmp_path) == reference.read_bytes()
-    assert (shards / "0000000030-0000000040.jsonl.bad").exists()  # set aside, not deleted
+    assert list(shards.glob("0000000030-0000000040.jsonl.bad-*"))  # set aside, not deleted
 
 
 def test_partial_merge_and_formats(setup, tmp_path: Path) -> None:

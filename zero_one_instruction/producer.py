@@ -9,13 +9,14 @@ Redis makes concurrent enqueues take turns, so two of them never push the same c
 
 from __future__ import annotations
 
+import contextlib
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import redis
+from redis.exceptions import LockError
 from rq import Retry
 from rq.job import Job
 from rq.queue import Queue
@@ -62,17 +63,17 @@ def job_states(connection: redis.Redis, run: Run, chunks: list[Chunk]) -> list[s
 
 @contextmanager
 def enqueue_lock(connection: redis.Redis, run: Run, wait: float = 120.0) -> Iterator[None]:
-    key, token = f"zoi:{run.key}:enqueue-lock", uuid.uuid4().hex
-    deadline = time.monotonic() + wait
-    while not connection.set(key, token, nx=True, ex=300):
-        if time.monotonic() > deadline:
-            raise ZoiError(f"another enqueue into {run.path} holds the lock ({key}); try again")
-        time.sleep(0.1)
+    """Enqueues of one run take turns. The work under the lock is a few pipelined reads and
+    writes (shards are hashed before it is taken), far within its expiry; the release only
+    deletes a lock that is still ours."""
+    lock = connection.lock(f"zoi:{run.key}:enqueue-lock", timeout=300, blocking_timeout=wait)
+    if not lock.acquire():
+        raise ZoiError(f"another enqueue into {run.path} holds the lock; try again")
     try:
         yield
     finally:
-        if connection.get(key) == token.encode():
-            connection.delete(key)
+        with contextlib.suppress(LockError):
+            lock.release()
 
 
 def _clear(queue: Queue, job_ids: list[str]) -> None:
@@ -109,8 +110,11 @@ def enqueue(connection: redis.Redis, run: Run, policy: JobPolicy | None = None) 
     began = time.monotonic()
     report = EnqueueReport()
     queue = chunk_queue(connection, run)
+    chunks = run.chunks()
+    verified = shards.Verified(run.shards)
+    for chunk in chunks:  # the hashing, outside the lock; below, only what changed since
+        verified.check(chunk)
     with enqueue_lock(connection, run):
-        chunks = run.chunks()
         report.chunks = len(chunks)
         # States first, markers second: a job that finishes in between is then seen as done.
         states = job_states(connection, run, chunks)
@@ -120,7 +124,7 @@ def enqueue(connection: redis.Redis, run: Run, policy: JobPolicy | None = None) 
             if state in ACTIVE:
                 report.active += 1
                 continue
-            result = shards.check(run.shards, chunk)
+            result = verified.check(chunk)
             if result.done:
                 report.done += 1
                 continue
@@ -134,5 +138,6 @@ def enqueue(connection: redis.Redis, run: Run, policy: JobPolicy | None = None) 
         _clear(queue, stale)
         _push(queue, run, todo, policy)
         report.enqueued = len(todo)
+    verified.save()
     report.seconds = time.monotonic() - began
     return report

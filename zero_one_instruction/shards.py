@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,9 +150,15 @@ def read_marker(directory: Path, chunk: Chunk) -> tuple[dict[str, Any] | None, s
         isinstance(marker, dict)
         and marker.get("format") == MARKER_FORMAT
         and (marker.get("start"), marker.get("end")) == (chunk.start, chunk.end)
-        and all(isinstance(marker.get("files", {}).get(kind), dict) for kind in KINDS)
+        and isinstance(marker.get("files"), dict)
+        and all(_file_entry(marker["files"].get(kind)) for kind in KINDS)
+        and isinstance(marker.get("funnel"), dict)
     )
     return (marker, None) if valid else (None, "marker does not describe this chunk")
+
+
+def _file_entry(entry: Any) -> bool:
+    return isinstance(entry, dict) and {"name", "bytes", "lines", "sha256"} <= entry.keys()
 
 
 def sha256_of(path: Path) -> str:
@@ -188,7 +195,50 @@ def check(directory: Path, chunk: Chunk, deep: bool = True) -> Check:
 
 def set_aside(directory: Path, chunk: Chunk) -> None:
     """Move a bad shard's files out of the way (never delete data), so the chunk can be redone:
-    the chunk job trusts a marker it finds."""
+    the chunk job trusts a marker it finds. Each setting-aside gets its own suffix."""
+    stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
     for path in [marker_path(directory, chunk), *(path_of(directory, chunk, k) for k in KINDS)]:
         if path.exists():
-            os.replace(path, path.with_name(path.name + ".bad"))
+            os.replace(path, path.with_name(f"{path.name}.bad-{stamp}"))
+
+
+def _signature(directory: Path, chunk: Chunk) -> list[list[int]] | None:
+    """What identifies the files as they were hashed: size, mtime and inode of each."""
+    paths = [marker_path(directory, chunk), *(path_of(directory, chunk, k) for k in KINDS)]
+    try:
+        stats = [p.stat() for p in paths]
+    except FileNotFoundError:
+        return None
+    return [[s.st_size, s.st_mtime_ns, s.st_ino] for s in stats]
+
+
+class Verified:
+    """Chunks whose files were hashed and matched their marker, keyed by the files' size,
+    mtime and inode. `status` and `enqueue` verify every shard, and this lets them hash only
+    what is new or changed: a damaged shard changes its signature and is hashed again.
+    It is a hint only; a lost or stale entry just costs a re-hash."""
+
+    FILE = ".verified.json"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        try:
+            self._known = json.loads((directory / self.FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self._known = {}
+        self._changed = False
+
+    def check(self, chunk: Chunk) -> Check:
+        signature = _signature(self.directory, chunk)
+        if signature is not None and self._known.get(chunk.id) == signature:
+            return check(self.directory, chunk, deep=False)
+        result = check(self.directory, chunk, deep=True)
+        if result.done and signature is not None and _signature(self.directory, chunk) == signature:
+            self._known[chunk.id] = signature
+            self._changed = True
+        return result
+
+    def save(self) -> None:
+        if self._changed and self.directory.is_dir():
+            with atomic_text(self.directory / self.FILE) as handle:
+                json.dump(self._known, handle)

@@ -95,18 +95,21 @@ def status(run: Run, connection: redis.Redis | None) -> RunStatus:
     )
     counts: Counter[str] = Counter()
     markers, absent, problems = [], [], []
+    verified = shards.Verified(run.shards)
     for chunk, state in zip(chunks, states, strict=True):
-        result = shards.check(run.shards, chunk)
+        result = verified.check(chunk)
         if result.done and result.marker is not None:
             counts["done"] += 1
             markers.append(result.marker)
             continue
         absent.append(chunk)
-        if result.problem:
+        if result.problem:  # counted once: bad, whatever Redis says
             problems.append(f"chunk {chunk.id}: {result.problem}")
             counts["bad"] += 1
+            continue
         key = {"queued": "queued", "started": "running", "failed": "failed"}.get(state or "")
         counts[key or "missing"] += 1
+    verified.save()
     return _summarise(run, chunks, counts, markers, absent, problems, connection)
 
 

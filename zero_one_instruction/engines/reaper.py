@@ -1,39 +1,63 @@
 """A watchdog for an engine's child processes: when their parent dies, they die too.
 
-vLLM's EngineCore process does not notice its parent's death, so a worker killed with
-SIGKILL (or by the OOM killer) leaves the engine running and holding GPU memory, and the
-replacement worker then fails to start. The parent gives this small process the read end of a
-pipe and the list of its engine processes. When the pipe reads EOF (the parent closed it or
-died), every listed process that is still the same process gets SIGKILL.
+vLLM's EngineCore process does not notice its parent's death. A worker killed with SIGKILL,
+or by the OOM killer, therefore leaves the engine running and holding GPU memory, and the
+replacement worker then fails to start.
 
-Run as `python -m zero_one_instruction.engines.reaper FD PID:START_TIME ...`.
+The reaper is started before the engine and holds the read end of a pipe. Every second it
+notes the parent's descendants, with their start times. When the pipe reads EOF, the parent
+has died, and every noted process that is still the same process gets SIGKILL. A parent that
+closes its engine normally writes one byte first, and the reaper then leaves quietly.
+
+Run as `python -m zero_one_instruction.engines.reaper FD PARENT_PID`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
 
+POLL_SECONDS = 1.0
 
-def _same_process(pid: int, start_time: float) -> bool:
+
+def _descendants(parent: int, known: dict[int, float]) -> None:
     import psutil
 
     try:
-        return abs(psutil.Process(pid).create_time() - start_time) < 0.01
+        for child in psutil.Process(parent).children(recursive=True):
+            if child.pid != os.getpid():
+                with contextlib.suppress(psutil.Error):
+                    known.setdefault(child.pid, child.create_time())
     except psutil.Error:
-        return False
+        pass
 
 
-def watch(fd: int, targets: list[tuple[int, float]]) -> None:
-    while os.read(fd, 1):  # blocks until the parent closes the pipe or dies
-        continue
-    for pid, start_time in targets:
-        if _same_process(pid, start_time):
-            with contextlib.suppress(ProcessLookupError):
+def _kill(known: dict[int, float]) -> None:
+    import psutil
+
+    for pid, started in known.items():
+        try:
+            if abs(psutil.Process(pid).create_time() - started) < 0.01:
                 os.kill(pid, signal.SIGKILL)
+        except (psutil.Error, ProcessLookupError):
+            continue
+
+
+def watch(fd: int, parent: int) -> None:
+    known: dict[int, float] = {}
+    while True:
+        _descendants(parent, known)
+        ready, _, _ = select.select([fd], [], [], POLL_SECONDS)
+        if not ready:
+            continue
+        if os.read(fd, 1):
+            return  # the parent closed its engine itself: nothing to clean up
+        _kill(known)  # EOF without the byte: the parent died
+        return
 
 
 class Reaper:
@@ -43,22 +67,25 @@ class Reaper:
         self._fd, self._process = fd, process
 
     def release(self) -> None:
-        """Call after the children exited normally: the reaper finds nothing left to kill."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """The engine was shut down normally: dismiss the reaper."""
+        if self._fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self._fd, b"q")
+        os.close(self._fd)
+        self._fd = -1
+        try:
             self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
 
 
 def guard_children() -> Reaper:
-    """Start a reaper for this process's current children."""
-    import psutil
-
-    children = psutil.Process().children(recursive=True)
-    targets = [f"{p.pid}:{p.create_time()!r}" for p in children if p.is_running()]
+    """Start a reaper for this process's present and future children."""
     read_end, write_end = os.pipe()
     process = subprocess.Popen(
-        [sys.executable, "-m", __name__, str(read_end), *targets],
+        [sys.executable, "-m", __name__, str(read_end), str(os.getpid())],
         pass_fds=(read_end,),
         stdin=subprocess.DEVNULL,
         start_new_session=True,  # a Ctrl-C to the worker's group must not kill the reaper
@@ -68,5 +95,4 @@ def guard_children() -> Reaper:
 
 
 if __name__ == "__main__":
-    pipe_fd = int(sys.argv[1])
-    watch(pipe_fd, [(int(p), float(t)) for p, t in (a.split(":") for a in sys.argv[2:])])
+    watch(int(sys.argv[1]), int(sys.argv[2]))

@@ -104,14 +104,19 @@ class VLLMEngine:
         except TypeError as exc:
             raise ConfigError(f"engine_kwargs: not a vLLM engine argument ({exc})") from None
         log.info("starting vLLM engine for %s", config.model_name)
+        # Before the engine exists: a worker killed while a large model loads must not leave
+        # a half-started engine holding GPU memory.
+        self._reaper = guard_children()
         try:
             self._engine: Any = AsyncLLMEngine.from_engine_args(engine_arguments)
-        except Exception as exc:
+        except BaseException as exc:
+            self._reaper.release()
+            if not isinstance(exc, Exception):
+                raise
             raise ZoiError(
                 f"engine vllm: could not start on {config.model_name}: {exc} "
                 "(vLLM's log above has the cause)"
             ) from None
-        self._reaper = guard_children()
         try:
             self._tokenizer = self._engine.get_tokenizer()
         except Exception:
