@@ -46,7 +46,7 @@ class _Sequence:
 
 class SimEngine:
     def __init__(self, config: Config) -> None:
-        options: dict[str, Any] = dict(config.engine_kwargs)
+        options: dict[str, Any] = config.engine_options()
         self.slots = int(options.get("slots", config.batch_size))
         self.step_ms = float(options.get("step_ms", 20.0))
         self.prefill_ms = float(options.get("prefill_ms", 5.0))

@@ -63,8 +63,8 @@ def scripted_config(
     config = tmp_path / "scripted.yml"
     config.write_text(
         f"model_name: scripted\nengine: '{ENGINE}'\nbatch_size: 4\nseed: 5\n"
-        f"engine_kwargs:\n  delay: {delay}\n{log_line}"
-        "  rules:\n    none: {}\n",
+        f"hardware_kwargs:\n  delay: {delay}\n{log_line}"
+        "engine_kwargs:\n  rules:\n    none: {}\n",
         encoding="utf-8",
     )
     return config

@@ -8,7 +8,7 @@ where `key` is a step name, or `judge@STEP` for the judge of the text STEP produ
 Responses: plain text, or `!error` (RequestError), `!dead` (EngineDead), `!empty` (""),
 `!length:TEXT` (TEXT cut off at max_tokens). `delay` makes every request take that long;
 `log` names a file that gets a line per request, so tests can count how often each request
-ran across worker processes. Rules come from `engine_kwargs: {rules: ...}` so
+ran across worker processes. Options come from `engine_kwargs` and `hardware_kwargs`, so
 CLI runs can script it too; `engine: "tests.scripted_engine:ScriptedEngine"`.
 """
 
@@ -37,16 +37,17 @@ def default_text(step: str, case: str, seed: int) -> str:
 
 class ScriptedEngine:
     def __init__(self, config: Config) -> None:
-        self.rules: dict[str, dict[str, str]] = dict(config.engine_kwargs.get("rules", {}))
-        self.delay = float(config.engine_kwargs.get("delay", 0.0))
-        self.log = config.engine_kwargs.get("log")  # a file: one line per request, any process
-        if config.engine_kwargs.get("env_log"):  # what the process was given: GPUs and TP
+        options = config.engine_options()
+        self.rules: dict[str, dict[str, str]] = dict(options.get("rules", {}))
+        self.delay = float(options.get("delay", 0.0))
+        self.log = options.get("log")  # a file: one line per request, any process
+        if options.get("env_log"):  # what the process was given: GPUs and TP
             seen = {
                 "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "tp": config.tensor_parallel_size,
                 "pid": os.getpid(),
             }
-            with open(config.engine_kwargs["env_log"], "a", encoding="utf-8") as handle:
+            with open(options["env_log"], "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(seen) + "\n")
         self.requests: list[Request] = []
         self.in_flight = 0

@@ -50,6 +50,13 @@ def test_run_of_another_configuration_is_refused(
     bigger = zoi("enqueue", "-c", str(config), "--run", str(run), "--num-prompts", "40")
     assert_one_line_error(bigger, "range.end")
     assert_one_line_error(zoi("worker", "--run", str(run), "-c", str(other)), "depth_steps")
+    engine = tmp_path / "engine.yml"
+    engine.write_text(
+        config.read_text(encoding="utf-8").replace("none: {}", "none: {width: x}"), encoding="utf-8"
+    )
+    assert_one_line_error(
+        zoi("worker", "--run", str(run), "-c", str(engine)), "engine_kwargs.rules"
+    )
 
 
 def test_hardware_settings_may_differ_per_machine(
@@ -91,6 +98,15 @@ def _check_urls(status: list[str], port: int) -> None:
     right = zoi(*status, f"redis://:s3cret@127.0.0.1:{port}/0")
     assert right.exit_code == 0, right.stderr
     assert "queued 0" in right.stdout  # a different Redis: the run's chunks are not queued there
+
+
+def test_passwords_are_never_shown() -> None:
+    from zero_one_instruction.broker import redact
+
+    assert redact("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
+    assert redact("redis://u:pw@h/0?password=x&db=1") == "redis://u:***@h/0?password=***&db=1"
+    assert redact("unix:///run/r.sock?password=s3cret") == "unix:///run/r.sock?password=***"
+    assert redact("rediss://h:6380/2") == "rediss://h:6380/2"
 
 
 def test_redis_url_from_the_environment(made_run: tuple[Path, Path]) -> None:

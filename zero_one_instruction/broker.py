@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -41,14 +41,19 @@ class BrokerError(ZoiError):
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced, for messages and logs."""
+    """The URL with any password replaced, for messages and logs: in the user-info part and
+    in a `password=` query parameter (redis-py accepts both)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        parts = parts._replace(netloc=f"{user}:***@{host}{port}")
+    query = [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query)]
+    shown = urlunsplit(parts._replace(query=urlencode(query, safe="*")))
+    if url.startswith(f"{parts.scheme}://") and not shown.startswith(f"{parts.scheme}://"):
+        shown = shown.replace(f"{parts.scheme}:", f"{parts.scheme}://", 1)  # unix:///path
+    return shown
 
 
 def url_path(client: redis.Redis) -> str:

@@ -455,7 +455,7 @@ def enqueue_cmd(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="This machine's settings (GPU memory, batch size, engine_kwargs); the settings that "
+    help="This machine's settings (GPU memory, batch size, hardware_kwargs); the settings that "
     "shape the data must match the run's.",
 )
 @_redis_option

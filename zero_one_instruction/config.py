@@ -135,6 +135,7 @@ class Config(_Strict):
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     engine: str = "vllm"
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    hardware_kwargs: dict[str, Any] = Field(default_factory=dict)
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     sampling: Sampling = Sampling()
@@ -169,6 +170,11 @@ class Config(_Strict):
                     f"within max_model_len {self.max_model_len}"
                 )
         return self
+
+    def engine_options(self) -> dict[str, Any]:
+        """Engine arguments: `engine_kwargs` (they may shape the data, so a run freezes them)
+        with this machine's `hardware_kwargs` (batching, memory, eager mode...) on top."""
+        return {**self.engine_kwargs, **self.hardware_kwargs}
 
     def concurrency(self) -> int:
         """Records in flight at once. Twice the engine's slots keeps every slot fed while

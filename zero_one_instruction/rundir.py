@@ -3,7 +3,7 @@
 `run.json` freezes everything that shapes the data: the model and sampling, the pipeline
 settings, the templates' text, the base prompts' content hash, the index range and the chunk
 size. Its fingerprint names the run. Hardware settings (`gpu_memory_utilization`,
-`tensor_parallel_size`, `batch_size`, `pipeline.concurrency`, `engine_kwargs`) stay out of it,
+`tensor_parallel_size`, `batch_size`, `pipeline.concurrency`, `hardware_kwargs`) stay out of it,
 so each machine can size its own engine and still work on the same run.
 """
 
@@ -25,7 +25,7 @@ from .templates import Templates, load_templates, templates_from_dict
 
 RUN_FILE = "run.json"
 FORMAT = 1
-HARDWARE_KEYS = ("gpu_memory_utilization", "tensor_parallel_size", "batch_size", "engine_kwargs")
+HARDWARE_KEYS = ("gpu_memory_utilization", "tensor_parallel_size", "batch_size", "hardware_kwargs")
 
 
 class RunError(ZoiError):

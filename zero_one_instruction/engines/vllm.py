@@ -36,7 +36,8 @@ _QUIET_ENV = {
 def engine_args(config: Config) -> dict[str, Any]:
     """The keyword arguments for vLLM's `AsyncEngineArgs`, from the original config keys.
 
-    `engine_kwargs` come last so users can set any engine argument this tool does not name.
+    `engine_kwargs` and `hardware_kwargs` come last, so users can set any engine argument this
+    tool does not name.
     """
     args: dict[str, Any] = {
         "model": config.model_name,
@@ -49,7 +50,7 @@ def engine_args(config: Config) -> dict[str, Any]:
         "max_num_seqs": config.batch_size,
         "seed": config.seed,
     }
-    args.update(config.engine_kwargs)
+    args.update(config.engine_options())
     return args
 
 
@@ -102,7 +103,9 @@ class VLLMEngine:
         try:
             engine_arguments = AsyncEngineArgs(**engine_args(config))
         except TypeError as exc:
-            raise ConfigError(f"engine_kwargs: not a vLLM engine argument ({exc})") from None
+            raise ConfigError(
+                f"engine_kwargs/hardware_kwargs: not a vLLM engine argument ({exc})"
+            ) from None
         log.info("starting vLLM engine for %s", config.model_name)
         # Before the engine exists: a worker killed while a large model loads must not leave
         # a half-started engine holding GPU memory.
