@@ -111,13 +111,26 @@ def _started_ids(broker: Broker, run: Path) -> set[str]:
 
 
 def _started_since(run: Path, job_ids: set[str], since: float, broker: Broker) -> bool:
-    """Each of the jobs is running again, or done, after `since`."""
-    running = _started_ids(broker, run)
+    """Each job has started again after `since` (a new execution, not the killed one's
+    leftover entry), or had finished before it."""
+    from datetime import datetime, timezone
+
+    def stamp(value: str | bytes | None) -> float:
+        if not value:
+            return 0.0
+        text = value.decode() if isinstance(value, bytes) else value
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
     for job_id in job_ids:
         marker = run / "shards" / (job_id.split("-", 2)[2] + ".done")
-        if job_id in running or marker.exists():
-            continue
-        return False
+        if marker.exists():
+            info = json.loads(marker.read_text(encoding="utf-8"))
+            if stamp(info["finished_at"]) < since or stamp(info["started_at"]) >= since:
+                continue
+            return False
+        if stamp(broker.client.hget(f"rq:job:{job_id}", "started_at")) < since:
+            return False
     return True
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import redis
 
 from . import __version__
 from .config import Config, dump_config, load_config
@@ -63,6 +64,12 @@ def friendly(func: F) -> F:
             _fail(str(exc), exc.exit_code)
         except EngineDead as exc:
             _fail(f"engine failed: {exc}", 1)
+        except redis.ConnectionError as exc:
+            _fail(
+                f"lost the connection to Redis ({exc}); if it was the run's embedded server, "
+                "any zoi command on the run (zoi status, say) starts it again",
+                1,
+            )
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except click.ClickException:

@@ -14,10 +14,21 @@ import time
 from collections.abc import Callable
 
 from redis.exceptions import LockError
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.queue import Queue
 
 log = logging.getLogger(__name__)
+MAX_ABANDONED = 10
+
+
+def _fetch(queue: Queue, job_id: str) -> Job | None:
+    try:
+        return queue.job_class.fetch(
+            job_id, connection=queue.connection, serializer=queue.serializer
+        )
+    except Exception:  # vanished, or a hash no job can be read from
+        return None
+
 
 # Atomically take a job off the intermediate list, and put it back on the queue only if it
 # never started: otherwise its registry entry (and the registry cleanup) accounts for it.
@@ -52,11 +63,36 @@ class Janitor:
         if not lock.acquire():
             return
         try:
+            self._requeue_abandoned()
             self.queue.started_job_registry.cleanup()
             self._sweep_intermediate()
         finally:
             with contextlib.suppress(LockError):
                 lock.release()
+
+    def _requeue_abandoned(self) -> None:
+        """Put chunks whose worker died back at the front of the queue without spending a
+        retry: a killed or preempted worker is not the chunk's fault, and a few crashes
+        would otherwise exhaust its retries. A chunk abandoned more than MAX_ABANDONED times
+        is left to RQ's own cleanup, which spends its retries and finally fails it."""
+        queue, registry = self.queue, self.queue.started_job_registry
+        connection = queue.connection
+        for entry in connection.zrangebyscore(registry.key, 0, time.time()):
+            job_id = entry.decode().split(":", 1)[0]
+            job = _fetch(queue, job_id)
+            if job is None or job.get_status(refresh=False) != JobStatus.STARTED:
+                continue  # RQ's cleanup drops such leftovers
+            abandoned = int(job.meta.get("abandoned", 0)) + 1
+            if abandoned > MAX_ABANDONED:
+                continue
+            job.meta["abandoned"] = abandoned
+            with connection.pipeline() as pipe:
+                pipe.zrem(registry.key, entry)
+                job.set_status(JobStatus.QUEUED, pipeline=pipe)
+                pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+                pipe.lpush(queue.key, job_id)
+                pipe.execute()
+            log.warning("chunk job %s: its worker died; queued again (%d)", job_id, abandoned)
 
     def _sweep_intermediate(self) -> None:
         """A worker killed between RQ's dequeue and the job's start leaves the job on the
@@ -79,16 +115,17 @@ class Janitor:
             )
             del self._first_seen[job_id]
 
-    def release_worker(self, worker_name: str) -> int:
-        """Treat a worker known to be dead as abandoned now, rather than after its heartbeat
-        TTL: its chunks go back to the queue (through their retries) at once."""
+    def release_worker(self, name_prefix: str) -> int:
+        """Treat a worker known to be dead (its name starts with `name_prefix`) as abandoned
+        now, rather than after its heartbeat TTL: its chunks go back to the queue (through
+        their retries) at once."""
         registry = self.queue.started_job_registry
         entries = self.queue.connection.zrange(registry.key, 0, -1)
         dead = []
         for entry in entries:
             job_id = entry.decode().split(":", 1)[0]
             owner = self.queue.connection.hget(Job.key_for(job_id), "worker_name")
-            if owner is not None and owner.decode() == worker_name:
+            if owner is not None and owner.decode().startswith(name_prefix):
                 dead.append(entry)
         if dead:
             self.queue.connection.zadd(registry.key, dict.fromkeys(dead, 0))

@@ -274,7 +274,7 @@ class Launcher:
         if slot.process is None or slot.process.poll() is None:
             return
         code = slot.process.returncode
-        released = self.janitor.release_worker(f"{slot.spec.name}-{slot.process.pid}")
+        released = self.janitor.release_worker(f"{slot.spec.name}-{slot.process.pid}-")
         if released:
             self.on_event(f"returned {released} chunks of worker {slot.spec.name} to the queue")
         quick = now - slot.started < QUICK

@@ -19,7 +19,7 @@ from typing import Any
 
 from .config import Config
 from .errors import ZoiError
-from .records import atomic_text
+from .records import temporary_name
 from .seeds import PromptSource, load_source
 from .templates import Templates, load_templates, templates_from_dict
 
@@ -222,6 +222,14 @@ def create_or_open(path: Path, config: Config, start: int, end: int, chunk_size:
         "spec": spec,
         "config": config.model_dump(mode="json"),
     }
-    with atomic_text(path / RUN_FILE) as handle:
-        handle.write(json.dumps(record, ensure_ascii=False, indent=2) + "\n")
+    tmp = temporary_name(path / RUN_FILE)
+    tmp.write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    try:
+        os.link(tmp, path / RUN_FILE)  # create only if absent: two first enqueues, one run.json
+    except FileExistsError:
+        run = open_run(path)
+        _check_same(path, run.spec, spec)
+        return run
+    finally:
+        tmp.unlink()
     return Run(path, config, spec, digest)

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import socket
 import threading
 import time
@@ -382,9 +383,10 @@ class ChunkWorker(SimpleWorker):
 
 
 def worker_name(name: str | None) -> str:
-    """Unique per process: RQ refuses a name that a dead worker's key still holds."""
+    """Unique per process: RQ refuses a name that a dead worker's key still holds, and in a
+    restarted container the pid is often the same as before. `<name>-<pid>-<random>`."""
     base = name or f"zoi-{socket.gethostname()}"
-    return f"{base}-{os.getpid()}"
+    return f"{base}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def serve(
