@@ -1,0 +1,36 @@
+"""Every benchmark, one after another, each printing its table.
+
+.venv/bin/python -m benchmarks.run_all            # the numbers in docs/benchmarks.md
+.venv/bin/python -m benchmarks.run_all --smoke    # tiny sizes: checks that each still runs
+.venv/bin/python -m benchmarks.run_all --only merge,enqueue
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from datetime import datetime, timezone
+
+from .common import machine
+
+BENCHMARKS = ["occupancy", "overhead", "real_engine", "merge", "enqueue", "scaling"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run the zoi benchmarks.")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check they run")
+    parser.add_argument("--only", help="comma-separated subset of " + ", ".join(BENCHMARKS))
+    args = parser.parse_args()
+    chosen = args.only.split(",") if args.only else BENCHMARKS
+    print(f"{machine()}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    for name in chosen:
+        module = importlib.import_module(f"benchmarks.{name}")
+        began = time.perf_counter()
+        results = module.run(args.smoke)
+        print(f"\n## {name} ({time.perf_counter() - began:.0f} s)\n")
+        print(module.report(results) if hasattr(module, "report") else module.table(results))
+
+
+if __name__ == "__main__":
+    main()
