@@ -171,7 +171,7 @@ def test_unknown_engine_argument_is_a_config_error(tiny_model: Path) -> None:
 
     config = tiny_config(tiny_model, engine_kwargs={"load_format": "dummy", "no_such_arg": 1})
     with pytest.raises(
-        ConfigError, match=r"engine_kwargs: not a vLLM engine argument.*no_such_arg"
+        ConfigError, match=r"engine_kwargs/hardware_kwargs: not a vLLM engine argument.*no_such_arg"
     ):
         VLLMEngine(config)
 
