@@ -7,7 +7,7 @@ Policies:
   answer); then the next 32.
 - `zoi, no overlap`: one coroutine per prompt, a chunk at a time; the next chunk starts when
   the last prompt of the previous one is done.
-- `zoi`: what `zoi worker` does. A limit of 2 x S prompts in flight is shared by every chunk,
+- `zoi`: what `zoi worker` does. A limit of 4 x S prompts in flight is shared by every chunk,
   and the next chunk starts once the current one's last prompt has started.
 
 Reported: slot occupancy (busy slot-steps / all slot-steps) and makespan against the ideal

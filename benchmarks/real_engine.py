@@ -27,7 +27,9 @@ from zero_one_instruction.tiny_model import build_tiny_model
 from .common import ENV, ROOT, table, zoi
 
 
-def measure(prompts: int, chunk: int, batch_size: int) -> dict[str, float]:
+def measure(
+    prompts: int, chunk: int, batch_size: int, concurrency: int | None = None
+) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         model = build_tiny_model(base / "model")

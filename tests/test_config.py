@@ -44,7 +44,7 @@ def test_defaults_are_filled_in(tmp_path: Path) -> None:
     assert config.pipeline.refusal_marker == "不可能"
     assert (config.sampling.judge.temperature, config.sampling.judge.max_tokens) == (0.0, 8)
     assert config.engine == "vllm"
-    assert config.concurrency() == 2 * config.batch_size
+    assert config.concurrency() == 4 * config.batch_size
 
 
 def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:

@@ -279,7 +279,7 @@ def test_run_keeps_order_and_bounds_concurrency() -> None:
     outcomes = asyncio.run(collect())
     assert [o.index for o in outcomes] == list(range(n))
     assert outcomes[3].drop_reason == "width_failed"
-    assert 1 < engine.max_in_flight <= 4  # concurrency defaults to 2 x batch_size
+    assert 4 < engine.max_in_flight <= 8  # concurrency defaults to 4 x batch_size
 
 
 def test_dead_engine_fails_the_run_instead_of_dropping_records() -> None:

@@ -177,9 +177,10 @@ class Config(_Strict):
         return {**self.engine_kwargs, **self.hardware_kwargs}
 
     def concurrency(self) -> int:
-        """Records in flight at once. Twice the engine's slots keeps every slot fed while
-        some records wait between their sequential requests."""
-        return self.pipeline.concurrency or 2 * self.batch_size
+        """Records in flight at once. Four times the engine's slots keeps every slot fed
+        while many records sit between their sequential requests, and leaves the engine a
+        queue to refill its batch from (measured in docs/benchmarks.md)."""
+        return self.pipeline.concurrency or 4 * self.batch_size
 
 
 def _format_location(loc: tuple[Any, ...]) -> str:
