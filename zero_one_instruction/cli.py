@@ -113,6 +113,38 @@ def _config_option(func: F) -> F:
     )(func)
 
 
+def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """Several click options as one decorator, so commands that share them stay in step."""
+
+    def apply(func: F) -> F:
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+
+    return apply
+
+
+_range_options = _options(
+    click.option("--num-prompts", type=click.IntRange(min=1), help="Base prompts [0, N)."),
+    click.option("--start", type=click.IntRange(min=0), help="First base-prompt index."),
+    click.option("--end", type=click.IntRange(min=1), help="End of the range (exclusive)."),
+)
+_chunk_size_option = click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Base prompts per queue job (and per shard).",
+)
+_id_start_option = click.option(
+    "--id-start",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="First id N of record_N.",
+)
+
+
 @click.group(cls=ZoiGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="zoi")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
@@ -232,13 +264,7 @@ def _summary(tally: Tally, seconds: float) -> str:
 @click.option(
     "-o", "--output", required=True, type=click.Path(path_type=Path), help="JSONL file to write."
 )
-@click.option(
-    "--id-start",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="First record_N id.",
-)
+@_id_start_option
 @click.option(
     "--trace",
     type=click.Path(path_type=Path),
@@ -389,16 +415,8 @@ def _index_range(num_prompts: int | None, start: int | None, end: int | None) ->
 @main.command("enqueue")
 @_config_option
 @_run_option
-@click.option("--num-prompts", type=click.IntRange(min=1), help="Base prompts [0, N).")
-@click.option("--start", type=click.IntRange(min=0), help="First base-prompt index.")
-@click.option("--end", type=click.IntRange(min=1), help="End of the range (exclusive).")
-@click.option(
-    "--chunk-size",
-    type=click.IntRange(min=1),
-    default=100,
-    show_default=True,
-    help="Base prompts per queue job (and per shard).",
-)
+@_range_options
+@_chunk_size_option
 @click.option(
     "--retries",
     type=click.IntRange(min=0),
@@ -548,13 +566,7 @@ def worker_cmd(
     type=click.Path(dir_okay=False, path_type=Path),
     help="JSONL file to write (replaced if it exists).",
 )
-@click.option(
-    "--id-start",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="First id N of record_N.",
-)
+@_id_start_option
 @click.option("--allow-partial", is_flag=True, help="Merge the done chunks of an unfinished run.")
 @click.option(
     "--format",
@@ -699,9 +711,7 @@ class _StatusLine:
     type=click.Path(dir_okay=False, path_type=Path),
     help="JSONL file to write when every chunk is done.",
 )
-@click.option("--num-prompts", type=click.IntRange(min=1), help="Base prompts [0, N).")
-@click.option("--start", type=click.IntRange(min=0), help="First base-prompt index.")
-@click.option("--end", type=click.IntRange(min=1), help="End of the range (exclusive).")
+@_range_options
 @click.option(
     "--run", "run_dir", type=click.Path(path_type=Path), help="Run directory [default: OUTPUT.run]."
 )
@@ -713,20 +723,8 @@ class _StatusLine:
     help="GPUs per worker (tensor parallel). Default: one group per power of two, "
     "as the original tool (7 GPUs: 4+2+1).",
 )
-@click.option(
-    "--id-start",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="First id N of record_N.",
-)
-@click.option(
-    "--chunk-size",
-    type=click.IntRange(min=1),
-    default=100,
-    show_default=True,
-    help="Base prompts per queue job (and per shard).",
-)
+@_id_start_option
+@_chunk_size_option
 @_redis_option
 @friendly
 def run_cmd(
