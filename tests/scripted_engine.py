@@ -5,7 +5,8 @@ Base prompts carry a case name (`case=NAME`). Every generated text carries it on
 step it is serving, however the requests interleave. `rules[case][key]` overrides a response,
 where `key` is a step name, or `judge@STEP` for the judge of the text STEP produced.
 
-Responses: plain text, or `!error` (RequestError), `!dead` (EngineDead), `!empty` (""),
+Responses: plain text, or `!error` (RequestError), `!dead` (EngineDead), `!raise`
+(RuntimeError), `!empty` (""),
 `!length:TEXT` (TEXT cut off at max_tokens). `delay` makes every request take that long;
 `log` names a file that gets a line per request, so tests can count how often each request
 ran across worker processes. Options come from `engine_kwargs` and `hardware_kwargs`, so
@@ -85,6 +86,8 @@ class ScriptedEngine:
             raise RequestError(f"scripted failure at {request.step}")
         if response == "!dead":
             raise EngineDead("scripted engine death")
+        if response == "!raise":  # an engine bug: neither a request failure nor a dead engine
+            raise RuntimeError("scripted engine bug")
         if response == "!empty":
             response = ""
         if response.startswith("!length:"):

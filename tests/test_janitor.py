@@ -105,3 +105,39 @@ def test_dead_engine_stops_the_worker_and_its_chunk_is_retried(tmp_path: Path) -
     assert state["chunks"]["queued"] == 1, "the chunk went back to the queue for a retry"
     merge = zoi("merge", "--run", str(run), "-o", str(tmp_path / "o.jsonl"))
     assert merge.returncode == 1 and "[0, 4)" in merge.stderr
+
+
+def test_burst_worker_reports_chunks_that_ran_out_of_retries(tmp_path: Path) -> None:
+    config = tmp_path / "bug.yml"
+    config.write_text(
+        "model_name: m\nengine: 'tests.scripted_engine:ScriptedEngine'\n"
+        "prompts: {file: p.txt}\nengine_kwargs: {rules: {bug: {depth: '!raise'}}}\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "p.txt").write_text("case=ok\ncase=bug\n", encoding="utf-8")
+    run = tmp_path / "run"
+    ok(
+        "enqueue",
+        "-c",
+        str(config),
+        "--run",
+        str(run),
+        "--num-prompts",
+        "4",
+        "--chunk-size",
+        "1",
+        "--retries",
+        "0",
+    )
+    done = subprocess.run(
+        [ZOI, "worker", "--run", str(run), "--burst"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "2 chunks failed after all their retries" in done.stderr
+    state = json.loads(ok("status", "--run", str(run), "--json"))
+    assert (state["chunks"]["done"], state["chunks"]["failed"]) == (2, 2)

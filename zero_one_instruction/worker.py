@@ -422,4 +422,27 @@ def serve(
     if not (worker.drained or worker._stop_requested):
         # RQ's loop ends quietly on an unexpected error; a supervisor must see a failure.
         raise WorkerStopped("the worker loop ended unexpectedly; its log has the cause")
+    if worker.drained:
+        _check_nothing_failed(connection, run)
     return worked
+
+
+def _check_nothing_failed(connection: redis.Redis, run: Run) -> None:
+    """A burst worker that found nothing left to do has not finished the run if chunks ran
+    out of retries: say so with a non-zero exit, not a quiet success."""
+    prefix = f"zoi-{run.key}-"
+    registry = chunk_queue(connection, run).failed_job_registry
+    failed = [j for j in registry.get_job_ids(cleanup=False) if j.startswith(prefix)]
+    undone = [
+        j for j in failed if not shards.check(run.shards, _chunk_of(j, prefix), deep=False).done
+    ]
+    if undone:
+        raise WorkerStopped(
+            f"{len(undone)} chunks failed after all their retries (first {undone[0]}); "
+            "'zoi enqueue' queues them again, 'zoi status' shows them"
+        )
+
+
+def _chunk_of(job_id: str, prefix: str) -> Chunk:
+    start, end = job_id.removeprefix(prefix).split("-")
+    return Chunk(int(start), int(end))
