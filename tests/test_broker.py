@@ -93,3 +93,30 @@ def test_a_stale_record_starts_a_fresh_server(tmp_path: Path) -> None:
         assert record["pid"] == int(client.info("server")["process_id"]) != 999999
     finally:
         release(client, run)
+
+
+def test_a_worker_restarts_an_embedded_server_that_died_under_it(tmp_path: Path) -> None:
+    from .queue_helpers import FAST, ZOI, ok, scripted_config, wait_until
+
+    config = scripted_config(tmp_path, delay=0.05)
+    reference = tmp_path / "reference.jsonl"
+    ok("generate", "-c", str(config), "--start", "0", "--end", "60", "-o", str(reference))
+    run = tmp_path / "run"
+    ok("enqueue", "-c", str(config), "--run", str(run), "--num-prompts", "60", "--chunk-size", "5")
+    worker = subprocess.Popen(
+        [ZOI, "worker", "--run", str(run), "--burst", *FAST],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    record = run / "redis" / SERVER_FILE
+    wait_until(lambda: any(run.glob("shards/*.done")), timeout=60, what="a first chunk")
+    first = json.loads(record.read_text())["pid"]
+    os.kill(int(first), 9)
+    _, err = worker.communicate(timeout=180)
+    assert worker.returncode == 0, err
+    assert "Redis is unreachable" in err
+    merged = tmp_path / "merged.jsonl"
+    ok("merge", "--run", str(run), "-o", str(merged))
+    assert merged.read_bytes() == reference.read_bytes()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import socket
 import stat
@@ -29,6 +30,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .errors import ZoiError
+
+log = logging.getLogger(__name__)
 
 SCHEMES = ("redis", "rediss", "unix")
 SERVER_FILE = "server.json"
@@ -306,6 +309,19 @@ def _shutdown(sock: Path) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.02)
+
+
+def revive(run_path: Path, client: redis.Redis) -> None:
+    """Start the run's embedded server again if it died under a long-lived client (a
+    worker). The client's connection pool reconnects by itself once the socket answers."""
+    try:
+        fresh = embedded(run_path, "revive")
+    except BrokerError as exc:
+        log.warning("could not restart the embedded Redis: %s", exc)
+        return
+    if url_path(fresh) != url_path(client):
+        log.warning("the embedded Redis came back on %s, not %s", url_path(fresh), url_path(client))
+    fresh.close()
 
 
 @contextmanager

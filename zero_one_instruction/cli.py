@@ -530,7 +530,7 @@ def worker_cmd(
     Stop it with SIGTERM or Ctrl-C: the chunks in hand finish and nothing new is taken. A
     second signal stops at once, and the chunks in hand go back to the queue.
     """
-    from .broker import connect
+    from .broker import connect, revive
     from .rundir import open_run
     from .worker import serve
 
@@ -554,6 +554,7 @@ def worker_cmd(
             heartbeat_interval=heartbeat,
             heartbeat_ttl=heartbeat_ttl,
             janitor_interval=janitor,
+            revive=None if redis_url else lambda: revive(run.path, connection),
         )
 
 

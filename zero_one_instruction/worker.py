@@ -28,7 +28,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -261,6 +261,7 @@ class ChunkWorker(SimpleWorker):
         self._in_execute = False
         self._burst = False
         self.drained = False  # a burst worker found nothing left to do
+        self.revive: Callable[[], None] | None = None  # restarts an embedded Redis that died
         self.janitors = [Janitor(q, self.heartbeat_ttl, self.active_jobs) for q in self.queues]
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
@@ -350,6 +351,7 @@ class ChunkWorker(SimpleWorker):
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         self._burst = bool(kwargs.get("burst"))
+        self._beats.clear()
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
         try:
@@ -378,6 +380,10 @@ class ChunkWorker(SimpleWorker):
                     last_sweep = time.monotonic()
                     for janitor in self.janitors:
                         janitor.sweep()
+            except redis.ConnectionError as exc:
+                log.warning("Redis is unreachable (%s)", exc)
+                if self.revive is not None:
+                    self.revive()
             except Exception:  # the thread must outlive any one bad beat or sweep
                 log.exception("heartbeat or janitor sweep failed; trying again")
 
@@ -397,9 +403,12 @@ def serve(
     heartbeat_interval: float = 10.0,
     heartbeat_ttl: int | None = None,
     janitor_interval: float = 15.0,
+    revive: Callable[[], None] | None = None,
 ) -> bool:
     """Build the engine, then process chunks until stopped (or, with `burst`, until the queue
-    is empty). Returns whether any chunk ran. Raises `EngineDead` if the engine died."""
+    is empty). Returns whether any chunk ran. Raises `EngineDead` if the engine died.
+    `revive` is called when Redis cannot be reached: it restarts the run's embedded server,
+    whose append-only file still holds the queue."""
     global _context
     host = EngineHost(run)
     worker = ChunkWorker(
@@ -411,9 +420,10 @@ def serve(
         connection=connection,
         name=worker_name(name),
     )
+    worker.revive = revive
     _context = _Context(run, host, worker.name)
     try:
-        worked = worker.work(burst=burst, logging_level="WARNING", with_scheduler=False)
+        worked = _work(worker, burst)
     finally:
         _context = None
         host.close()
@@ -425,6 +435,30 @@ def serve(
     if worker.drained:
         _check_nothing_failed(connection, run)
     return worked
+
+
+def _work(worker: ChunkWorker, burst: bool, attempts: int = 5) -> bool:
+    """RQ's loop, entered again when it gave up because Redis went away and came back (an
+    embedded server the worker restarted): the engine is still loaded, so it carries on."""
+    worked = False
+    for _ in range(attempts):
+        worked = worker.work(burst=burst, logging_level="WARNING", with_scheduler=False) or worked
+        if worker.drained or worker._stop_requested or worker.host.dead is not None:
+            return worked
+        if worker.revive is None or not _reachable(worker.connection):
+            return worked
+        log.warning("Redis came back; the worker carries on")
+    return worked
+
+
+def _reachable(connection: redis.Redis, wait: float = 15.0) -> bool:
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            return bool(connection.ping())
+        except redis.ConnectionError:
+            time.sleep(0.2)
+    return False
 
 
 def _check_nothing_failed(connection: redis.Redis, run: Run) -> None:
