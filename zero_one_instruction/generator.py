@@ -11,7 +11,7 @@ from pathlib import Path
 from .config import Config
 from .engines.base import load_engine
 from .pipeline import Outcome, Pipeline, Tally
-from .records import atomic_text, dumps, original_record
+from .records import atomic_file, dumps, original_record
 from .seeds import PromptSource, load_source
 from .templates import Templates, load_templates
 
@@ -62,8 +62,8 @@ async def generate(
     system = inputs[0].output_system_prompt
     next_id = id_start
     with ExitStack() as stack:
-        out = stack.enter_context(atomic_text(output))
-        trace_out = stack.enter_context(atomic_text(trace)) if trace else None
+        out = stack.enter_context(atomic_file(output))
+        trace_out = stack.enter_context(atomic_file(trace)) if trace else None
 
         def write(outcome: Outcome) -> None:
             nonlocal next_id

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -141,8 +142,6 @@ class Progress:
             self.recent_tokens += funnel["completion_tokens"]
 
     def _finished_after_start(self, marker: dict[str, Any]) -> bool:
-        from datetime import datetime
-
         try:
             return datetime.fromisoformat(marker["finished_at"]).timestamp() >= self.began
         except (KeyError, ValueError):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import IO, Any, Literal
 
 from . import shards
 from .errors import ZoiError
-from .records import temporary_name
+from .records import atomic_file
 from .rundir import Chunk, Run
 
 Format = Literal["original", "messages"]
@@ -204,32 +203,23 @@ def merge(
             f"{describe_ranges(report.missing)} (--allow-partial merges what is there)"
         )
     writer = _Writer(fmt, with_meta, dedup, id_start)
-    tmp = temporary_name(output)
-    try:
-        with tmp.open("wb") as out:
-            for chunk, marker in ready:
-                offset, first_id = out.tell(), writer.next_id
-                writer.begin_chunk()
-                problem = _copy_chunk(run, chunk, marker, writer, out)
-                if problem is None:
-                    writer.commit_chunk()
-                    report.merged += 1
-                    continue
-                out.seek(offset)
-                out.truncate()
-                writer.next_id = first_id
-                report.problems.append(problem)
-                report.missing = index_ranges([Chunk(a, b) for a, b in report.missing] + [chunk])
-                if not allow_partial:
-                    raise MergeIncomplete(f"{problem}; run 'zoi enqueue' to redo it")
-            out.flush()
-            os.fsync(out.fileno())
-            report.bytes = out.tell()
-        os.replace(tmp, output)
-    except OSError as exc:
-        raise ZoiError(f"{output}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(output, binary=True) as out:
+        for chunk, marker in ready:
+            offset, first_id = out.tell(), writer.next_id
+            writer.begin_chunk()
+            problem = _copy_chunk(run, chunk, marker, writer, out)
+            if problem is None:
+                writer.commit_chunk()
+                report.merged += 1
+                continue
+            out.seek(offset)
+            out.truncate()
+            writer.next_id = first_id
+            report.problems.append(problem)
+            report.missing = index_ranges([Chunk(a, b) for a, b in report.missing] + [chunk])
+            if not allow_partial:
+                raise MergeIncomplete(f"{problem}; run 'zoi enqueue' to redo it")
+        report.bytes = out.tell()
     report.records = writer.next_id - id_start
     report.duplicates = writer.duplicates
     report.seconds = time.monotonic() - began

@@ -39,12 +39,12 @@ def temporary_name(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_text(path: Path) -> Iterator[IO[str]]:
+def atomic_file(path: Path, binary: bool = False) -> Iterator[IO[Any]]:
     """Write a temporary sibling, fsync, then rename over `path`: readers see the old file or
     the whole new one, never a half-written one. On error the temporary file is removed."""
     tmp = temporary_name(path)
     try:
-        with tmp.open("w", encoding="utf-8") as handle:
+        with tmp.open("wb") if binary else tmp.open("w", encoding="utf-8") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

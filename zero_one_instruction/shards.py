@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .pipeline import Outcome, Tally
-from .records import atomic_text, dumps, original_record, temporary_name
+from .records import atomic_file, dumps, original_record
 from .rundir import Chunk
 
 MARKER_FORMAT = 1
@@ -57,21 +57,13 @@ def meta_line(outcome: Outcome) -> str:
 def _write_lines(path: Path, lines: Iterable[str]) -> dict[str, Any]:
     """Write, fsync and rename into place; return what the marker records about the file."""
     digest, size, count = hashlib.sha256(), 0, 0
-    tmp = temporary_name(path)
-    try:
-        with tmp.open("wb") as handle:
-            for line in lines:
-                data = line.encode("utf-8")
-                handle.write(data)
-                digest.update(data)
-                size += len(data)
-                count += 1
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path, binary=True) as handle:
+        for line in lines:
+            data = line.encode("utf-8")
+            handle.write(data)
+            digest.update(data)
+            size += len(data)
+            count += 1
     return {"name": path.name, "bytes": size, "lines": count, "sha256": digest.hexdigest()}
 
 
@@ -117,7 +109,7 @@ def write_chunk(
         "funnel": tally.as_dict(),
         **info,
     }
-    with atomic_text(marker_path(directory, chunk)) as handle:
+    with atomic_file(marker_path(directory, chunk)) as handle:
         handle.write(json.dumps(marker, ensure_ascii=False, indent=1) + "\n")
     _fsync_dir(directory)
     return marker
@@ -240,5 +232,5 @@ class Verified:
 
     def save(self) -> None:
         if self._changed and self.directory.is_dir():
-            with atomic_text(self.directory / self.FILE) as handle:
+            with atomic_file(self.directory / self.FILE) as handle:
                 json.dump(self._known, handle)
