@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOI = str(Path(sys.executable).parent / "zoi")
@@ -22,6 +24,28 @@ def zoi(*args: str, env: dict[str, str] | None = None) -> float:
     if done.returncode != 0:
         raise RuntimeError(f"zoi {' '.join(args)} failed:\n{done.stderr[-2000:]}")
     return time.perf_counter() - began
+
+
+def enqueue(config: Path, run: Path, prompts: int, chunk: int) -> float:
+    """`zoi enqueue` of prompts [0, prompts) in chunks; returns the command's wall time."""
+    return zoi(
+        "enqueue",
+        "-c",
+        str(config),
+        "--run",
+        str(run),
+        "--num-prompts",
+        str(prompts),
+        "--chunk-size",
+        str(chunk),
+    )
+
+
+def command_line(module: Any) -> None:
+    """A benchmark module's `main`: `--smoke` for tiny sizes, then its table."""
+    parser = argparse.ArgumentParser(description=(module.__doc__ or "").splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check it runs")
+    print(module.report(module.run(parser.parse_args().smoke)))
 
 
 def workers(run: Path, count: int, *extra: str) -> float:

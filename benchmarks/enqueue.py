@@ -9,7 +9,7 @@ pipeline, with nothing else around them.
 
 from __future__ import annotations
 
-import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +19,7 @@ from rq.serializers import JSONSerializer
 
 from zero_one_instruction.broker import embedded, release
 
-from .common import scripted_config, table, zoi
+from .common import command_line, enqueue, scripted_config, table
 
 
 def measure(prompts: int, chunk: int) -> dict[str, float]:
@@ -27,28 +27,8 @@ def measure(prompts: int, chunk: int) -> dict[str, float]:
         base = Path(tmp)
         config = scripted_config(base)
         run = base / "run"
-        first = zoi(
-            "enqueue",
-            "-c",
-            str(config),
-            "--run",
-            str(run),
-            "--num-prompts",
-            str(prompts),
-            "--chunk-size",
-            str(chunk),
-        )
-        again = zoi(
-            "enqueue",
-            "-c",
-            str(config),
-            "--run",
-            str(run),
-            "--num-prompts",
-            str(prompts),
-            "--chunk-size",
-            str(chunk),
-        )
+        first = enqueue(config, run, prompts, chunk)
+        again = enqueue(config, run, prompts, chunk)
         client = embedded(run, "bench")
         try:
             queue = Queue("bench-baseline", connection=client, serializer=JSONSerializer)
@@ -106,9 +86,7 @@ def report(results: list[dict[str, float]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true")
-    print(report(run(parser.parse_args().smoke)))
+    command_line(sys.modules[__name__])
 
 
 if __name__ == "__main__":

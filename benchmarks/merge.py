@@ -8,7 +8,6 @@ records.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from zero_one_instruction.pipeline import Outcome
 from zero_one_instruction.rundir import create_or_open
 from zero_one_instruction.shards import write_chunk
 
-from .common import scripted_config, table
+from .common import command_line, scripted_config, table
 
 QUESTION = "日本の伝統的な和菓子の歴史と、季節ごとの代表的な種類について説明してください。" * 2
 ANSWER = "和菓子は季節の移ろいを表現する菓子として発展してきました。" * 10
@@ -118,9 +117,7 @@ def report(results: list[dict[str, float]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true")
-    print(report(run(parser.parse_args().smoke)))
+    command_line(sys.modules[__name__])
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ Reported: slot occupancy (busy slot-steps / all slot-steps) and makespan against
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +26,7 @@ from zero_one_instruction.config import Config
 from zero_one_instruction.generator import load_inputs
 from zero_one_instruction.pipeline import JUDGE_CHOICES, YES, Pipeline
 
+from .common import command_line
 from .sim_engine import SimEngine
 
 ORIGINAL_BATCH = 32
@@ -140,7 +141,7 @@ def run(smoke: bool = False) -> list[Result]:
     return results
 
 
-def table(results: list[Result]) -> str:
+def report(results: list[Result]) -> str:
     lines = [
         "| policy | slots S | chunk | prompts | occupancy | makespan / ideal |",
         "|---|---:|---:|---:|---:|---:|",
@@ -154,9 +155,7 @@ def table(results: list[Result]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check it runs")
-    print(table(run(parser.parse_args().smoke)))
+    command_line(sys.modules[__name__])
 
 
 if __name__ == "__main__":

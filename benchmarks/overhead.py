@@ -9,11 +9,11 @@ of a realistic record: 7 requests of about 300 tokens at 5,000 tokens/s is 0.42 
 
 from __future__ import annotations
 
-import argparse
+import sys
 import tempfile
 from pathlib import Path
 
-from .common import scripted_config, table, workers, zoi
+from .common import command_line, enqueue, scripted_config, table, workers
 
 REQUESTS_PER_RECORD, TOKENS_PER_REQUEST, ENGINE_TOKENS_PER_S = 7, 300, 5000.0
 ENGINE_SECONDS_PER_RECORD = REQUESTS_PER_RECORD * TOKENS_PER_REQUEST / ENGINE_TOKENS_PER_S
@@ -24,17 +24,7 @@ def measure(prompts: int, chunk: int) -> dict[str, float]:
         base = Path(tmp)
         config = scripted_config(base, delay=0.0, batch_size=32)
         run = base / "run"
-        zoi(
-            "enqueue",
-            "-c",
-            str(config),
-            "--run",
-            str(run),
-            "--num-prompts",
-            str(prompts),
-            "--chunk-size",
-            str(chunk),
-        )
+        enqueue(config, run, prompts, chunk)
         full = workers(run, 1)
         empty = workers(run, 1)  # the same worker, nothing left to do: start-up and exit
     work = max(full - empty, 1e-9)
@@ -86,9 +76,7 @@ def report(results: list[dict[str, float]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true")
-    print(report(run(parser.parse_args().smoke)))
+    command_line(sys.modules[__name__])
 
 
 if __name__ == "__main__":

@@ -12,9 +12,7 @@ zoi's orchestration cost on top of a bare engine.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,7 +22,7 @@ import yaml
 
 from zero_one_instruction.tiny_model import build_tiny_model
 
-from .common import ENV, ROOT, table, zoi
+from .common import ENV, ROOT, command_line, enqueue, table, zoi
 
 
 def measure(
@@ -43,17 +41,7 @@ def measure(
         config.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
         recording = base / "requests.jsonl"
         run = base / "run"
-        zoi(
-            "enqueue",
-            "-c",
-            str(config),
-            "--run",
-            str(run),
-            "--num-prompts",
-            str(prompts),
-            "--chunk-size",
-            str(chunk),
-        )
+        enqueue(config, run, prompts, chunk)
         zoi("worker", "--run", str(run), "--burst", env={**ENV, "ZOI_BENCH_RECORD": str(recording)})
         entries = [json.loads(line) for line in recording.read_text().splitlines()]
         span = max(e["end"] for e in entries) - min(e["start"] for e in entries)
@@ -110,10 +98,7 @@ def report(results: list[dict[str, float]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    print(report(run(parser.parse_args().smoke)))
+    command_line(sys.modules[__name__])
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def main() -> None:
         began = time.perf_counter()
         results = module.run(args.smoke)
         print(f"\n## {name} ({time.perf_counter() - began:.0f} s)\n")
-        print(module.report(results) if hasattr(module, "report") else module.table(results))
+        print(module.report(results))
 
 
 if __name__ == "__main__":

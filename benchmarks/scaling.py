@@ -9,13 +9,13 @@ the same run.
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from .common import scripted_config, table, workers, zoi
+from .common import command_line, enqueue, scripted_config, table, workers
 
 
 def _span(run: Path) -> float:
@@ -31,17 +31,7 @@ def measure(count: int, prompts: int, delay: float) -> float:
         base = Path(tmp)
         config = scripted_config(base, delay=delay, batch_size=8)
         run = base / "run"
-        zoi(
-            "enqueue",
-            "-c",
-            str(config),
-            "--run",
-            str(run),
-            "--num-prompts",
-            str(prompts),
-            "--chunk-size",
-            "20",
-        )
+        enqueue(config, run, prompts, 20)
         workers(run, count)
         return prompts / _span(run)
 
@@ -58,9 +48,7 @@ def report(results: list[tuple[int, float]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true")
-    print(report(run(parser.parse_args().smoke)))
+    command_line(sys.modules[__name__])
 
 
 if __name__ == "__main__":

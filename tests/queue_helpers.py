@@ -38,6 +38,22 @@ def ok(*args: str, timeout: float = 180) -> str:
     return done.stdout
 
 
+def enqueue_run(config: Path, run: Path, prompts: int, chunk: int, *extra: str) -> str:
+    """`zoi enqueue` of prompts [0, prompts) in chunks of `chunk`; its output."""
+    return ok(
+        "enqueue",
+        "-c",
+        str(config),
+        "--run",
+        str(run),
+        "--num-prompts",
+        str(prompts),
+        "--chunk-size",
+        str(chunk),
+        *extra,
+    )
+
+
 def worker(run: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [ZOI, "worker", "--run", str(run), *FAST, *extra],

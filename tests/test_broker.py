@@ -96,13 +96,13 @@ def test_a_stale_record_starts_a_fresh_server(tmp_path: Path) -> None:
 
 
 def test_a_worker_restarts_an_embedded_server_that_died_under_it(tmp_path: Path) -> None:
-    from .queue_helpers import FAST, ZOI, ok, scripted_config, wait_until
+    from .queue_helpers import FAST, ZOI, enqueue_run, ok, scripted_config, wait_until
 
     config = scripted_config(tmp_path, delay=0.05)
     reference = tmp_path / "reference.jsonl"
     ok("generate", "-c", str(config), "--start", "0", "--end", "60", "-o", str(reference))
     run = tmp_path / "run"
-    ok("enqueue", "-c", str(config), "--run", str(run), "--num-prompts", "60", "--chunk-size", "5")
+    enqueue_run(config, run, 60, 5)
     worker = subprocess.Popen(
         [ZOI, "worker", "--run", str(run), "--burst", *FAST],
         env=ENV,

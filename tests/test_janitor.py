@@ -16,7 +16,7 @@ from zero_one_instruction.janitor import MAX_ABANDONED, Janitor
 from zero_one_instruction.jobs import CHUNK_FUNCTION, chunk_queue
 from zero_one_instruction.rundir import create_or_open
 
-from .queue_helpers import ENV, ZOI, Broker, ok, scripted_config, zoi
+from .queue_helpers import ENV, ZOI, Broker, enqueue_run, ok, scripted_config, zoi
 
 
 @pytest.fixture
@@ -116,19 +116,7 @@ def test_burst_worker_reports_chunks_that_ran_out_of_retries(tmp_path: Path) -> 
     )
     (tmp_path / "p.txt").write_text("case=ok\ncase=bug\n", encoding="utf-8")
     run = tmp_path / "run"
-    ok(
-        "enqueue",
-        "-c",
-        str(config),
-        "--run",
-        str(run),
-        "--num-prompts",
-        "4",
-        "--chunk-size",
-        "1",
-        "--retries",
-        "0",
-    )
+    enqueue_run(config, run, 4, 1, "--retries", "0")
     done = subprocess.run(
         [ZOI, "worker", "--run", str(run), "--burst"],
         env=ENV,

@@ -20,6 +20,7 @@ from zero_one_instruction.rundir import open_run
 from .queue_helpers import (
     Broker,
     done_chunks,
+    enqueue_run,
     ok,
     requests_per_seed,
     scripted_config,
@@ -45,8 +46,7 @@ def setup(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
 
 
 def enqueue(config: Path, run: Path, *extra: str) -> str:
-    args = ["enqueue", "-c", str(config), "--run", str(run), "--num-prompts", str(N)]
-    return ok(*args, "--chunk-size", str(CHUNK), *extra)
+    return enqueue_run(config, run, N, CHUNK, *extra)
 
 
 def merged(run: Path, tmp_path: Path, *extra: str) -> bytes:
@@ -246,7 +246,7 @@ def test_dedup_drops_repeated_questions(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     run = tmp_path / "run"
-    ok("enqueue", "-c", str(config), "--run", str(run), "--num-prompts", "6", "--chunk-size", "2")
+    enqueue_run(config, run, 6, 2)
     assert worker(run, "--burst").wait(timeout=120) == 0
     out = tmp_path / "d.jsonl"
     report = ok("merge", "--run", str(run), "-o", str(out), "--dedup")
@@ -284,7 +284,7 @@ def test_long_chunk_is_not_declared_abandoned_while_its_worker_lives(tmp_path: P
     log = tmp_path / "requests.log"
     config = scripted_config(tmp_path, delay=0.4, log=log)  # a chunk takes ~6 x 0.4 s x 2
     run = tmp_path / "run"
-    ok("enqueue", "-c", str(config), "--run", str(run), "--num-prompts", "24", "--chunk-size", "12")
+    enqueue_run(config, run, 24, 12)
     procs = [
         worker(run, "--burst", "--heartbeat", "0.2", "--heartbeat-ttl", "2", "--janitor", "0.2")
         for _ in range(2)
@@ -324,32 +324,9 @@ def test_concurrent_enqueues_never_double_a_chunk(setup) -> None:
         assert len(ids) == len(set(ids)) == N // CHUNK, outs
         proc = worker(run, "--burst")
         for _ in range(5):  # enqueue while the worker runs
-            ok(
-                "enqueue",
-                "-c",
-                str(config),
-                "--run",
-                str(run),
-                "--num-prompts",
-                str(N),
-                "--chunk-size",
-                str(CHUNK),
-            )
+            enqueue_run(config, run, N, CHUNK)
         assert proc.wait(timeout=120) == 0
-        assert (
-            ok(
-                "enqueue",
-                "-c",
-                str(config),
-                "--run",
-                str(run),
-                "--num-prompts",
-                str(N),
-                "--chunk-size",
-                str(CHUNK),
-            ).count("enqueued 0")
-            == 1
-        )
+        assert enqueue_run(config, run, N, CHUNK).count("enqueued 0") == 1
     finally:
         broker.close()
     assert set(requests_per_seed(log).values()) == {1}
@@ -374,7 +351,7 @@ def test_warm_stop_finishes_the_chunks_in_hand_and_takes_no_more(tmp_path: Path)
     log = tmp_path / "requests.log"
     config = scripted_config(tmp_path, delay=0.15, log=log)
     run = tmp_path / "run"
-    ok("enqueue", "-c", str(config), "--run", str(run), "--num-prompts", "40", "--chunk-size", "8")
+    enqueue_run(config, run, 40, 8)
     proc = worker(run, "--name", "warm")
     wait_until(lambda: requests_per_seed(log), timeout=60, what="work to start")
     live = json.loads(ok("status", "--run", str(run), "--json"))
