@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from zero_one_instruction.config import Prompts
+from zero_one_instruction.config import Prompts, load_config
+from zero_one_instruction.rundir import Run, RunError, create_or_open
 from zero_one_instruction.seeds import load_source
 from zero_one_instruction.templates import load_templates
 
 from .clitools import assert_one_line_error, zoi
+from .queue_helpers import scripted_config
 
 SEED = load_templates().seed
 
@@ -73,6 +75,37 @@ def test_content_hash_follows_content(tmp_path: Path) -> None:
     assert source(source="file", file=path).content_hash != first
     path.write_text("a\nb\n", encoding="utf-8")
     assert source(source="file", file=path).content_hash == first
+
+
+def test_a_separator_inside_a_prompt_does_not_hash_like_two_prompts(tmp_path: Path) -> None:
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"alpha\0beta\n")
+    joined = source(file=path).content_hash
+    path.write_bytes(b"alpha\nbeta\n")
+    assert source(file=path).content_hash != joined
+
+
+def _prompt_file_run(tmp_path: Path, text: bytes) -> tuple[Path, Run]:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(text)
+    config = scripted_config(tmp_path)
+    config.write_text(config.read_text() + f"prompts: {{file: '{prompts}'}}\n")
+    return prompts, create_or_open(tmp_path / "run", load_config(config), 0, 4, 2)
+
+
+def test_a_run_refuses_its_prompts_split_differently(tmp_path: Path) -> None:
+    prompts, run = _prompt_file_run(tmp_path, b"alpha\0beta\n")
+    assert len(run.source()) == 1
+    prompts.write_bytes(b"alpha\nbeta\n")
+    with pytest.raises(RunError, match="changed since the run was created"):
+        run.source()
+
+
+def test_a_run_compares_the_prompt_count_as_well_as_the_hash(tmp_path: Path) -> None:
+    _, run = _prompt_file_run(tmp_path, b"alpha\nbeta\n")
+    frozen = {**run.spec, "prompts": {**run.spec["prompts"], "count": 3}}
+    with pytest.raises(RunError, match="changed since the run was created"):
+        Run(run.path, run.config, frozen, run.fingerprint).source()
 
 
 BAD_SOURCES = [

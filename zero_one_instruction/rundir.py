@@ -142,7 +142,8 @@ class Run:
     def source(self) -> PromptSource:
         """The base prompts, checked against the content the run was created with."""
         source = load_source(self.config.prompts, self.templates.seed)
-        if source.content_hash != self.spec["prompts"]["content_hash"]:
+        frozen = self.spec["prompts"]
+        if (source.content_hash, len(source)) != (frozen["content_hash"], frozen["count"]):
             raise RunError(
                 f"{self.path}: base prompts ({source.description}) changed since the run was "
                 "created; restore them or start a new run"

@@ -37,9 +37,12 @@ class PromptSource:
 
 
 def _hash(kind: str, items: Sequence[str]) -> str:
-    digest = hashlib.sha256(kind.encode())
-    for item in items:
-        digest.update(b"\0" + item.encode("utf-8"))
+    """Each part is prefixed with its byte length, so no two lists share a hash: with a plain
+    separator, a prompt containing the separator would hash like two prompts."""
+    digest = hashlib.sha256()
+    for part in (kind, *items):
+        data = part.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "big") + data)
     return digest.hexdigest()
 
 
