@@ -220,6 +220,25 @@ def test_damaged_shards_are_found_and_redone(setup, tmp_path: Path) -> None:
     assert list(shards.glob("0000000030-0000000040.jsonl.bad-*"))  # set aside, not deleted
 
 
+def test_merge_refusal_names_missing_and_damaged_chunks(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    enqueue_run(scripted_config(tmp_path), run, 40, 10)
+    assert worker(run, "--burst").wait(timeout=120) == 0
+    shards = run / "shards"
+    (shards / "0000000000-0000000010.done").unlink()
+    flipped = shards / "0000000030-0000000040.jsonl"
+    data = bytearray(flipped.read_bytes())
+    data[5] ^= 1
+    flipped.write_bytes(bytes(data))
+    refused = zoi("merge", "--run", str(run), "-o", str(tmp_path / "m.jsonl"))
+    assert refused.returncode == 1
+    [line] = refused.stderr.strip().splitlines()
+    assert "missing base-prompt ranges [0, 10);" in line
+    damaged = "damaged shards [30, 40) (0000000030-0000000040.jsonl does not match its checksum)"
+    assert damaged in line
+    assert not (tmp_path / "m.jsonl").exists()
+
+
 def test_partial_merge_and_formats(setup, tmp_path: Path) -> None:
     config, run, _, reference = setup
     enqueue(config, run)

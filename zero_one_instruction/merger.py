@@ -40,6 +40,7 @@ class MergeReport:
     records: int = 0
     duplicates: int = 0
     missing: list[tuple[int, int]] = field(default_factory=list)
+    damaged: list[tuple[Chunk, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     bytes: int = 0
     seconds: float = 0.0
@@ -172,17 +173,54 @@ def _splice_chunk(
 
 
 def _plan(run: Run, report: MergeReport) -> list[tuple[Chunk, dict[str, Any]]]:
-    ready, absent = [], []
+    """The chunks whose marker and file sizes look right; the others are recorded in the
+    report as absent (no marker) or damaged (a marker whose shard fails verification)."""
+    ready, unmerged = [], []
     for chunk in run.chunks():
         result = shards.check(run.shards, chunk, deep=False)
         if result.done and result.marker is not None:
             ready.append((chunk, result.marker))
             continue
-        absent.append(chunk)
+        unmerged.append(chunk)
         if result.problem:
             report.problems.append(f"chunk {chunk.id}: {result.problem}")
-    report.missing = index_ranges(absent)
+            report.damaged.append((chunk, result.problem))
+    report.missing = index_ranges(unmerged)
     return ready
+
+
+def _deep_problems(run: Run, ready: list[tuple[Chunk, dict[str, Any]]]) -> list[tuple[Chunk, str]]:
+    """Checksum failures among the chunks that looked right, so a refusal names every damaged
+    chunk at once rather than one per attempt."""
+    found = []
+    for chunk, _ in ready:
+        result = shards.check(run.shards, chunk, deep=True)
+        if result.problem:
+            found.append((chunk, result.problem))
+    return found
+
+
+def _refusal(run: Run, report: MergeReport, limit: int = 8) -> MergeIncomplete:
+    """One line naming both kinds of hole: chunks never done, and chunks whose shard is
+    damaged (which `zoi enqueue` sets aside and queues again)."""
+    damaged = {chunk for chunk, _ in report.damaged}
+    never = [
+        c
+        for c in run.chunks()
+        if c not in damaged and any(a <= c.start < b for a, b in report.missing)
+    ]
+    parts = []
+    if never:
+        parts.append(f"missing base-prompt ranges {describe_ranges(index_ranges(never), limit)}")
+    if report.damaged:
+        first = sorted(report.damaged)[:limit]
+        shown = ", ".join(f"[{c.start}, {c.end}) ({problem})" for c, problem in first)
+        more = len(report.damaged) - limit
+        parts.append(f"damaged shards {shown}" + (f" and {more} more" if more > 0 else ""))
+    return MergeIncomplete(
+        f"{run.path}: run is not complete; {'; '.join(parts)} (run 'zoi enqueue' to redo them, "
+        "or --allow-partial to merge what is there)"
+    )
 
 
 def merge(
@@ -198,10 +236,8 @@ def merge(
     report = MergeReport(chunks=len(run.chunks()))
     ready = _plan(run, report)
     if report.missing and not allow_partial:
-        raise MergeIncomplete(
-            f"{run.path}: run is not complete; missing base-prompt ranges "
-            f"{describe_ranges(report.missing)} (--allow-partial merges what is there)"
-        )
+        report.damaged += _deep_problems(run, ready)
+        raise _refusal(run, report)
     writer = _Writer(fmt, with_meta, dedup, id_start)
     with atomic_file(output, binary=True) as out:
         for chunk, marker in ready:
@@ -216,9 +252,10 @@ def merge(
             out.truncate()
             writer.next_id = first_id
             report.problems.append(problem)
+            report.damaged.append((chunk, problem.removeprefix(f"chunk {chunk.id}: ")))
             report.missing = index_ranges([Chunk(a, b) for a, b in report.missing] + [chunk])
-            if not allow_partial:
-                raise MergeIncomplete(f"{problem}; run 'zoi enqueue' to redo it")
+        if report.damaged and not allow_partial:
+            raise _refusal(run, report)
         report.bytes = out.tell()
     report.records = writer.next_id - id_start
     report.duplicates = writer.duplicates
