@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,65 @@ def test_generate_refuses_to_clobber_and_checks_its_arguments(tmp_path: Path) ->
     assert_one_line_error(zoi(*unwritable), "/proc/zoi.jsonl")
     assert_one_line_error(zoi("preview", "-c", str(config), "-n", "0"), "'-n'")
     assert_one_line_error(zoi("nonsense"), "No such command 'nonsense'")
+
+
+def test_generate_never_overwrites_one_of_its_inputs(tmp_path: Path) -> None:
+    (tmp_path / "t.yml").write_text("{}\n", encoding="utf-8")
+    (tmp_path / "chat.jinja").write_text("{{ messages }}\n", encoding="utf-8")
+    config = write_config(tmp_path, "templates: t.yml\nchat_template: chat.jinja\n")
+    victims = {
+        config: "config file",
+        tmp_path / "prompts.txt": "base-prompt file",
+        tmp_path / "t.yml": "templates file",
+        tmp_path / "chat.jinja": "chat-template file",
+    }
+    for victim, label in victims.items():
+        before = victim.read_bytes()
+        for flag in ("-o", "--trace"):
+            other = str(tmp_path / "other.jsonl")
+            where = ["-o", str(victim)] if flag == "-o" else ["-o", other, "--trace", str(victim)]
+            result = zoi("generate", "-c", str(config), "--start", "0", "--end", "2", *where)
+            assert_one_line_error(result, label, "an input is never overwritten")
+            overwrite = zoi(
+                "generate", "-c", str(config), "--start", "0", "--end", "2", *where, "--overwrite"
+            )
+            assert_one_line_error(overwrite, label)
+        assert victim.read_bytes() == before
+    hard = tmp_path / "hard.yml"
+    os.link(config, hard)
+    result = zoi("generate", "-c", str(config), "--start", "0", "--end", "1", "-o", str(hard))
+    assert_one_line_error(result, "is the config file")
+
+
+def test_generate_writes_through_a_symlink_to_its_target(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    base = ["generate", "-c", str(config), "--start", "0", "--end", "2", "--overwrite"]
+    target, link = tmp_path / "target.jsonl", tmp_path / "link.jsonl"
+    target.write_text("old\n", encoding="utf-8")
+    link.symlink_to(target.name)
+    assert zoi(*base, "-o", str(link)).exit_code == 0
+    assert link.is_symlink() and len(read_jsonl(target)) == 2
+    dangling = tmp_path / "dangling.jsonl"
+    dangling.symlink_to("made.jsonl")
+    assert zoi(*base, "-o", str(dangling)).exit_code == 0
+    assert dangling.is_symlink() and len(read_jsonl(tmp_path / "made.jsonl")) == 2
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_generate_refuses_a_device_or_a_link_to_one(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    base = ["generate", "-c", str(config), "--start", "0", "--end", "1", "--overwrite"]
+    stdout = tmp_path / "stdout"
+    stdout.symlink_to("/dev/stdout")
+    assert_one_line_error(zoi(*base, "-o", str(stdout)), str(stdout))
+    assert stdout.is_symlink() and os.readlink(stdout) == "/dev/stdout"
+    fifo = tmp_path / "fifo"  # not /dev/null: a regression must not be able to replace it
+    os.mkfifo(fifo)
+    assert_one_line_error(zoi(*base, "-o", str(fifo)), "not a regular file")
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop.name)
+    assert_one_line_error(zoi(*base, "-o", str(loop)), "symbolic links")
 
 
 def test_failed_run_writes_nothing(tmp_path: Path) -> None:

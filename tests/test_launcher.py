@@ -214,6 +214,49 @@ def test_interrupt_then_rerun_resumes_without_redoing_chunks(reference, tmp_path
     assert time.monotonic() - began < 10
 
 
+def test_run_never_overwrites_an_input_a_run_or_a_file_it_did_not_write(tmp_path: Path) -> None:
+    (tmp_path / "prompts.txt").write_text("一つ目\n二つ目\n", encoding="utf-8")
+    (tmp_path / "t.yml").write_text("{}\n", encoding="utf-8")
+    config = scripted_config(tmp_path)
+    config.write_text(
+        config.read_text() + "prompts: {file: prompts.txt}\ntemplates: t.yml\n", encoding="utf-8"
+    )
+    precious = tmp_path / "precious.jsonl"
+    precious.write_text("precious\n", encoding="utf-8")
+    base = ["run", "-c", str(config), "--num-prompts", "4", "--chunk-size", "2"]
+    victims = {
+        config: "is the config file",
+        tmp_path / "prompts.txt": "is the base-prompt file",
+        tmp_path / "t.yml": "is the templates file",
+    }
+    before = {path: path.read_bytes() for path in [*victims, precious]}
+    for victim, label in victims.items():
+        for extra in ([], ["--overwrite"]):
+            assert_one_line_error(zoi(*base, "-o", str(victim), *extra), label)
+    assert_one_line_error(zoi(*base, "-o", str(precious)), "already exists", "--overwrite")
+    run = tmp_path / "r"
+    inside = zoi(*base, "--run", str(run), "-o", str(run / "out.jsonl"))
+    assert_one_line_error(inside, "is inside the run directory")
+    assert {path: path.read_bytes() for path in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["scripted.yml", "prompts.txt", "t.yml", "precious.jsonl"]
+    )
+
+
+def test_rerun_replaces_only_the_output_the_run_wrote(tmp_path: Path) -> None:
+    config, out = scripted_config(tmp_path), tmp_path / "out.jsonl"
+    args = ["run", "-c", str(config), "--num-prompts", "6", "--chunk-size", "3", "-o", str(out)]
+    ok(*args)
+    first = out.read_bytes()
+    assert "wrote" in ok(*args)  # a finished run merges again over its own output
+    assert out.read_bytes() == first
+    out.write_bytes(first + b"edited by hand\n")
+    assert_one_line_error(zoi(*args), "already exists", "--overwrite")
+    assert out.read_bytes() == first + b"edited by hand\n"
+    ok(*args, "--overwrite")
+    assert out.read_bytes() == first
+
+
 def test_bad_run_input_writes_nothing(tmp_path: Path) -> None:
     config, out = scripted_config(tmp_path), tmp_path / "out.jsonl"
     base = ["run", "-c", str(config), "-o", str(out)]

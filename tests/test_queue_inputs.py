@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,44 @@ def test_corrupt_run_file(made_run: tuple[Path, Path]) -> None:
     assert_one_line_error(zoi("status", "--run", str(run)), "corrupt run file", "fingerprint")
     path.write_text("{not json", encoding="utf-8")
     assert_one_line_error(zoi("worker", "--run", str(run)), "run.json: corrupt run file")
+
+
+def test_merge_never_writes_into_a_run_or_over_its_inputs(
+    made_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, run = made_run
+    before = (run / "run.json").read_bytes()
+    (run / "shards" / "keep.jsonl").write_text("shard\n", encoding="utf-8")
+    inside = [run / "run.json", run / "shards" / "keep.jsonl", run / "new.jsonl"]
+    for output in inside:
+        result = zoi("merge", "--run", str(run), "-o", str(output), "--allow-partial")
+        assert_one_line_error(result, "is inside the run directory")
+    assert (run / "run.json").read_bytes() == before
+    assert (run / "shards" / "keep.jsonl").read_text(encoding="utf-8") == "shard\n"
+    assert not (run / "new.jsonl").exists()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("一つ目\n二つ目\n", encoding="utf-8")
+    config = scripted_config(tmp_path)
+    config.write_text(config.read_text() + "prompts: {file: prompts.txt}\n", encoding="utf-8")
+    other = tmp_path / "other"
+    made = zoi("enqueue", "-c", str(config), "--run", str(other), "--num-prompts", "2")
+    assert made.exit_code == 0, made.stderr
+    result = zoi("merge", "--run", str(other), "-o", str(prompts), "--allow-partial")
+    assert_one_line_error(result, "is the base-prompt file")
+    assert prompts.read_text(encoding="utf-8") == "一つ目\n二つ目\n"
+
+
+def test_merge_writes_through_a_symlink_and_keeps_the_mode(
+    made_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, run = made_run
+    target, link = tmp_path / "target.jsonl", tmp_path / "link.jsonl"
+    target.write_text("old\n", encoding="utf-8")
+    target.chmod(0o640)
+    link.symlink_to(target)
+    assert zoi("merge", "--run", str(run), "-o", str(link), "--allow-partial").exit_code == 0
+    assert link.is_symlink() and target.read_bytes() == b""
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
 
 
 def test_bad_redis_urls(made_run: tuple[Path, Path], tmp_path: Path) -> None:

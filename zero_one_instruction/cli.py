@@ -27,6 +27,7 @@ from .engines.base import EngineDead, engine_class
 from .errors import ZoiError
 from .generator import evolve_range, generate, load_inputs
 from .gpus import visible_gpus
+from .outputs import check_output, protected_inputs
 from .pipeline import DROP_REASONS, FINAL_JUDGE, FIX_JUDGE, Outcome, Tally
 from .seeds import PromptSource
 from .templates import Templates
@@ -190,15 +191,6 @@ def _validate_range(start: int, end: int) -> None:
         raise click.BadParameter(f"must be greater than --start ({start})", param_hint="--end")
 
 
-def _check_output(path: Path, overwrite: bool) -> None:
-    if not path.parent.exists():
-        raise ZoiError(f"{path}: directory {path.parent} does not exist")
-    if path.is_dir():
-        raise ZoiError(f"{path}: is a directory")
-    if path.exists() and not overwrite:
-        raise ZoiError(f"{path}: already exists (pass --overwrite to replace it)")
-
-
 def _prepare(config: Config) -> tuple[Templates, PromptSource]:
     """Everything that can be checked before a model loads: templates, base prompts and the
     engine class."""
@@ -289,11 +281,10 @@ def generate_cmd(
     """
     _validate_range(start, end)
     config = load_config(config_path)
-    _check_output(output, overwrite)
-    if trace is not None:
-        _check_output(trace, overwrite)
-        if trace.resolve() == output.resolve():
-            raise ZoiError(f"{trace}: --trace must not be the output file")
+    protected = protected_inputs(config, config_path)
+    target = check_output(output, overwrite, protected)
+    if trace is not None and check_output(trace, overwrite, protected) == target:
+        raise ZoiError(f"{trace}: --trace must not be the output file")
     inputs = _prepare(config)
     began = time.monotonic()
     with _progress(end - start) as bar:
@@ -603,8 +594,7 @@ def merge_cmd(
     from .rundir import open_run
 
     run = open_run(run_dir)
-    if not output.parent.exists():
-        raise ZoiError(f"{output}: directory {output.parent} does not exist")
+    check_output(output, overwrite=True, inputs=protected_inputs(run.config), runs=[run.path])
     report = merge(run, output, id_start, allow_partial, fmt, with_meta, dedup)  # type: ignore[arg-type]
     click.echo(
         f"merged {report.merged}/{report.chunks} chunks: {report.records} records, "
@@ -727,6 +717,11 @@ class _StatusLine:
 @_id_start_option
 @_chunk_size_option
 @_redis_option
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace OUTPUT if it exists and is not the file this run wrote last time.",
+)
 @friendly
 def run_cmd(
     config_path: Path,
@@ -741,6 +736,7 @@ def run_cmd(
     id_start: int,
     chunk_size: int,
     redis_url: str | None,
+    overwrite: bool,
 ) -> None:
     """Generate a dataset on this machine in one command: enqueue, one worker per GPU group,
     live progress, merge.
@@ -753,12 +749,14 @@ def run_cmd(
     from .gpus import groups, select
     from .launcher import Launcher, plan
     from .merger import merge
+    from .outputs import remember_output
     from .rundir import create_or_open
 
     first, last = _index_range(num_prompts, start, end)
     config = load_config(config_path)
-    if not output.parent.exists():
-        raise ZoiError(f"{output}: directory {output.parent} does not exist")
+    run_dir = run_dir or Path(f"{output}.run")
+    protected = protected_inputs(config, config_path)
+    check_output(output, overwrite, protected, runs=[run_dir], owner=run_dir)
     gpu_groups, idle = groups(select(visible_gpus(), gpus, num_gpus), tp)
     specs = plan(gpu_groups)
     line = _StatusLine()
@@ -766,7 +764,7 @@ def run_cmd(
         line.event("no GPU found: one CPU worker (needs a CPU build of vLLM or another engine)")
     if idle:
         line.event(f"GPUs {','.join(idle)} stay idle: they do not fill a group of {tp}")
-    run = create_or_open(run_dir or Path(f"{output}.run"), config, first, last, chunk_size)
+    run = create_or_open(run_dir, config, first, last, chunk_size)
     began = time.monotonic()
     with connect(redis_url, run.path, "launcher") as connection:
         worker_url = redis_url or f"unix://{url_path(connection)}"
@@ -780,6 +778,7 @@ def run_cmd(
         finally:
             line.close()
     report = merge(run, output, id_start)
+    remember_output(run.path, output)
     seconds = time.monotonic() - began
     tally = Tally(
         prompts=progress.prompts,

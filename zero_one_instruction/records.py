@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,17 +39,52 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
 
 
+def write_target(path: Path) -> Path:
+    """The file a write to `path` lands in. A symbolic link is followed to its target, so the
+    target gets the new content and the link stays a link (renaming over the link itself
+    would silently turn it into a regular file and leave the target stale)."""
+    if not path.is_symlink():
+        return path
+    try:
+        return Path(os.path.realpath(path, strict=True))
+    except FileNotFoundError:
+        return Path(os.path.realpath(path))  # a dangling link: its target is created
+    except OSError as exc:
+        raise ZoiError(f"{path}: cannot follow the symbolic link ({exc.strerror})") from None
+
+
+def _replaceable(path: Path) -> int | None:
+    """The permission bits of the file about to be replaced (kept, so an output made private
+    stays private), or None if there is none. Only regular files are replaced: renaming over a
+    device such as /dev/stdout would destroy it."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ZoiError(f"{path}: cannot write ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        raise ZoiError(f"{path}: is {kind}; write to a regular file instead")
+    return stat.S_IMODE(info.st_mode)
+
+
 @contextmanager
 def atomic_file(path: Path, binary: bool = False) -> Iterator[IO[Any]]:
     """Write a temporary sibling, fsync, then rename over `path`: readers see the old file or
-    the whole new one, never a half-written one. On error the temporary file is removed."""
-    tmp = temporary_name(path)
+    the whole new one, never a half-written one. On error the temporary file is removed.
+    A symbolic link is written through to its target; a replaced file keeps its mode."""
+    target = write_target(path)
+    mode = _replaceable(path)
+    tmp = temporary_name(target)
     try:
         with tmp.open("wb") if binary else tmp.open("w", encoding="utf-8") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise ZoiError(f"{path}: cannot write ({exc.strerror or exc})") from None
