@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -119,6 +120,24 @@ def test_merge_writes_through_a_symlink_and_keeps_the_mode(
     assert zoi("merge", "--run", str(run), "-o", str(link), "--allow-partial").exit_code == 0
     assert link.is_symlink() and target.read_bytes() == b""
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
+
+
+def test_a_new_run_directory_is_private_and_an_existing_one_keeps_its_mode(
+    tmp_path: Path,
+) -> None:
+    config = scripted_config(tmp_path)
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o750)
+    old = os.umask(0o022)
+    try:
+        for run in (tmp_path / "new", shared):
+            made = zoi("enqueue", "-c", str(config), "--run", str(run), "--num-prompts", "2")
+            assert made.exit_code == 0, made.stderr
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "new" / "run.json").stat().st_mode) == 0o644
 
 
 def test_bad_redis_urls(made_run: tuple[Path, Path], tmp_path: Path) -> None:

@@ -24,6 +24,9 @@ from .seeds import PromptSource, load_source
 from .templates import Templates, load_templates, templates_from_dict
 
 RUN_FILE = "run.json"
+# Only the owner may enter a new run directory: it holds the Redis data (every job's arguments),
+# the frozen config and the shards. An existing directory keeps the mode its owner gave it.
+RUN_DIR_MODE = 0o700
 FORMAT = 1
 HARDWARE_KEYS = ("gpu_memory_utilization", "tensor_parallel_size", "batch_size", "hardware_kwargs")
 
@@ -212,7 +215,7 @@ def create_or_open(path: Path, config: Config, start: int, end: int, chunk_size:
         return run
     if path.exists() and not path.is_dir():
         raise RunError(f"{path}: exists and is not a directory")
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=RUN_DIR_MODE, parents=True, exist_ok=True)
     (path / "shards").mkdir(exist_ok=True)
     digest = fingerprint(spec)
     record = {
