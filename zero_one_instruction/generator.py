@@ -62,8 +62,8 @@ async def generate(
     system = inputs[0].output_system_prompt
     next_id = id_start
     with ExitStack() as stack:
-        out = stack.enter_context(atomic_file(output))
-        trace_out = stack.enter_context(atomic_file(trace)) if trace else None
+        out = stack.enter_context(atomic_file(output, follow_links=True))
+        trace_out = stack.enter_context(atomic_file(trace, follow_links=True)) if trace else None
 
         def write(outcome: Outcome) -> None:
             nonlocal next_id

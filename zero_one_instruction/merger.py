@@ -239,7 +239,7 @@ def merge(
         report.damaged += _deep_problems(run, ready)
         raise _refusal(run, report)
     writer = _Writer(fmt, with_meta, dedup, id_start)
-    with atomic_file(output, binary=True) as out:
+    with atomic_file(output, binary=True, follow_links=True) as out:
         for chunk, marker in ready:
             offset, first_id = out.tell(), writer.next_id
             writer.begin_chunk()

@@ -53,16 +53,18 @@ def write_target(path: Path) -> Path:
         raise ZoiError(f"{path}: cannot follow the symbolic link ({exc.strerror})") from None
 
 
-def _replaceable(path: Path) -> int | None:
+def _replaceable(path: Path, target: Path) -> int | None:
     """The permission bits of the file about to be replaced (kept, so an output made private
-    stays private), or None if there is none. Only regular files are replaced: renaming over a
-    device such as /dev/stdout would destroy it."""
+    stays private), or None if there is none or it is a link that is replaced as such. Only
+    regular files and links are replaced: renaming over a device would destroy it."""
     try:
-        info = path.stat()
+        info = target.lstat()
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise ZoiError(f"{path}: cannot write ({exc.strerror})") from None
+    if stat.S_ISLNK(info.st_mode):
+        return None
     if not stat.S_ISREG(info.st_mode):
         kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
         raise ZoiError(f"{path}: is {kind}; write to a regular file instead")
@@ -70,12 +72,16 @@ def _replaceable(path: Path) -> int | None:
 
 
 @contextmanager
-def atomic_file(path: Path, binary: bool = False) -> Iterator[IO[Any]]:
+def atomic_file(path: Path, binary: bool = False, follow_links: bool = False) -> Iterator[IO[Any]]:
     """Write a temporary sibling, fsync, then rename over `path`: readers see the old file or
     the whole new one, never a half-written one. On error the temporary file is removed.
-    A symbolic link is written through to its target; a replaced file keeps its mode."""
-    target = write_target(path)
-    mode = _replaceable(path)
+    A replaced file keeps its mode.
+
+    With `follow_links` (a user's output), a symbolic link is written through to its target.
+    Without it (the run's own files), a link is replaced by the file: a link planted in a run
+    directory must not make a worker write somewhere else."""
+    target = write_target(path) if follow_links else path
+    mode = _replaceable(path, target)
     tmp = temporary_name(target)
     try:
         with tmp.open("wb") if binary else tmp.open("w", encoding="utf-8") as handle:
