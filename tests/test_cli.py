@@ -168,6 +168,19 @@ def test_generate_never_overwrites_one_of_its_inputs(tmp_path: Path) -> None:
     os.link(config, hard)
     result = zoi("generate", "-c", str(config), "--start", "0", "--end", "1", "-o", str(hard))
     assert_one_line_error(result, "is the config file")
+    (tmp_path / "tasks.txt").write_text("要約する\n", encoding="utf-8")
+    (tmp_path / "domains.txt").write_text("歴史\n", encoding="utf-8")
+    crossed = tmp_path / "crossed.yml"
+    crossed.write_text(
+        f"model_name: scripted\nengine: '{ENGINE}'\n"
+        "prompts: {tasks_file: tasks.txt, domains_file: domains.txt}\n",
+        encoding="utf-8",
+    )
+    for name, label in (("tasks.txt", "is the tasks file"), ("domains.txt", "is the domains file")):
+        where = ["-o", str(tmp_path / name), "--overwrite"]
+        result = zoi("generate", "-c", str(crossed), "--start", "0", "--end", "1", *where)
+        assert_one_line_error(result, label)
+    assert (tmp_path / "tasks.txt").read_text(encoding="utf-8") == "要約する\n"
 
 
 def test_generate_writes_through_a_symlink_to_its_target(tmp_path: Path) -> None:
