@@ -120,3 +120,25 @@ def test_a_worker_restarts_an_embedded_server_that_died_under_it(tmp_path: Path)
     merged = tmp_path / "merged.jsonl"
     ok("merge", "--run", str(run), "-o", str(merged))
     assert merged.read_bytes() == reference.read_bytes()
+
+
+def test_run_paths_with_spaces_quotes_and_odd_bytes(tmp_path: Path) -> None:
+    """The server's config names the run directory: every byte of it must survive."""
+    names = ["a b", "q\"uo'te", "back\\slash x", "new\nline", "日本 語 #x", os.fsdecode(b"b\xffd")]
+    for name in names:
+        run = tmp_path / name / "run"
+        client = embedded(run, "test")
+        try:
+            assert client.ping()  # its append-only data and log landed in this very directory
+            assert (run / "redis" / "appendonlydir").is_dir()
+            assert (run / "redis" / "valkey.log").stat().st_size > 0
+        finally:
+            release(client, run)
+
+
+def test_enqueue_into_a_run_directory_with_a_space(tmp_path: Path) -> None:
+    from .queue_helpers import enqueue_run, scripted_config
+
+    run = tmp_path / "my runs" / "first run"
+    out = enqueue_run(scripted_config(tmp_path), run, 10, 5)
+    assert "enqueued 2" in out

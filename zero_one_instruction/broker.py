@@ -106,8 +106,20 @@ def socket_path(run_path: Path) -> Path:
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
         # a predictable name in a shared directory: someone else's would let them swap sockets
         raise BrokerError(f"{base} must be a directory owned by you with mode 700")
-    digest = hashlib.sha256(str(run_path.resolve()).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(os.fsencode(run_path.resolve())).hexdigest()[:16]
     return base / f"{digest}.sock"
+
+
+def _quoted(value: str) -> str:
+    """A value as Valkey's config parser reads it back byte for byte: inside double quotes,
+    with every byte that is not printable ASCII, and the quote and backslash themselves,
+    written as a hex escape. Paths may hold spaces, quotes, newlines or any other byte, and
+    an unquoted space splits the value into two arguments."""
+    out = []
+    for byte in os.fsencode(value):
+        char = chr(byte)
+        out.append(char if 0x20 <= byte < 0x7F and char not in '"\\' else f"\\x{byte:02x}")
+    return '"' + "".join(out) + '"'
 
 
 def _server_config(data_dir: Path, sock: Path) -> str:
@@ -118,13 +130,13 @@ def _server_config(data_dir: Path, sock: Path) -> str:
         "dir": str(data_dir),
         "appendonly": "yes",
         "appendfsync": "everysec",
-        "save": '""',
+        "save": "",
         "maxmemory-policy": "noeviction",
         "logfile": str(data_dir / "valkey.log"),
         "daemonize": "no",
         "protected-mode": "yes",
     }
-    return "".join(f"{key} {value}\n" for key, value in lines.items())
+    return "".join(f"{key} {_quoted(value)}\n" for key, value in lines.items())
 
 
 def _binary() -> str:
