@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -23,7 +24,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -37,6 +38,7 @@ SCHEMES = ("redis", "rediss", "unix")
 SERVER_FILE = "server.json"
 CLIENT_PREFIX = "zoi"
 START_TIMEOUT = 15.0
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
 
 
 class BrokerError(ZoiError):
@@ -45,18 +47,72 @@ class BrokerError(ZoiError):
 
 def redact(url: str) -> str:
     """The URL with any password replaced, for messages and logs: in the user-info part and
-    in a `password=` query parameter (redis-py accepts both)."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        user = parts.username or ""
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        parts = parts._replace(netloc=f"{user}:***@{host}{port}")
-    query = [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query)]
-    shown = urlunsplit(parts._replace(query=urlencode(query, safe="*")))
-    if url.startswith(f"{parts.scheme}://") and not shown.startswith(f"{parts.scheme}://"):
-        shown = shown.replace(f"{parts.scheme}:", f"{parts.scheme}://", 1)  # unix:///path
-    return shown
+    in a `password=` query parameter (redis-py accepts both).
+
+    Done on the text, without parsing it first: a password holding `/`, `?`, `#` or `@`
+    confuses a URL parser about where the user-info ends, and a parse error must not be
+    what shows it. The user-info is everything up to the last `@`; when in doubt this hides
+    too much, never too little. The host is kept as written (IPv6 brackets included)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    rest = _redact_query(rest)
+    userinfo, at, host = rest.rpartition("@")
+    if at:
+        shown_user = f"{userinfo.split(':', 1)[0]}:***" if ":" in userinfo else "***"
+        rest = f"{shown_user}@{host}"
+    return f"{scheme}{sep}{rest}"
+
+
+def _redact_query(text: str) -> str:
+    """Every `password=` parameter hidden up to the next `&`, wherever a `?` or `&` starts
+    one: a `?` inside the user-info would make the first `?` the wrong place to look."""
+    return _QUERY_PASSWORD.sub(r"\1***", text)
+
+
+def check_url(url: str) -> None:
+    """Refuse, in one line that never shows the password, what redis-py would misread or
+    fail on with a bare exception: an unknown scheme, a port that is not a number, and a
+    password whose `/`, `?` or `#` ends the host part early (redis-py would silently
+    connect to localhost with part of the password as the database)."""
+    shown = redact(url)
+    scheme = url.partition("://")[0] if "://" in url else ""
+    if scheme not in SCHEMES:
+        raise BrokerError(
+            f"--redis-url {shown}: unsupported scheme {scheme!r} (use redis://, "
+            "rediss:// or unix://)"
+        )
+    if scheme == "unix":
+        return
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise BrokerError(f"--redis-url {shown}: {exc}") from None
+    if _misread(parts):
+        raise BrokerError(
+            f"--redis-url {shown}: not of the form redis://[[user]:password@]host[:port][/db]"
+            "; percent-encode any '/', '?', '#' or '@' in the password (%2F, %3F, %23, %40)"
+        )
+    try:
+        _ = parts.port  # parsing it is the check
+    except ValueError:
+        raise BrokerError(
+            f"--redis-url {shown}: the port must be a number from 0 to 65535"
+        ) from None
+    if not parts.hostname:
+        raise BrokerError(f"--redis-url {shown}: no host (redis://[:password@]host[:port][/db])")
+
+
+def _misread(parts: SplitResult) -> bool:
+    """Whether the parser saw something a Redis URL never has: a path that is not a
+    database number, a fragment, a query word without `=`. Each is what the rest of a
+    password looks like when its `/`, `#` or `?` ended the host part."""
+    params = [param for param in parts.query.split("&") if param]
+    return (
+        not re.fullmatch(r"/?\d*", parts.path)
+        or bool(parts.fragment)
+        or not all("=" in param for param in params)
+    )
 
 
 def url_path(client: redis.Redis) -> str:
@@ -81,13 +137,8 @@ def _ping(client: redis.Redis, shown: str) -> redis.Redis:
 
 
 def from_url(url: str, role: str) -> redis.Redis:
+    check_url(url)
     shown = redact(url)
-    scheme = urlsplit(url).scheme
-    if scheme not in SCHEMES:
-        raise BrokerError(
-            f"--redis-url {shown}: unsupported scheme {scheme!r} (use redis://, "
-            "rediss:// or unix://)"
-        )
     try:
         client = redis.Redis.from_url(
             url, client_name=client_name(role), socket_connect_timeout=10, health_check_interval=30
