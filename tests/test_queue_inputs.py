@@ -160,3 +160,38 @@ def test_bad_enqueue_flags(tmp_path: Path) -> None:
     assert_one_line_error(zoi(*base, "--start", "3", "--end", "3"), "--end")
     assert_one_line_error(zoi(*base, "--num-prompts", "5", "--chunk-size", "0"), "'--chunk-size'")
     assert not (tmp_path / "run").exists()
+
+
+def _limited(memory: int) -> None:
+    """Cap the child's address space: on failure it must not take the machine's memory."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
+
+@pytest.mark.parametrize("command", ["enqueue", "run"])
+def test_a_range_of_too_many_chunks_is_refused_before_anything_is_written(
+    tmp_path: Path, command: str
+) -> None:
+    import subprocess
+
+    from .queue_helpers import ENV, ZOI
+
+    config, run = scripted_config(tmp_path), tmp_path / "run"
+    args = [ZOI, command, "-c", str(config), "--run", str(run), "--chunk-size", "1"]
+    if command == "run":
+        args += ["-o", str(tmp_path / "out.jsonl")]
+    done = subprocess.run(
+        [*args, "--num-prompts", "1000000000000"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+        preexec_fn=lambda: _limited(4 << 30),
+    )
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("zoi: error: ")]
+    assert len(errors) == 1 and done.stderr.rstrip().endswith(errors[0]), done.stderr
+    assert "1,000,000,000,000 chunks" in errors[0] and "--chunk-size 1000000 or more" in errors[0]
+    assert "Traceback" not in done.stderr
+    assert not run.exists() and not (tmp_path / "out.jsonl").exists()
