@@ -10,6 +10,7 @@ so no client's death takes it down with the queue in memory.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -47,6 +48,57 @@ _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
 
 class BrokerError(ZoiError):
     """Redis cannot be reached or used."""
+
+
+class BrokerEnvironmentError(BrokerError):
+    """Redis or its data directory failed for a reason outside the user's input (a full
+    disk, memory): not the user-error exit code."""
+
+    exit_code = 1
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def refusal(exc: redis.ResponseError, where: str = "Redis") -> BrokerError | None:
+    """One line for a write Redis refused because of its environment, None for any other
+    refusal. MISCONF: it could not persist (a full disk) and takes no more changes, not even
+    a PING; OOM: it hit its memory limit. redis-py prefixes an error inside a pipeline with
+    the whole command, which is noise here."""
+    text = str(exc)
+    for code in ("MISCONF", "OOM"):
+        if code in text:
+            text = text[text.index(code) :]
+            break
+    if text.startswith("MISCONF"):
+        return BrokerEnvironmentError(
+            f"{where} cannot write its data to disk and refuses changes ({text}); free space "
+            "where its data lives (RUN/redis for the run's embedded server) and run the "
+            "command again"
+        )
+    if text.startswith("OOM"):
+        return BrokerEnvironmentError(
+            f"{where} is out of memory and refuses changes ({text}); raise its maxmemory or "
+            "use a larger --chunk-size"
+        )
+    return None
+
+
+def _unwritable(data_dir: Path, exc: OSError) -> BrokerError:
+    """The run's embedded server needs to write its data directory: say which and why."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in _NO_SPACE:
+        return BrokerEnvironmentError(
+            f"{data_dir}: {reason}; the run's embedded Redis keeps its queue there: free "
+            "space and run the command again"
+        )
+    if exc.errno in _NOT_WRITABLE:
+        return BrokerError(
+            f"{data_dir}: cannot write ({reason}); the run's embedded Redis keeps its queue "
+            "there: make the run directory writable, or give --redis-url"
+        )
+    return BrokerEnvironmentError(f"{data_dir}: {reason} (the run's embedded Redis)")
 
 
 def redact(url: str) -> str:
@@ -134,7 +186,7 @@ def _ping(client: redis.Redis, shown: str) -> redis.Redis:
     except redis.AuthenticationError:
         raise BrokerError(f"Redis at {shown}: authentication failed (check the password)") from None
     except redis.ResponseError as exc:
-        raise BrokerError(f"Redis at {shown}: {exc}") from None
+        raise refusal(exc, f"Redis at {shown}") or BrokerError(f"Redis at {shown}: {exc}") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         raise BrokerError(f"cannot reach Redis at {shown} ({exc})") from None
     return client
@@ -427,6 +479,13 @@ def _start(data_dir: Path, run_path: Path) -> Path:
 def embedded(run_path: Path, role: str) -> redis.Redis:
     """A client of the run's own server, starting the server if nobody has."""
     data_dir = run_path.resolve() / "redis"
+    try:
+        return _embedded(data_dir, run_path, role)
+    except OSError as exc:
+        raise _unwritable(data_dir, exc) from None
+
+
+def _embedded(data_dir: Path, run_path: Path, role: str) -> redis.Redis:
     data_dir.mkdir(parents=True, exist_ok=True)
     with _start_lock(data_dir):
         legacy = not (data_dir / ALIVE_FILE).exists()
