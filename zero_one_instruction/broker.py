@@ -424,6 +424,12 @@ def _data_problem(data_dir: Path, log_start: int) -> str | None:
     return None
 
 
+def _exited(data_dir: Path) -> bool:
+    """Whether no server holds the run's alive lock any more."""
+    with _alive_lock(data_dir) as alive_fd:
+        return alive_fd is not None
+
+
 def _wait_started(sock: Path, data_dir: Path, timeout: float) -> bool:
     """Wait for a server just launched to answer; give up as soon as it has exited (its
     alive lock is free again) instead of waiting out the timeout."""
@@ -431,9 +437,8 @@ def _wait_started(sock: Path, data_dir: Path, timeout: float) -> bool:
     while time.monotonic() < deadline:
         if _answers(sock):
             return True
-        with _alive_lock(data_dir) as alive_fd:
-            if alive_fd is not None:
-                return bool(_answers(sock))
+        if _exited(data_dir):
+            return bool(_answers(sock))
         time.sleep(0.05)
     return False
 
@@ -457,8 +462,8 @@ def _start(data_dir: Path, run_path: Path) -> Path:
     if _launch_and_wait(data_dir, sock):
         return sock
     failure = f"embedded Valkey for {run_path} did not start: {_log_tail(data_dir)}"
-    problem = _data_problem(data_dir, log_start)
-    if problem is None:
+    problem = _data_problem(data_dir, log_start) if _exited(data_dir) else None
+    if problem is None:  # or it still runs (a slow start): its files are not ours to move
         raise BrokerError(failure)
     aside = data_dir / f"{AOF_DIR}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     os.replace(data_dir / AOF_DIR, aside)
