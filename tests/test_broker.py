@@ -144,6 +144,18 @@ def test_enqueue_into_a_run_directory_with_a_space(tmp_path: Path) -> None:
     assert "enqueued 2" in out
 
 
+def test_zoi_run_with_an_output_path_with_a_space_and_a_hash(tmp_path: Path) -> None:
+    from .queue_helpers import ok, scripted_config
+
+    config = str(scripted_config(tmp_path))
+    reference = tmp_path / "reference.jsonl"
+    ok("generate", "-c", config, "--start", "0", "--end", "10", "-o", str(reference))
+    (tmp_path / "my runs #1").mkdir()
+    output = tmp_path / "my runs #1" / "out put.jsonl"
+    ok("run", "-c", config, "-o", str(output), "--num-prompts", "10", "--chunk-size", "5")
+    assert output.read_bytes() == reference.read_bytes()
+
+
 def _fake_record(run: Path, host: str, pid: int, sock: Path) -> None:
     record = {"host": host, "pid": pid, "socket": str(sock)}
     (run / "redis" / SERVER_FILE).write_text(json.dumps(record), encoding="utf-8")
