@@ -167,6 +167,36 @@ def test_passwords_are_never_shown() -> None:
     assert redact("rediss://h:6380/2") == "rediss://h:6380/2"
 
 
+def test_malformed_redis_urls_never_show_the_password(made_run: tuple[Path, Path]) -> None:
+    """A password with URL delimiters in it, or a port that is not a number: one line, exit
+    2, and the secret nowhere in it."""
+    _, run = made_run
+    status = ["status", "--run", str(run), "--redis-url"]
+    for url in (
+        "redis://:se/cret@127.0.0.1:6379/0",
+        "redis://:se#cret@127.0.0.1:6379/0",
+        "redis://:se?cret@127.0.0.1:6379/0",
+        "redis://user:12/cret@127.0.0.1/0",
+    ):
+        line = assert_one_line_error(zoi(*status, url), "percent-encode")
+        assert "cret" not in line and ":***@127.0.0.1" in line, line
+    line = assert_one_line_error(
+        zoi(*status, "redis://:secret@127.0.0.1:abc/0"), "port must be a number"
+    )
+    assert "secret" not in line
+    line = assert_one_line_error(zoi(*status, "redis://:secret@[::1/0"), "Invalid IPv6")
+    assert "secret" not in line
+
+
+def test_redacted_ipv6_hosts_keep_their_brackets() -> None:
+    from zero_one_instruction.broker import redact
+
+    assert redact("redis://:pw@[::1]:6379/0") == "redis://:***@[::1]:6379/0"
+    assert redact("rediss://u:pw@[fe80::1%25eth0]/2") == "rediss://u:***@[fe80::1%25eth0]/2"
+    assert redact("redis://:p@ss/w#rd@h:1/0?Password=x") == "redis://:***@h:1/0?Password=***"
+    assert redact("redis://:p?w@h/0?password=x&db=1") == "redis://:***@h/0?password=***&db=1"
+
+
 def test_redis_url_from_the_environment(made_run: tuple[Path, Path]) -> None:
     from click.testing import CliRunner
 
@@ -188,3 +218,38 @@ def test_bad_enqueue_flags(tmp_path: Path) -> None:
     assert_one_line_error(zoi(*base, "--start", "3", "--end", "3"), "--end")
     assert_one_line_error(zoi(*base, "--num-prompts", "5", "--chunk-size", "0"), "'--chunk-size'")
     assert not (tmp_path / "run").exists()
+
+
+def _limited(memory: int) -> None:
+    """Cap the child's address space: on failure it must not take the machine's memory."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
+
+@pytest.mark.parametrize("command", ["enqueue", "run"])
+def test_a_range_of_too_many_chunks_is_refused_before_anything_is_written(
+    tmp_path: Path, command: str
+) -> None:
+    import subprocess
+
+    from .queue_helpers import ENV, ZOI
+
+    config, run = scripted_config(tmp_path), tmp_path / "run"
+    args = [ZOI, command, "-c", str(config), "--run", str(run), "--chunk-size", "1"]
+    if command == "run":
+        args += ["-o", str(tmp_path / "out.jsonl")]
+    done = subprocess.run(
+        [*args, "--num-prompts", "1000000000000"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+        preexec_fn=lambda: _limited(4 << 30),
+    )
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("zoi: error: ")]
+    assert len(errors) == 1 and done.stderr.rstrip().endswith(errors[0]), done.stderr
+    assert "1,000,000,000,000 chunks" in errors[0] and "--chunk-size 1000000 or more" in errors[0]
+    assert "Traceback" not in done.stderr
+    assert not run.exists() and not (tmp_path / "out.jsonl").exists()

@@ -71,6 +71,13 @@ def friendly(func: F) -> F:
                 "any zoi command on the run (zoi status, say) starts it again",
                 1,
             )
+        except redis.ResponseError as exc:
+            if _verbose():
+                raise
+            from .broker import refusal
+
+            error = refusal(exc)
+            _fail(str(error) if error else f"Redis refused a command: {exc}", 1)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except click.ClickException:

@@ -29,6 +29,11 @@ RUN_FILE = "run.json"
 RUN_DIR_MODE = 0o700
 FORMAT = 1
 HARDWARE_KEYS = ("gpu_memory_utilization", "tensor_parallel_size", "batch_size", "hardware_kwargs")
+# Each chunk is a queue job (about 1.2 KB of Redis memory) and four files in one directory.
+# 100,000 chunks measured 122 MB in Redis, a 57 s enqueue and a 13 s status on two cores;
+# a million is ten times that, about as far as one run directory should go. Past it, a
+# larger --chunk-size does the same work with fewer, larger shards.
+MAX_CHUNKS = 1_000_000
 
 
 class RunError(ZoiError):
@@ -52,6 +57,19 @@ class Chunk:
 
 def split(start: int, end: int, size: int) -> list[Chunk]:
     return [Chunk(s, min(s + size, end)) for s in range(start, end, size)]
+
+
+def check_chunk_count(start: int, end: int, size: int) -> None:
+    """Refuse a range that makes more than MAX_CHUNKS chunks, before anything is written:
+    listing 10^12 chunks would exhaust memory long after `run.json` had been created."""
+    count = -(-(end - start) // size)
+    if count > MAX_CHUNKS:
+        least = -(-(end - start) // MAX_CHUNKS)
+        raise RunError(
+            f"[{start}, {end}) in chunks of {size} makes {count:,} chunks, more than the "
+            f"{MAX_CHUNKS:,} a run can hold (each is a queue job and a shard); use "
+            f"--chunk-size {least} or more, or a smaller range"
+        )
 
 
 def _chat_template_text(value: str | None) -> str | None:
@@ -206,6 +224,7 @@ def open_run(path: Path) -> Run:
 def create_or_open(path: Path, config: Config, start: int, end: int, chunk_size: int) -> Run:
     """The run for this config and range: created on first use, reused after, refused when the
     directory was made for different data."""
+    check_chunk_count(start, end, chunk_size)
     templates = load_templates(config.templates, config.system_prompt)
     source = load_source(config.prompts, templates.seed)
     spec = data_spec(config, templates, source, start, end, chunk_size)

@@ -7,6 +7,7 @@ cleanups, so looking at a run never changes it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -17,6 +18,7 @@ import redis
 from rq.worker import Worker
 
 from . import shards
+from .errors import ZoiError
 from .jobs import chunk_queue
 from .merger import index_ranges
 from .producer import job_states
@@ -109,7 +111,8 @@ def status(run: Run, connection: redis.Redis | None) -> RunStatus:
             continue
         key = {"queued": "queued", "started": "running", "failed": "failed"}.get(state or "")
         counts[key or "missing"] += 1
-    verified.save()
+    with contextlib.suppress(ZoiError, OSError):  # a hint only: a read-only run is readable
+        verified.save()
     return _summarise(run, chunks, counts, markers, absent, problems, connection)
 
 
