@@ -12,7 +12,6 @@ then asks each worker for a warm stop (and, on a second Ctrl-C, a cold one).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -120,10 +119,10 @@ class Progress:
             chunk_id = marker_path.name.removesuffix(".done")
             if chunk_id in self.done:
                 continue
-            try:
-                marker = json.loads(marker_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue  # being replaced right now; read it next time
+            chunk = shards.chunk_of_id(chunk_id)
+            marker = shards.read_marker(run, chunk)[0] if chunk else None
+            if marker is None:
+                continue  # being replaced, foreign or damaged: the producer redoes it
             self._add(chunk_id, marker)
 
     def _add(self, chunk_id: str, marker: dict[str, Any]) -> None:
@@ -207,7 +206,7 @@ class Launcher:
         verification cache remembers what was already checked)."""
         if len(self.progress.done) != self.progress.total_chunks:
             return False
-        verified = shards.Verified(self.run.shards)
+        verified = shards.Verified(self.run)
         complete = all(verified.check(chunk).done for chunk in self.run.chunks())
         verified.save()
         return complete

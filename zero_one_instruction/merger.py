@@ -174,7 +174,7 @@ def _splice_chunk(
 def _plan(run: Run, report: MergeReport) -> list[tuple[Chunk, dict[str, Any]]]:
     ready, absent = [], []
     for chunk in run.chunks():
-        result = shards.check(run.shards, chunk, deep=False)
+        result = shards.check(run, chunk, deep=False)
         if result.done and result.marker is not None:
             ready.append((chunk, result.marker))
             continue

@@ -159,7 +159,7 @@ def run_chunk(run_key: str, start: int, end: int) -> dict[str, Any]:
         started.set()
         raise WrongRun(f"chunk of run {run_key} reached the worker of run {run.key}")
     chunk = Chunk(start, end)
-    existing = shards.check(run.shards, chunk)
+    existing = shards.check(run, chunk)
     if existing.done:
         started.set()
         return {"chunk": chunk.id, "already_done": True}
@@ -174,12 +174,11 @@ def run_chunk(run_key: str, start: int, end: int) -> dict[str, Any]:
         "worker": context.worker_name,
         "host": socket.gethostname(),
         "model": run.config.model_name,
-        "run": run.fingerprint,
         "started_at": wall.isoformat(timespec="milliseconds"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "seconds": round(seconds, 3),
     }
-    marker = shards.write_chunk(run.shards, chunk, outcomes, host.system_prompt, info)
+    marker = shards.write_chunk(run, chunk, outcomes, host.system_prompt, info)
     _log_chunk(run, marker)
     funnel = marker["funnel"]
     return {"chunk": chunk.id, "kept": funnel["kept"], "seconds": info["seconds"]}
@@ -467,9 +466,7 @@ def _check_nothing_failed(connection: redis.Redis, run: Run) -> None:
     prefix = f"zoi-{run.key}-"
     registry = chunk_queue(connection, run).failed_job_registry
     failed = [j for j in registry.get_job_ids(cleanup=False) if j.startswith(prefix)]
-    undone = [
-        j for j in failed if not shards.check(run.shards, _chunk_of(j, prefix), deep=False).done
-    ]
+    undone = [j for j in failed if not shards.check(run, _chunk_of(j, prefix), deep=False).done]
     if undone:
         raise WorkerStopped(
             f"{len(undone)} chunks failed after all their retries (first {undone[0]}); "
