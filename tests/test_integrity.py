@@ -151,3 +151,72 @@ def test_copied_shards_of_the_same_configuration_are_kept(
     out = tmp_path / "copy.jsonl"
     ok("merge", "--run", str(copy), "-o", str(out))
     assert out.read_bytes() == expected
+
+
+def vllm_config(tmp_path: Path, body: str) -> Path:
+    """A config for the vLLM engine; checking it never loads a model."""
+    config = tmp_path / "vllm.yml"
+    config.write_text(f"model_name: some/model\n{body}", encoding="utf-8")
+    return config
+
+
+@pytest.mark.parametrize(
+    "key", ["model", "seed", "revision", "tokenizer", "load_format", "max_model_len"]
+)
+def test_hardware_kwargs_that_could_change_the_data_are_refused(tmp_path: Path, key: str) -> None:
+    config = vllm_config(tmp_path, f"hardware_kwargs: {{{key}: 7}}\n")
+    assert_one_line_error(
+        zoi_inline("config", "check", str(config)), f"hardware_kwargs.{key}", "engine_kwargs"
+    )
+
+
+def test_a_worker_cannot_bring_data_settings_as_hardware(tmp_path: Path) -> None:
+    config = vllm_config(tmp_path, "")
+    run = tmp_path / "run"
+    from zero_one_instruction.config import load_config
+    from zero_one_instruction.rundir import create_or_open
+
+    create_or_open(run, load_config(config), 0, 4, 2)
+    machine = vllm_config(tmp_path, "hardware_kwargs: {tokenizer: other/tokenizer}\n")
+    assert_one_line_error(
+        zoi_inline("worker", "--run", str(run), "-c", str(machine)), "hardware_kwargs.tokenizer"
+    )
+
+
+def test_hardware_kwargs_of_the_allowlist_pass(tmp_path: Path) -> None:
+    config = vllm_config(
+        tmp_path,
+        "hardware_kwargs: {enforce_eager: true, max_num_batched_tokens: 4096,\n"
+        "  enable_chunked_prefill: false, enable_prefix_caching: true, cpu_offload_gb: 1}\n",
+    )
+    done = zoi_inline("config", "check", str(config))
+    assert done.exit_code == 0, done.stderr
+
+
+needs_vllm_source = pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("vllm") is None, reason="vLLM is not installed"
+)
+
+
+@needs_vllm_source
+@pytest.mark.parametrize("section", ["engine_kwargs", "hardware_kwargs"])
+def test_a_misspelt_engine_argument_is_refused_before_any_run(tmp_path: Path, section: str) -> None:
+    config = vllm_config(tmp_path, f"{section}: {{max_num_seq: 8}}\n")
+    expected = (f"{section}.max_num_seq", "not a vLLM engine argument", "max_num_seqs")
+    assert_one_line_error(zoi_inline("config", "check", str(config)), *expected)
+    run = tmp_path / "run"
+    enqueue = zoi_inline("enqueue", "-c", str(config), "--run", str(run), "--num-prompts", "4")
+    assert_one_line_error(enqueue, *expected)
+    out = tmp_path / "out.jsonl"
+    ran = zoi_inline("run", "-c", str(config), "-o", str(out), "--num-prompts", "4")
+    assert_one_line_error(ran, *expected)
+    made = zoi_inline("generate", "-c", str(config), "--start", "0", "--end", "4", "-o", str(out))
+    assert_one_line_error(made, *expected)
+    assert not run.exists() and not out.exists() and not Path(f"{out}.run").exists()
+
+
+@needs_vllm_source
+def test_real_engine_arguments_pass_the_check(tmp_path: Path) -> None:
+    config = vllm_config(tmp_path, "engine_kwargs: {load_format: dummy, max_num_seqs: 8}\n")
+    done = zoi_inline("config", "check", str(config))
+    assert done.exit_code == 0, done.stderr
