@@ -10,11 +10,16 @@ from pathlib import Path
 import pytest
 
 from zero_one_instruction import shards
+from zero_one_instruction.config import Config
+from zero_one_instruction.engines.base import Completion, Request, RequestError
+from zero_one_instruction.engines.vllm import read_chat_template
+from zero_one_instruction.pipeline import Outcome, StepTrace
 from zero_one_instruction.rundir import Chunk, open_run
 
 from .clitools import assert_one_line_error
 from .clitools import zoi as zoi_inline
-from .queue_helpers import ok, scripted_config, zoi
+from .queue_helpers import enqueue_run, ok, scripted_config, stop, worker, zoi
+from .scripted_engine import ENGINE, ScriptedEngine
 
 N, CHUNK = 10, 5
 
@@ -220,3 +225,74 @@ def test_real_engine_arguments_pass_the_check(tmp_path: Path) -> None:
     config = vllm_config(tmp_path, "engine_kwargs: {load_format: dummy, max_num_seqs: 8}\n")
     done = zoi_inline("config", "check", str(config))
     assert done.exit_code == 0, done.stderr
+
+
+class TemplateEngine(ScriptedEngine):
+    """Renders as the vLLM engine does: with the chat template its config gives, read once
+    when the engine starts; a template that cannot render fails every request."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.template = read_chat_template(config.chat_template)
+
+    async def complete(self, request: Request) -> Completion:
+        if self.template is None or "broken" in self.template:
+            raise RequestError(f"cannot render with {self.template!r}")
+        return await super().complete(request)
+
+
+def template_config(tmp_path: Path) -> tuple[Path, Path]:
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}", encoding="utf-8")
+    config = scripted_config(tmp_path)
+    text = config.read_text(encoding="utf-8").replace(ENGINE, "tests.test_integrity:TemplateEngine")
+    config.write_text(text + "chat_template: chat.jinja\n", encoding="utf-8")
+    return config, template
+
+
+def test_workers_use_the_chat_template_frozen_in_the_run(tmp_path: Path) -> None:
+    config, template = template_config(tmp_path)
+    expected = generated(config, tmp_path / "reference.jsonl")
+    assert expected
+    run = tmp_path / "run"
+    enqueue_run(config, run, N, CHUNK)
+    template.write_text("{{ broken }}", encoding="utf-8")  # edited after enqueue
+    proc = worker(run, "--burst")
+    assert proc.wait(timeout=120) == 0, stop(proc)
+    out = tmp_path / "out.jsonl"
+    ok("merge", "--run", str(run), "-o", str(out))
+    assert out.read_bytes() == expected
+
+
+def test_a_chunk_whose_every_record_failed_alike_is_not_committed(tmp_path: Path) -> None:
+    config = scripted_config(tmp_path)
+    text = config.read_text(encoding="utf-8").replace("none: {}", "none: {width: '!error'}")
+    config.write_text(text, encoding="utf-8")
+    run = tmp_path / "run"
+    enqueue_run(config, run, N, CHUNK, "--retries", "0")
+    proc = worker(run, "--burst")
+    assert proc.wait(timeout=120) != 0, stop(proc)
+    assert not list((run / "shards").glob("*.done")), "a chunk of failures was committed as done"
+    state = json.loads(ok("status", "--run", str(run), "--json"))
+    assert state["chunks"]["failed"] == N // CHUNK and state["chunks"]["done"] == 0
+
+
+def _failed(step: str, error: str) -> Outcome:
+    return Outcome(0, "p", drop_reason=f"{step}_failed", steps=[StepTrace(step, 0, error=error)])
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "alike"),
+    [
+        ([_failed("width", "e"), _failed("width", "e")], True),
+        ([_failed("width", "e"), _failed("width", "other")], False),
+        ([_failed("width", "e"), _failed("answer", "e")], False),
+        ([_failed("width", "e"), Outcome(1, "p", question="q", answer="a")], False),
+        ([_failed("width", "e"), Outcome(1, "p", drop_reason="answer_too_short")], False),
+        ([_failed("width", "e")], False),  # one record's failure is that record's
+    ],
+)
+def test_only_a_uniform_request_failure_fails_a_chunk(outcomes: list[Outcome], alike: bool) -> None:
+    from zero_one_instruction.worker import uniform_failure  # here: main had none to import
+
+    assert (uniform_failure(outcomes) is not None) == alike

@@ -149,6 +149,12 @@ class Run:
             )
         return source
 
+    def engine_config(self) -> Config:
+        """The config to build the engine from: the chat template as frozen in run.json, not
+        the file as it reads now. A template edited after enqueue would otherwise fail (or
+        change) every record of the chunks still to run, under the same fingerprint."""
+        return self.config.model_copy(update={"chat_template": self.spec["chat_template"]})
+
     def with_tensor_parallel(self, size: int) -> Run:
         config = self.config.model_copy(update={"tensor_parallel_size": size})
         return Run(self.path, config, self.spec, self.fingerprint)

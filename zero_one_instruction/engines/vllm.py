@@ -163,13 +163,18 @@ def _choice_params() -> Any:
 
 
 def read_chat_template(value: str | None) -> str | None:
-    """`chat_template` may be a path to a Jinja file or the template text itself."""
+    """`chat_template` may be a path to a Jinja file or the template text itself (text has
+    braces, a path has none). A file without a single brace is refused: it cannot render a
+    message, and its text, frozen into a run, would later read as a path."""
     if value is None or "{" in value:
         return value
     try:
-        return Path(value).read_text(encoding="utf-8")
+        text = Path(value).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"chat_template: cannot read {value} ({exc})") from None
+    if "{" not in text:
+        raise ConfigError(f"chat_template: {value} is not a Jinja chat template (no tags)")
+    return text
 
 
 class VLLMEngine:
