@@ -18,7 +18,7 @@ from zero_one_instruction.rundir import Chunk, open_run
 
 from .clitools import assert_one_line_error
 from .clitools import zoi as zoi_inline
-from .queue_helpers import enqueue_run, ok, scripted_config, stop, worker, zoi
+from .queue_helpers import enqueue_run, ok, requests_per_seed, scripted_config, stop, worker, zoi
 from .scripted_engine import ENGINE, ScriptedEngine
 
 N, CHUNK = 10, 5
@@ -296,3 +296,18 @@ def test_only_a_uniform_request_failure_fails_a_chunk(outcomes: list[Outcome], a
     from zero_one_instruction.worker import uniform_failure  # here: main had none to import
 
     assert (uniform_failure(outcomes) is not None) == alike
+
+
+def test_zoi_run_applies_this_invocations_hardware_settings_on_resume(tmp_path: Path) -> None:
+    """The run was made with one machine's settings; `zoi run` resumes it with others (as
+    after an out-of-memory): its workers must use the new ones, not those in run.json."""
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = scripted_config(tmp_path, log=first_log)
+    second = tmp_path / "second.yml"
+    text = first.read_text(encoding="utf-8").replace(str(first_log), str(second_log))
+    second.write_text(text.replace("batch_size: 4", "batch_size: 2"), encoding="utf-8")
+    run = tmp_path / "run"
+    enqueue_run(first, run, N, CHUNK)
+    ok(*run_args(second, tmp_path / "out.jsonl", run))
+    assert not first_log.exists(), "the workers ran with the hardware settings of run.json"
+    assert len(requests_per_seed(second_log)) == N

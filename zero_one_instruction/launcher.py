@@ -61,7 +61,10 @@ class WorkerSpec:
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         return env
 
-    def command(self, run: Path, heartbeat: float) -> list[str]:
+    def command(self, run: Path, heartbeat: float, config: Path | None = None) -> list[str]:
+        """`config` gives the worker this invocation's hardware settings; without it, a
+        worker takes those frozen in run.json when the run was created."""
+        hardware = ["--config", str(config)] if config is not None else []
         return [
             sys.executable,
             "-m",
@@ -75,6 +78,7 @@ class WorkerSpec:
             str(self.tp),
             "--heartbeat",
             str(heartbeat),
+            *hardware,
         ]
 
 
@@ -170,8 +174,10 @@ class Launcher:
         on_progress: Callable[[Progress], None],
         heartbeat: float = 10.0,
         policy: JobPolicy | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.run, self.connection, self.worker_url = run, connection, worker_url
+        self.config_path = config_path
         self.slots = [_Slot(spec) for spec in specs]
         self.on_event, self.on_progress = on_event, on_progress
         self.heartbeat, self.policy = heartbeat, policy or JobPolicy()
@@ -255,7 +261,7 @@ class Launcher:
         handle = (logs / f"worker-{slot.spec.name}.log").open("ab")
         self._logs.append(handle)
         slot.process = subprocess.Popen(
-            slot.spec.command(self.run.path, self.heartbeat),
+            slot.spec.command(self.run.path, self.heartbeat, self.config_path),
             env=slot.spec.environment(dict(os.environ), self.worker_url),
             stdin=subprocess.DEVNULL,
             stdout=handle,

@@ -205,16 +205,22 @@ def open_run(path: Path) -> Run:
     return Run(path, config, spec, data["fingerprint"])
 
 
+def _reopen(path: Path, config: Config, spec: dict[str, Any]) -> Run:
+    run = open_run(path)
+    _check_same(path, run.spec, spec)
+    return Run(path, config, run.spec, run.fingerprint)
+
+
 def create_or_open(path: Path, config: Config, start: int, end: int, chunk_size: int) -> Run:
     """The run for this config and range: created on first use, reused after, refused when the
-    directory was made for different data."""
+    directory was made for different data. A reused run takes this config's hardware
+    settings: they are this invocation's to choose (a lower gpu_memory_utilization after an
+    out-of-memory, say)."""
     templates = load_templates(config.templates, config.system_prompt)
     source = load_source(config.prompts, templates.seed)
     spec = data_spec(config, templates, source, start, end, chunk_size)
     if (path / RUN_FILE).exists():
-        run = open_run(path)
-        _check_same(path, run.spec, spec)
-        return run
+        return _reopen(path, config, spec)
     if path.exists() and not path.is_dir():
         raise RunError(f"{path}: exists and is not a directory")
     path.mkdir(parents=True, exist_ok=True)
@@ -233,9 +239,7 @@ def create_or_open(path: Path, config: Config, start: int, end: int, chunk_size:
     try:
         os.link(tmp, path / RUN_FILE)  # create only if absent: two first enqueues, one run.json
     except FileExistsError:
-        run = open_run(path)
-        _check_same(path, run.spec, spec)
-        return run
+        return _reopen(path, config, spec)
     finally:
         tmp.unlink()
     return Run(path, config, spec, digest)
