@@ -4,10 +4,12 @@ template, hardware settings that cannot reach the data, and engine arguments che
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from zero_one_instruction import shards
 from zero_one_instruction.config import Config
@@ -18,7 +20,16 @@ from zero_one_instruction.rundir import Chunk, open_run
 
 from .clitools import assert_one_line_error
 from .clitools import zoi as zoi_inline
-from .queue_helpers import enqueue_run, ok, requests_per_seed, scripted_config, stop, worker, zoi
+from .queue_helpers import (
+    ROOT,
+    enqueue_run,
+    ok,
+    requests_per_seed,
+    scripted_config,
+    stop,
+    worker,
+    zoi,
+)
 from .scripted_engine import ENGINE, ScriptedEngine
 
 N, CHUNK = 10, 5
@@ -311,3 +322,30 @@ def test_zoi_run_applies_this_invocations_hardware_settings_on_resume(tmp_path: 
     ok(*run_args(second, tmp_path / "out.jsonl", run))
     assert not first_log.exists(), "the workers ran with the hardware settings of run.json"
     assert len(requests_per_seed(second_log)) == N
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(os.environ.get("ZOI_SKIP_VLLM") == "1", reason="ZOI_SKIP_VLLM=1")
+def test_vllm_workers_use_the_frozen_chat_template(tiny_model: Path, tmp_path: Path) -> None:
+    """The reproduction on the real engine: the template file is broken after enqueue."""
+    data = yaml.safe_load((ROOT / "examples" / "tiny_cpu.yml").read_text(encoding="utf-8"))
+    template = tmp_path / "chat.jinja"
+    template.write_text(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:",
+        encoding="utf-8",
+    )
+    data.update(model_name=str(tiny_model), chat_template=str(template))
+    config = tmp_path / "tiny.yml"
+    config.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    expected = generated(config, tmp_path / "reference.jsonl")
+    run = tmp_path / "run"
+    enqueue_run(config, run, N, CHUNK)
+    template.write_text("{{ raise_exception('edited after enqueue') }}", encoding="utf-8")
+    proc = worker(run, "--burst")
+    assert proc.wait(timeout=600) == 0, stop(proc)
+    state = json.loads(ok("status", "--run", str(run), "--json"))
+    assert state["chunks"]["done"] == N // CHUNK
+    assert not [r for r in state["dropped"] if r.endswith("_failed")], state["dropped"]
+    out = tmp_path / "out.jsonl"
+    ok("merge", "--run", str(run), "-o", str(out))
+    assert out.read_bytes() == expected
