@@ -206,6 +206,8 @@ def open_run(path: Path) -> Run:
 
 
 def _reopen(path: Path, config: Config, spec: dict[str, Any]) -> Run:
+    """The existing run, if `spec` is its data, with `config`'s hardware settings: the
+    frozen spec still decides the data, this invocation decides the machine."""
     run = open_run(path)
     _check_same(path, run.spec, spec)
     return Run(path, config, run.spec, run.fingerprint)
