@@ -775,7 +775,15 @@ def run_cmd(
     began = time.monotonic()
     with connect(redis_url, run.path, "launcher") as connection:
         worker_url = redis_url or f"unix://{url_path(connection)}"
-        launcher = Launcher(run, connection, worker_url, specs, line.event, line.progress)
+        launcher = Launcher(
+            run,
+            connection,
+            worker_url,
+            specs,
+            line.event,
+            line.progress,
+            config_path=config_path.resolve(),  # this invocation's hardware settings
+        )
         line.event(
             f"run {run.path}: {len(run.chunks())} chunks, workers: "
             + ", ".join(f"{s.name} (tp {s.tp})" for s in specs)

@@ -12,7 +12,6 @@ then asks each worker for a warm stop (and, on a second Ctrl-C, a cold one).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -62,7 +61,10 @@ class WorkerSpec:
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         return env
 
-    def command(self, run: Path, heartbeat: float) -> list[str]:
+    def command(self, run: Path, heartbeat: float, config: Path | None = None) -> list[str]:
+        """`config` gives the worker this invocation's hardware settings; without it, a
+        worker takes those frozen in run.json when the run was created."""
+        hardware = ["--config", str(config)] if config is not None else []
         return [
             sys.executable,
             "-m",
@@ -76,6 +78,7 @@ class WorkerSpec:
             str(self.tp),
             "--heartbeat",
             str(heartbeat),
+            *hardware,
         ]
 
 
@@ -120,10 +123,10 @@ class Progress:
             chunk_id = marker_path.name.removesuffix(".done")
             if chunk_id in self.done:
                 continue
-            try:
-                marker = json.loads(marker_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue  # being replaced right now; read it next time
+            chunk = shards.chunk_of_id(chunk_id)
+            marker = shards.read_marker(run, chunk)[0] if chunk else None
+            if marker is None:
+                continue  # being replaced, foreign or damaged: the producer redoes it
             self._add(chunk_id, marker)
 
     def _add(self, chunk_id: str, marker: dict[str, Any]) -> None:
@@ -171,8 +174,10 @@ class Launcher:
         on_progress: Callable[[Progress], None],
         heartbeat: float = 10.0,
         policy: JobPolicy | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.run, self.connection, self.worker_url = run, connection, worker_url
+        self.config_path = config_path
         self.slots = [_Slot(spec) for spec in specs]
         self.on_event, self.on_progress = on_event, on_progress
         self.heartbeat, self.policy = heartbeat, policy or JobPolicy()
@@ -207,7 +212,7 @@ class Launcher:
         verification cache remembers what was already checked)."""
         if len(self.progress.done) != self.progress.total_chunks:
             return False
-        verified = shards.Verified(self.run.shards)
+        verified = shards.Verified(self.run)
         complete = all(verified.check(chunk).done for chunk in self.run.chunks())
         verified.save()
         return complete
@@ -256,7 +261,7 @@ class Launcher:
         handle = (logs / f"worker-{slot.spec.name}.log").open("ab")
         self._logs.append(handle)
         slot.process = subprocess.Popen(
-            slot.spec.command(self.run.path, self.heartbeat),
+            slot.spec.command(self.run.path, self.heartbeat, self.config_path),
             env=slot.spec.environment(dict(os.environ), self.worker_url),
             stdin=subprocess.DEVNULL,
             stdout=handle,

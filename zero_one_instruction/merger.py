@@ -177,7 +177,7 @@ def _plan(run: Run, report: MergeReport) -> list[tuple[Chunk, dict[str, Any]]]:
     report as absent (no marker) or damaged (a marker whose shard fails verification)."""
     ready, unmerged = [], []
     for chunk in run.chunks():
-        result = shards.check(run.shards, chunk, deep=False)
+        result = shards.check(run, chunk, deep=False)
         if result.done and result.marker is not None:
             ready.append((chunk, result.marker))
             continue
@@ -194,7 +194,7 @@ def _deep_problems(run: Run, ready: list[tuple[Chunk, dict[str, Any]]]) -> list[
     chunk at once rather than one per attempt."""
     found = []
     for chunk, _ in ready:
-        result = shards.check(run.shards, chunk, deep=True)
+        result = shards.check(run, chunk, deep=True)
         if result.problem:
             found.append((chunk, result.problem))
     return found

@@ -111,7 +111,7 @@ def enqueue(connection: redis.Redis, run: Run, policy: JobPolicy | None = None) 
     report = EnqueueReport()
     queue = chunk_queue(connection, run)
     chunks = run.chunks()
-    verified = shards.Verified(run.shards)
+    verified = shards.Verified(run)
     for chunk in chunks:  # the hashing, outside the lock; below, only what changed since
         verified.check(chunk)
     with enqueue_lock(connection, run):

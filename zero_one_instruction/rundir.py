@@ -171,6 +171,12 @@ class Run:
             )
         return source
 
+    def engine_config(self) -> Config:
+        """The config to build the engine from: the chat template as frozen in run.json, not
+        the file as it reads now. A template edited after enqueue would otherwise fail (or
+        change) every record of the chunks still to run, under the same fingerprint."""
+        return self.config.model_copy(update={"chat_template": self.spec["chat_template"]})
+
     def with_tensor_parallel(self, size: int) -> Run:
         config = self.config.model_copy(update={"tensor_parallel_size": size})
         return Run(self.path, config, self.spec, self.fingerprint)
@@ -221,17 +227,25 @@ def open_run(path: Path) -> Run:
     return Run(path, config, spec, data["fingerprint"])
 
 
+def _reopen(path: Path, config: Config, spec: dict[str, Any]) -> Run:
+    """The existing run, if `spec` is its data, with `config`'s hardware settings: the
+    frozen spec still decides the data, this invocation decides the machine."""
+    run = open_run(path)
+    _check_same(path, run.spec, spec)
+    return Run(path, config, run.spec, run.fingerprint)
+
+
 def create_or_open(path: Path, config: Config, start: int, end: int, chunk_size: int) -> Run:
     """The run for this config and range: created on first use, reused after, refused when the
-    directory was made for different data."""
+    directory was made for different data. A reused run takes this config's hardware
+    settings: they are this invocation's to choose (a lower gpu_memory_utilization after an
+    out-of-memory, say)."""
     check_chunk_count(start, end, chunk_size)
     templates = load_templates(config.templates, config.system_prompt)
     source = load_source(config.prompts, templates.seed)
     spec = data_spec(config, templates, source, start, end, chunk_size)
     if (path / RUN_FILE).exists():
-        run = open_run(path)
-        _check_same(path, run.spec, spec)
-        return run
+        return _reopen(path, config, spec)
     if path.exists() and not path.is_dir():
         raise RunError(f"{path}: exists and is not a directory")
     path.mkdir(mode=RUN_DIR_MODE, parents=True, exist_ok=True)
@@ -250,9 +264,7 @@ def create_or_open(path: Path, config: Config, start: int, end: int, chunk_size:
     try:
         os.link(tmp, path / RUN_FILE)  # create only if absent: two first enqueues, one run.json
     except FileExistsError:
-        run = open_run(path)
-        _check_same(path, run.spec, spec)
-        return run
+        return _reopen(path, config, spec)
     finally:
         tmp.unlink()
     return Run(path, config, spec, digest)

@@ -25,7 +25,7 @@ from typing import Any
 
 from .pipeline import Outcome, Tally
 from .records import atomic_file, dumps, original_record
-from .rundir import Chunk
+from .rundir import Chunk, Run
 
 MARKER_FORMAT = 1
 KINDS = ("records", "meta", "rejects")
@@ -39,6 +39,14 @@ def path_of(directory: Path, chunk: Chunk, kind: str) -> Path:
 
 def marker_path(directory: Path, chunk: Chunk) -> Path:
     return directory / f"{chunk.id}.done"
+
+
+def chunk_of_id(chunk_id: str) -> Chunk | None:
+    """The chunk a shard file name stands for; None for a name that no chunk has."""
+    start, sep, end = chunk_id.partition("-")
+    if not (sep and start.isdigit() and end.isdigit()):
+        return None
+    return Chunk(int(start), int(end))
 
 
 def record_line(outcome: Outcome, system: str) -> str:
@@ -76,14 +84,16 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def write_chunk(
-    directory: Path,
+    run: Run,
     chunk: Chunk,
     outcomes: list[Outcome],
     system: str,
     info: dict[str, Any],
 ) -> dict[str, Any]:
     """Commit a finished chunk: the three files, then the marker. `info` (worker, model,
-    timings) goes into the marker as is. Returns the marker."""
+    timings) goes into the marker as is; the run's fingerprint always does, so that the
+    shard can never be taken for one of another configuration. Returns the marker."""
+    directory = run.shards
     directory.mkdir(parents=True, exist_ok=True)
     kept = [o for o in outcomes if o.kept]
     tally = Tally()
@@ -108,6 +118,7 @@ def write_chunk(
         "files": files,
         "funnel": tally.as_dict(),
         **info,
+        "run": run.fingerprint,
     }
     with atomic_file(marker_path(directory, chunk)) as handle:
         handle.write(json.dumps(marker, ensure_ascii=False, indent=1) + "\n")
@@ -128,29 +139,73 @@ class Check:
         return self.marker is not None and self.problem is None
 
 
-def read_marker(directory: Path, chunk: Chunk) -> tuple[dict[str, Any] | None, str | None]:
+def read_marker(run: Run, chunk: Chunk) -> tuple[dict[str, Any] | None, str | None]:
     """The marker and, if it is unusable, why. No marker is not a problem: the chunk is just
-    not done."""
-    path = marker_path(directory, chunk)
+    not done. This is the one reader of markers: everything that counts or trusts a marker
+    (the producer, status, merge, the launcher's progress, the worker) goes through it, so
+    a marker of another run or with a damaged funnel is never counted anywhere."""
+    path = marker_path(run.shards, chunk)
     try:
         marker = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None, None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         return None, f"unreadable marker ({exc})"
-    valid = (
+    problem = _marker_problem(marker, chunk, run.fingerprint)
+    return (marker, None) if problem is None else (None, problem)
+
+
+def _marker_problem(marker: Any, chunk: Chunk, fingerprint: str) -> str | None:
+    """Why a parsed marker cannot be trusted for this chunk of this run, or None."""
+    if not (
         isinstance(marker, dict)
         and marker.get("format") == MARKER_FORMAT
         and (marker.get("start"), marker.get("end")) == (chunk.start, chunk.end)
         and isinstance(marker.get("files"), dict)
         and all(_file_entry(marker["files"].get(kind)) for kind in KINDS)
-        and isinstance(marker.get("funnel"), dict)
-    )
-    return (marker, None) if valid else (None, "marker does not describe this chunk")
+    ):
+        return "marker does not describe this chunk"
+    if marker.get("run") != fingerprint:
+        # run.json was deleted and remade for other settings: these records were made with
+        # another configuration and must not be mixed into this run's output.
+        return f"shard of another run ({str(marker.get('run'))[:16]}), not of this one"
+    if not _funnel_fits(marker.get("funnel"), len(chunk), marker["files"]["records"]["lines"]):
+        return "marker has a damaged funnel"
+    return None
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _file_entry(entry: Any) -> bool:
-    return isinstance(entry, dict) and {"name", "bytes", "lines", "sha256"} <= entry.keys()
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("name"), str)
+        and _count(entry.get("bytes"))
+        and _count(entry.get("lines"))
+        and isinstance(entry.get("sha256"), str)
+    )
+
+
+FUNNEL_COUNTS = ("prompts", "kept", "fixer_ran", "prompt_tokens", "completion_tokens")
+
+
+def _funnel_fits(funnel: Any, prompts: int, records: int) -> bool:
+    """A funnel that every reader can sum without a KeyError, and that adds up: one outcome
+    per prompt of the chunk, each kept (one record line) or dropped with a reason."""
+    if not isinstance(funnel, dict) or not all(_count(funnel.get(k)) for k in FUNNEL_COUNTS):
+        return False
+    dropped = funnel.get("dropped")
+    if not isinstance(dropped, dict) or not all(
+        isinstance(reason, str) and _count(n) for reason, n in dropped.items()
+    ):
+        return False
+    return (
+        funnel["prompts"] == prompts
+        and funnel["kept"] == records
+        and funnel["kept"] + sum(dropped.values()) == prompts
+    )
 
 
 def sha256_of(path: Path) -> str:
@@ -161,9 +216,11 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check(directory: Path, chunk: Chunk, deep: bool = True) -> Check:
-    """Is this chunk done? `deep` also compares every file's sha256 with the marker."""
-    marker, problem = read_marker(directory, chunk)
+def check(run: Run, chunk: Chunk, deep: bool = True) -> Check:
+    """Is this chunk of this run done? `deep` also compares every file's sha256 with the
+    marker."""
+    directory = run.shards
+    marker, problem = read_marker(run, chunk)
     if marker is None:
         return Check(chunk, None, problem)
     for kind in KINDS:
@@ -212,10 +269,11 @@ class Verified:
 
     FILE = ".verified.json"
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.directory = run.shards
         try:
-            self._known = json.loads((directory / self.FILE).read_text(encoding="utf-8"))
+            self._known = json.loads((self.directory / self.FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             self._known = {}
         self._changed = False
@@ -223,8 +281,8 @@ class Verified:
     def check(self, chunk: Chunk) -> Check:
         signature = _signature(self.directory, chunk)
         if signature is not None and self._known.get(chunk.id) == signature:
-            return check(self.directory, chunk, deep=False)
-        result = check(self.directory, chunk, deep=True)
+            return check(self.run, chunk, deep=False)
+        result = check(self.run, chunk, deep=True)
         if result.done and signature is not None and _signature(self.directory, chunk) == signature:
             self._known[chunk.id] = signature
             self._changed = True

@@ -97,7 +97,7 @@ def status(run: Run, connection: redis.Redis | None) -> RunStatus:
     )
     counts: Counter[str] = Counter()
     markers, absent, problems = [], [], []
-    verified = shards.Verified(run.shards)
+    verified = shards.Verified(run)
     for chunk, state in zip(chunks, states, strict=True):
         result = verified.check(chunk)
         if result.done and result.marker is not None:

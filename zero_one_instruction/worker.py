@@ -67,6 +67,29 @@ class ChunkTimeout(RuntimeError):
     """A chunk ran past its job timeout."""
 
 
+class ChunkFailed(RuntimeError):
+    """Every record of a chunk failed at a request in the same way: the engine or its
+    settings are broken (an unusable chat template, say), not the prompts. Committing the
+    chunk would record a permanent hole as done; failing it gets it retried and reported."""
+
+
+def _request_failure(outcome: Outcome) -> tuple[str, str | None] | None:
+    """The reason and error of a record dropped because a request failed, else None."""
+    if outcome.drop_reason is None or not outcome.drop_reason.endswith("_failed"):
+        return None
+    return outcome.drop_reason, outcome.steps[-1].error if outcome.steps else None
+
+
+def uniform_failure(outcomes: list[Outcome]) -> str | None:
+    """Why every record of these failed alike, or None. One record's failure is that
+    record's (the engine contract: a RequestError drops one record), so it takes two."""
+    causes = [_request_failure(o) for o in outcomes]
+    if len(causes) < 2 or None in causes or len(set(causes)) != 1:
+        return None
+    reason, error = causes[0] or ("", None)
+    return f"all {len(outcomes)} records failed alike ({reason}: {error})"
+
+
 class EngineHost:
     """The engine, its event loop thread, and the chunks being evolved on it."""
 
@@ -91,7 +114,7 @@ class EngineHost:
 
     async def _start(self) -> Any:
         self._slots = asyncio.Semaphore(self.run.config.concurrency())
-        return load_engine(self.run.config)
+        return load_engine(self.run.engine_config())
 
     def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -159,7 +182,7 @@ def run_chunk(run_key: str, start: int, end: int) -> dict[str, Any]:
         started.set()
         raise WrongRun(f"chunk of run {run_key} reached the worker of run {run.key}")
     chunk = Chunk(start, end)
-    existing = shards.check(run.shards, chunk)
+    existing = shards.check(run, chunk)
     if existing.done:
         started.set()
         return {"chunk": chunk.id, "already_done": True}
@@ -169,17 +192,19 @@ def run_chunk(run_key: str, start: int, end: int) -> dict[str, Any]:
     began, wall = time.monotonic(), datetime.now(timezone.utc)
     future = host.submit(host.evolve_chunk(chunk, started))
     outcomes = _wait(future, getattr(_job, "timeout", None))
+    failure = uniform_failure(outcomes)
+    if failure is not None:
+        raise ChunkFailed(f"chunk {chunk.id}: {failure}; nothing was committed")
     seconds = time.monotonic() - began
     info = {
         "worker": context.worker_name,
         "host": socket.gethostname(),
         "model": run.config.model_name,
-        "run": run.fingerprint,
         "started_at": wall.isoformat(timespec="milliseconds"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "seconds": round(seconds, 3),
     }
-    marker = shards.write_chunk(run.shards, chunk, outcomes, host.system_prompt, info)
+    marker = shards.write_chunk(run, chunk, outcomes, host.system_prompt, info)
     _log_chunk(run, marker)
     funnel = marker["funnel"]
     return {"chunk": chunk.id, "kept": funnel["kept"], "seconds": info["seconds"]}
@@ -467,9 +492,7 @@ def _check_nothing_failed(connection: redis.Redis, run: Run) -> None:
     prefix = f"zoi-{run.key}-"
     registry = chunk_queue(connection, run).failed_job_registry
     failed = [j for j in registry.get_job_ids(cleanup=False) if j.startswith(prefix)]
-    undone = [
-        j for j in failed if not shards.check(run.shards, _chunk_of(j, prefix), deep=False).done
-    ]
+    undone = [j for j in failed if not shards.check(run, _chunk_of(j, prefix), deep=False).done]
     if undone:
         raise WorkerStopped(
             f"{len(undone)} chunks failed after all their retries (first {undone[0]}); "

@@ -9,9 +9,13 @@ not notice when its parent dies.
 
 from __future__ import annotations
 
+import ast
+import difflib
+import importlib.util
 import logging
 import os
 import uuid
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +35,97 @@ _QUIET_ENV = {
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
+
+
+# The vLLM arguments a machine may set for itself in `hardware_kwargs`. They decide where and
+# how fast the same computation runs (memory, batching, scheduling, parallelism, graphs),
+# never what is computed: the model and its weights, tokenizer, dtype, quantization, lengths,
+# seed and sampling all shape the records, so they belong in `engine_kwargs`, which the
+# run's fingerprint covers. Left out on purpose: `kv_cache_dtype` (a lossier KV cache changes
+# the text), `compilation_config` (it can swap kernels and fuse ops), `speculative_config`,
+# `attention_backend`. Floating-point results may still differ between batch shapes and GPU
+# counts, as they do between machines; the run never promised bit-identical logits.
+HARDWARE_KEYS = frozenset(
+    {
+        "gpu_memory_utilization",
+        "kv_cache_memory_bytes",
+        "num_gpu_blocks_override",
+        "swap_space",
+        "cpu_offload_gb",
+        "block_size",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "enable_chunked_prefill",
+        "enable_prefix_caching",
+        "enforce_eager",
+        "tensor_parallel_size",
+        "pipeline_parallel_size",
+        "data_parallel_size",
+        "distributed_executor_backend",
+        "disable_custom_all_reduce",
+        "max_parallel_loading_workers",
+        "download_dir",
+        "disable_log_stats",
+    }
+)
+
+
+@lru_cache(maxsize=1)
+def argument_names() -> frozenset[str] | None:
+    """The field names of vLLM's `AsyncEngineArgs`, or None when vLLM is not installed (or its
+    source is not laid out as expected). Read from vLLM's source, not imported: importing its
+    argument module takes about ten seconds, and `zoi config check` must stay instant."""
+    try:
+        spec = importlib.util.find_spec("vllm")  # finds the package without importing it
+    except (ImportError, ValueError):
+        return None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(location) / "engine" / "arg_utils.py"
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        names = _dataclass_fields(tree, "AsyncEngineArgs")
+        return frozenset(names) if "model" in names else None
+    return None
+
+
+def _dataclass_fields(tree: ast.Module, name: str) -> set[str]:
+    """Annotated class attributes of `name` and of its base classes in the same module."""
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    names: set[str] = set()
+    todo, seen = [name], set()
+    while todo:
+        cls = classes.get(todo.pop())
+        if cls is None or cls.name in seen:
+            continue
+        seen.add(cls.name)
+        names |= {
+            stmt.target.id
+            for stmt in cls.body
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+        }
+        todo += [base.id for base in cls.bases if isinstance(base, ast.Name)]
+    return names
+
+
+def check_arguments(engine_kwargs: dict[str, Any], hardware_kwargs: dict[str, Any]) -> None:
+    """Refuse, before any model loads, what would otherwise fail only in a worker, after it
+    was frozen into a run: a key vLLM does not know, and a `hardware_kwargs` key that could
+    change the records without changing the run's fingerprint."""
+    known = argument_names()  # first: a misspelt hardware key is a typo, not a data key
+    for section, kwargs in (("engine_kwargs", engine_kwargs), ("hardware_kwargs", hardware_kwargs)):
+        for key in kwargs:
+            if known is not None and key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ConfigError(f"{section}.{key}: not a vLLM engine argument{hint}")
+    for key in hardware_kwargs:
+        if key not in HARDWARE_KEYS:
+            raise ConfigError(
+                f"hardware_kwargs.{key}: not a hardware setting (it can change the records); "
+                "set it in engine_kwargs, which the run's fingerprint covers"
+            )
 
 
 def engine_args(config: Config) -> dict[str, Any]:
@@ -68,13 +163,18 @@ def _choice_params() -> Any:
 
 
 def read_chat_template(value: str | None) -> str | None:
-    """`chat_template` may be a path to a Jinja file or the template text itself."""
+    """`chat_template` may be a path to a Jinja file or the template text itself (text has
+    braces, a path has none). A file without a single brace is refused: it cannot render a
+    message, and its text, frozen into a run, would later read as a path."""
     if value is None or "{" in value:
         return value
     try:
-        return Path(value).read_text(encoding="utf-8")
+        text = Path(value).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"chat_template: cannot read {value} ({exc})") from None
+    if "{" not in text:
+        raise ConfigError(f"chat_template: {value} is not a Jinja chat template (no tags)")
+    return text
 
 
 class VLLMEngine:
