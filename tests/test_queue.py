@@ -266,7 +266,7 @@ def test_foreign_jobs_are_refused_and_never_run(setup, tmp_path: Path) -> None:
             "zero_one_instruction.worker.run_chunk",
             open_run(run).key,
             0,
-            1,
+            CHUNK,
             job_id="sneaky-1",
             on_failure=__import__("rq").Callback("os.getcwd"),
         )
