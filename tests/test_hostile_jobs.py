@@ -108,7 +108,9 @@ def test_queue_writers_make_workers_send_nothing_and_write_no_foreign_shard(
                 )
                 for n, (start, end) in enumerate(FORGED_RANGES)
             ]
-            queue.enqueue(CHUNK_FUNCTION, key, 0, CHUNK, job_id="forged-good", webhooks=hooks)
+            forged.append(
+                queue.enqueue(CHUNK_FUNCTION, key, 0, CHUNK, job_id="forged-name", webhooks=hooks)
+            )
             queue.enqueue(CHUNK_FUNCTION, key, 0, CHUNK, 1, job_id="forged-args", webhooks=hooks)
             hooked = Job.fetch(
                 f"zoi-{key}-{min(grid)}", connection=broker.client, serializer=JSONSerializer

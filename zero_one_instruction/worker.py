@@ -36,7 +36,7 @@ from typing import Any
 import redis
 from rq.exceptions import StopRequested
 from rq.executions import Execution
-from rq.job import Job
+from rq.job import Job, get_current_job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty
@@ -157,6 +157,7 @@ def run_chunk(run_key: str, start: int, end: int) -> dict[str, Any]:
     run, host = context.run, context.host
     try:
         chunk = _own_chunk(run, run_key, start, end)
+        _check_job_id(run, chunk)
     except WrongRun:
         started.set()
         raise
@@ -197,6 +198,17 @@ def _own_chunk(run: Run, run_key: Any, start: Any, end: Any) -> Chunk:
             f"in chunks of {run.chunk_size}); refused"
         )
     return Chunk(start, end)
+
+
+def _check_job_id(run: Run, chunk: Chunk) -> None:
+    """The job must carry its chunk's id: the producer, the launcher and `zoi status` follow a
+    chunk by its job id, and a job named for one chunk that computes another would mark the
+    first as finished while its shard is missing."""
+    job = get_current_job()
+    if job is not None and job.id != run.job_id(chunk):
+        raise WrongRun(
+            f"job {job.id} asks for chunk {chunk.id}, whose job is {run.job_id(chunk)}; refused"
+        )
 
 
 def _log_chunk(run: Run, marker: dict[str, Any]) -> None:
