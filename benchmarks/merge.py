@@ -35,7 +35,7 @@ def build(base: Path, records: int, per_shard: int) -> Path:
             Outcome(index=i, base_prompt="", question=f"{QUESTION}{i}", answer=f"{ANSWER}{i}")
             for i in range(chunk.start, chunk.end)
         ]
-        write_chunk(run.shards, chunk, outcomes, system, info)
+        write_chunk(run, chunk, outcomes, system, info)
     return run.path
 
 

@@ -7,7 +7,8 @@ where `key` is a step name, or `judge@STEP` for the judge of the text STEP produ
 
 Responses: plain text, or `!error` (RequestError), `!dead` (EngineDead), `!raise`
 (RuntimeError), `!empty` (""),
-`!length:TEXT` (TEXT cut off at max_tokens). `delay` makes every request take that long;
+`!length:TEXT` (TEXT cut off at max_tokens), `!cut:TEXT` (TEXT and half an emoji: a lone
+surrogate). `delay` makes every request take that long;
 `log` names a file that gets a line per request, so tests can count how often each request
 ran across worker processes. Options come from `engine_kwargs` and `hardware_kwargs`, so
 CLI runs can script it too; `engine: "tests.scripted_engine:ScriptedEngine"`.
@@ -92,6 +93,8 @@ class ScriptedEngine:
             response = ""
         if response.startswith("!length:"):
             response, finish = response.removeprefix("!length:"), "length"
+        if response.startswith("!cut:"):  # an emoji cut in half, as a UTF-16 API may send it
+            response = response.removeprefix("!cut:") + "\ud83d"
         prompt_tokens = sum(len(m.content) for m in request.messages)
         return Completion(response, finish, prompt_tokens, len(response))
 

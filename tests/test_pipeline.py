@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from zero_one_instruction.engines.base import EngineDead
 from zero_one_instruction.pipeline import (
+    DROP_REASONS,
     FINAL_JUDGE,
     FIRST_JUDGE,
     FIX_JUDGE,
@@ -17,6 +21,8 @@ from zero_one_instruction.pipeline import (
     Tally,
     request_seed,
 )
+from zero_one_instruction.rundir import Chunk
+from zero_one_instruction.shards import write_chunk
 
 from .conftest import make_pipeline
 
@@ -117,6 +123,26 @@ def test_failed_and_empty_completions_drop_the_record(key: str, response: str, r
         assert last.error and "scripted failure" in last.error
     if response == "たぶん":
         assert "not one of the choices" in (last.error or "")
+
+
+@pytest.mark.parametrize("key", ["width", "judge__width", "depth", "flatten", "answer"])
+def test_cut_character_drops_only_that_record_as_bad_text(key: str, tmp_path: Path) -> None:
+    """Half an emoji from the engine: the record is dropped and counted, and its trace (with
+    U+FFFD in place of the half) can still be written with the rest of the chunk."""
+    pipeline, _ = make_pipeline(
+        ["case=ok", "case=cut"], **rules("cut", **{key: "!cut:回答です。ケースについて詳しく"})
+    )
+    ok, cut = asyncio.run(pipeline.evolve(0)), asyncio.run(pipeline.evolve(1))
+    assert ok.kept and cut.drop_reason == "bad_text"
+    assert "bad_text" in DROP_REASONS
+    last = cut.steps[-1]
+    assert last.text is not None and last.text.endswith("\ufffd")
+    assert "lone surrogate U+D83D" in (last.error or "")
+    run = SimpleNamespace(shards=tmp_path, fingerprint="test")  # all write_chunk reads of a run
+    marker = write_chunk(run, Chunk(0, 2), [ok, cut], "system", {})  # type: ignore[arg-type]
+    assert marker["funnel"]["kept"] == 1 and marker["funnel"]["dropped"] == {"bad_text": 1}
+    rejects = (tmp_path / f"{Chunk(0, 2).id}.rejects.jsonl").read_text(encoding="utf-8")
+    assert json.loads(rejects)["drop_reason"] == "bad_text"
 
 
 def test_fixer_failures_are_their_own_reasons() -> None:

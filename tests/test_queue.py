@@ -285,8 +285,8 @@ def test_foreign_jobs_are_refused_and_never_run(setup, tmp_path: Path) -> None:
             "zero_one_instruction.worker.run_chunk",
             open_run(run).key,
             0,
-            1,
-            job_id="sneaky-1",
+            CHUNK,
+            job_id=open_run(run).job_id(open_run(run).chunks()[0]),
             on_failure=__import__("rq").Callback("os.getcwd"),
         )
         assert worker(run, "--burst").wait(timeout=120) == 0

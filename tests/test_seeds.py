@@ -116,6 +116,11 @@ BAD_SOURCES = [
     ("number.jsonl", b'{"prompt": 12}\n', "line 1: no non-empty string field 'prompt'"),
     ("bytes.txt", "一\n二\n三\n".encode() + b"\xff\xfe\n", "line 4: not valid UTF-8"),
     ("empty.jsonl", b"", "no records"),
+    (
+        "surrogate.jsonl",
+        b'{"prompt": "a"}\n{"prompt": "\\ud800"}\n',
+        "line 2: field 'prompt' holds a lone surrogate",
+    ),
 ]
 
 

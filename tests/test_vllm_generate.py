@@ -8,11 +8,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
+
+from .own_processes import engine_processes, leftovers, tracked
 
 pytestmark = [
     pytest.mark.vllm,
@@ -23,21 +26,20 @@ ZOI = str(Path(sys.executable).parent / "zoi")
 PROMPTS = 24
 
 
-def engine_processes() -> set[int]:
-    """Live vLLM engine processes anywhere on the machine. vLLM renames them (VLLM::EngineCore,
-    VLLM::Worker), which also overwrites their environment, so they are found by name; an
-    orphan is one that appears during a run and outlives it."""
-    found = set()
-    for proc in psutil.process_iter(["name", "status"]):
-        if proc.info["name"].startswith("VLLM::") and proc.info["status"] != "zombie":
-            found.add(proc.pid)
-    return found
-
-
-def zoi(*args: str) -> subprocess.CompletedProcess[str]:
-    before = engine_processes()
-    done = subprocess.run([ZOI, *args], capture_output=True, text=True, timeout=600, check=False)
-    assert engine_processes() - before == set(), f"engine processes outlived zoi {args[0]}"
+def zoi(*args: str, grace: float = 0.0) -> subprocess.CompletedProcess[str]:
+    """`zoi ARGS`, checked to exit 0 and to leave none of its engine processes alive after
+    `grace` seconds. Only its own processes count (see `own_processes`), never a neighbour's."""
+    with tempfile.TemporaryDirectory() as scratch:
+        report = Path(scratch) / "leftovers.json"
+        done = subprocess.run(
+            tracked(report, grace, [ZOI, *args]),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        left = leftovers(report)
+    assert left == [], f"engine processes outlived zoi {args[0]}: {left}"
     assert done.returncode == 0, (args, done.stdout, done.stderr[-3000:])
     return done
 
@@ -93,20 +95,21 @@ def test_queue_with_two_vllm_workers_equals_generate(
         "--chunk-size",
         "4",
     )
-    before = engine_processes()
+    reports = [tmp_path / f"leftovers-w{i}.json" for i in range(2)]
     workers = [
         subprocess.Popen(
-            [ZOI, "worker", "--run", str(run), "--burst", "--name", f"w{i}"],
+            tracked(report, 0.0, [ZOI, "worker", "--run", str(run), "--burst", "--name", name]),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for i in range(2)
+        for name, report in zip(("w0", "w1"), reports, strict=True)
     ]
     for proc in workers:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
-    assert engine_processes() - before == set(), "engine processes outlived zoi worker"
+    left = [leftovers(report) for report in reports]
+    assert left == [[], []], f"engine processes outlived zoi worker: {left}"
     merged = tmp_path / "merged.jsonl"
     zoi("merge", "--run", str(run), "-o", str(merged))
     assert merged.read_bytes() == reference[0].read_bytes()
@@ -136,25 +139,33 @@ def test_sigkilled_worker_leaves_no_engine_behind(
         "--chunk-size",
         "50",
     )
-    before = engine_processes()
-    proc = subprocess.Popen(
-        [ZOI, "worker", "--run", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    report = tmp_path / "leftovers.json"
+    wrapper = subprocess.Popen(
+        tracked(report, 20.0, [ZOI, "worker", "--run", str(run)]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
     def ready() -> bool:
-        started = bool(engine_processes() - before)
+        started = bool(engine_processes(wrapper.pid))
         return started if when == "loading" else started and any(run.glob("shards/*.done"))
 
-    deadline = time.monotonic() + 300
-    while not ready():
-        assert proc.poll() is None and time.monotonic() < deadline, "the worker never got going"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    deadline = time.monotonic() + 20
-    while engine_processes() - before and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert engine_processes() - before == set(), "engine processes outlived a killed worker"
+    try:
+        deadline = time.monotonic() + 300
+        while not ready():
+            assert wrapper.poll() is None, "the worker exited before it got going"
+            assert time.monotonic() < deadline, "the worker never got going"
+            time.sleep(0.2)
+        # The command is the wrapper's oldest child: the others are orphans it adopted later
+        # (and RQ renames the worker process, so its command line cannot tell).
+        worker = min(psutil.Process(wrapper.pid).children(), key=lambda p: p.create_time())
+        worker.send_signal(signal.SIGKILL)
+        wrapper.wait(timeout=60)  # it waits up to 20 s for the engine processes to go
+    finally:
+        if wrapper.poll() is None:  # a failed test: stop the worker; the wrapper then cleans up
+            wrapper.terminate()
+            wrapper.wait(timeout=120)
+    assert leftovers(report) == [], "engine processes outlived a killed worker"
     zoi("status", "--run", str(run))  # the last client to leave stops the embedded Redis
 
 

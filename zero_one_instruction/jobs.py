@@ -2,7 +2,10 @@
 else.
 
 Jobs travel as JSON, never pickle, and `ChunkJob` resolves exactly one function: whoever can
-write to Redis can ask for chunks to be computed, but cannot make a GPU node run code.
+write to Redis can ask for chunks to be computed, but cannot make a GPU node run code. Nor can
+they make it send anything: RQ 3 stores webhooks (URLs to call when a job ends) in the job's
+hash, and a chunk job drops them unread. A refused job is refused on every attempt, so it is
+never retried.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from rq.serializers import JSONSerializer
 from .rundir import Chunk, Run
 
 CHUNK_FUNCTION = "zero_one_instruction.worker.run_chunk"
+CHUNK_ARGS = ("run_key", "start", "end")
 log = logging.getLogger(__name__)
 
 
@@ -26,16 +30,38 @@ class RefusedJob(PermissionError):
 
 
 class ChunkJob(Job):
-    """An RQ job that can only be the chunk job, and never runs callbacks."""
+    """An RQ job that can only be the chunk job, and never runs callbacks or webhooks."""
 
     @property
     def func(self) -> Any:
         if self.func_name != CHUNK_FUNCTION or self.instance is not None:
             log.error("refused job %s: %r is not the chunk job", self.id, self.func_name)
             raise RefusedJob(f"job {self.id} names {self.func_name!r}, not the chunk job; refused")
+        args = self.args
+        if self.kwargs or not isinstance(args, (list, tuple)) or len(args) != len(CHUNK_ARGS):
+            raise RefusedJob(f"job {self.id}: the chunk job takes exactly {CHUNK_ARGS}; refused")
         from .worker import run_chunk
 
         return run_chunk
+
+    def perform(self) -> Any:
+        try:
+            return super().perform()
+        except RefusedJob:
+            self.retries_left = 0  # a refused job would be refused again: no retries
+            raise
+
+    def restore(self, raw_data: Any) -> Any:
+        restored = super().restore(raw_data)
+        if self.webhooks:
+            urls = [webhook.url for webhook in self.webhooks]
+            log.error("ignored webhooks %r of job %s: chunk jobs send nothing", urls, self.id)
+            self.webhooks = []
+        return restored
+
+    def send_webhooks(self, status: str, *, exc_string: str | None = None) -> None:
+        """Never sends: a webhook is whatever URL a queue writer put into the job."""
+        return None
 
     def _no_callback(self, name: str | None) -> None:
         if name:
@@ -63,3 +89,10 @@ def chunk_queue(connection: redis.Redis, run: Run) -> Queue:
 def chunk_args(run: Run, chunk: Chunk) -> list[Any]:
     """The job's arguments. The run key lets a worker refuse chunks of another run."""
     return [run.key, chunk.start, chunk.end]
+
+
+def failed_chunks(queue: Queue, run: Run) -> list[Chunk]:
+    """This run's chunks whose jobs ran out of retries. Failed jobs that are not the run's
+    chunk jobs (pushed by someone else, and refused) are no failure of the run."""
+    failed = queue.failed_job_registry.get_job_ids(cleanup=False)
+    return [chunk for chunk in map(run.chunk_of_job, failed) if chunk is not None]

@@ -29,7 +29,7 @@ import redis
 from . import shards
 from .errors import ZoiError
 from .janitor import Janitor
-from .jobs import chunk_queue
+from .jobs import chunk_queue, failed_chunks
 from .producer import JobPolicy, enqueue
 from .rundir import Run
 
@@ -242,7 +242,7 @@ class Launcher:
 
     def _requeue_failed(self, rounds: int) -> int:
         """Chunks whose retries ran out: queue them afresh a few times, then give up."""
-        if not self.queue.failed_job_registry.get_job_count(cleanup=False):
+        if not failed_chunks(self.queue, self.run):
             return rounds
         if rounds >= REENQUEUE_ROUNDS:
             raise LaunchError(

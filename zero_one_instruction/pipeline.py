@@ -20,6 +20,7 @@ from typing import Any
 
 from .config import Config
 from .engines.base import Engine, Message, Request, RequestError, Step
+from .records import lone_surrogate, writable
 from .seeds import PromptSource
 from .templates import Templates
 
@@ -48,6 +49,7 @@ DROP_REASONS: dict[str, str] = {
     "answer_refused": "the answer contains the refusal marker",
     "answer_too_short": "the answer is shorter than min_answer_chars",
     "answer_truncated": "the answer hit max_tokens (drop_truncated_answers is on)",
+    "bad_text": "a step returned text with a cut character (a lone surrogate)",
 }
 
 
@@ -129,6 +131,20 @@ class _Dropped(Exception):
         self.reason = reason
 
 
+def _check_text(trace: StepTrace) -> None:
+    """Drop the record whose step returned a lone surrogate (half of a character an API cut
+    in two). Replacing it would put U+FFFD into training data, and keeping it would fail the
+    whole chunk's shard on every retry; dropping costs one counted record. The trace keeps the
+    text with U+FFFD in its place, so the rejects file can still be written."""
+    position = lone_surrogate(trace.text or "")
+    if position is None:
+        return
+    code = ord((trace.text or "")[position])
+    trace.text = writable(trace.text or "")
+    trace.error = f"lone surrogate U+{code:04X} at character {position}: not valid Unicode text"
+    raise _Dropped("bad_text")
+
+
 class Pipeline:
     """The evolution flow over one engine; holds no per-prompt state between calls."""
 
@@ -207,12 +223,13 @@ class Pipeline:
         try:
             completion = await self.engine.complete(request)
         except RequestError as exc:
-            trace.error = str(exc) or type(exc).__name__
+            trace.error = writable(str(exc)) or type(exc).__name__
             raise _Dropped(f"{step}_failed") from None
         trace.text = completion.text
         trace.finish_reason = completion.finish_reason
         trace.prompt_tokens = completion.prompt_tokens
         trace.completion_tokens = completion.completion_tokens
+        _check_text(trace)
         return completion.text.strip()
 
     def request(

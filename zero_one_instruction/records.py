@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import threading
 from collections.abc import Iterator
@@ -12,6 +13,24 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import ZoiError
+
+# A surrogate code point in a Python string is always a lone one (a pair decodes to one code
+# point): half of a character cut in two, e.g. an emoji split by an API that counts UTF-16.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+REPLACEMENT = "\ufffd"
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Where the first character that UTF-8 cannot encode is, or `None`: such text can be
+    neither written to a file nor sent to a tokenizer, so it must be caught where it enters."""
+    found = _SURROGATE.search(text)
+    return None if found is None else found.start()
+
+
+def writable(text: str) -> str:
+    """`text` with every lone surrogate replaced by U+FFFD, for traces and messages, which
+    must be written even when the text they show is broken."""
+    return _SURROGATE.sub(REPLACEMENT, text)
 
 
 def original_record(record_id: str, question: str, answer: str, system: str) -> dict[str, Any]:

@@ -160,6 +160,26 @@ class Run:
     def job_id(self, chunk: Chunk) -> str:
         return f"zoi-{self.key}-{chunk.id}"
 
+    def owns(self, chunk: Chunk) -> bool:
+        """Whether `chunk` is one of this run's chunks: inside its range, on its chunk grid,
+        and as long as the grid makes it. Anyone who can write to the queue can name a range;
+        only these are ever computed."""
+        start, end, size = chunk.start, chunk.end, self.chunk_size
+        return (
+            self.start <= start < self.end
+            and (start - self.start) % size == 0
+            and end == min(start + size, self.end)
+        )
+
+    def chunk_of_job(self, job_id: str) -> Chunk | None:
+        """The chunk whose job id this is, `None` for any other job: jobs someone else put on
+        the queue are not the run's, whatever becomes of them."""
+        start, _, end = job_id.removeprefix(f"zoi-{self.key}-").partition("-")
+        if not (start.isascii() and start.isdigit() and end.isascii() and end.isdigit()):
+            return None
+        chunk = Chunk(int(start), int(end))
+        return chunk if self.owns(chunk) and self.job_id(chunk) == job_id else None
+
     def source(self) -> PromptSource:
         """The base prompts, checked against the content the run was created with."""
         source = load_source(self.config.prompts, self.templates.seed)

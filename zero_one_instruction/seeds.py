@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config import Prompts
 from .errors import SeedError
+from .records import lone_surrogate
 from .templates import StepTemplate, render
 
 
@@ -76,6 +77,17 @@ def read_lines(path: Path) -> list[str]:
     return items
 
 
+def _check_text(path: Path, number: int, field: str, value: str) -> None:
+    """JSON's `\\ud800` escape yields a lone surrogate, which no file, hash or tokenizer can
+    encode: refuse it here, naming the line, rather than fail later with an exception name."""
+    position = lone_surrogate(value)
+    if position is not None:
+        raise SeedError(
+            f"{path} line {number}: field {field!r} holds a lone surrogate "
+            f"(U+{ord(value[position]):04X}, half of a character); not valid Unicode text"
+        )
+
+
 def read_jsonl(path: Path, field: str) -> list[str]:
     items = []
     for number, line in enumerate(_lines(_decode(path)), start=1):
@@ -88,6 +100,7 @@ def read_jsonl(path: Path, field: str) -> list[str]:
         value = obj.get(field) if isinstance(obj, dict) else None
         if not isinstance(value, str) or not value.strip():
             raise SeedError(f"{path} line {number}: no non-empty string field {field!r}")
+        _check_text(path, number, field, value)
         items.append(value.strip())
     if not items:
         raise SeedError(f"{path}: file has no records")

@@ -36,7 +36,7 @@ from typing import Any
 import redis
 from rq.exceptions import StopRequested
 from rq.executions import Execution
-from rq.job import Job
+from rq.job import Job, get_current_job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty
@@ -46,15 +46,15 @@ from . import shards
 from .engines.base import EngineDead, load_engine
 from .errors import ZoiError
 from .janitor import Janitor
-from .jobs import ChunkJob, chunk_queue
+from .jobs import ChunkJob, RefusedJob, chunk_queue, failed_chunks
 from .pipeline import Outcome, Pipeline
 from .rundir import Chunk, Run
 
 log = logging.getLogger(__name__)
 
 
-class WrongRun(RuntimeError):
-    """A chunk job of another run reached this worker's queue."""
+class WrongRun(RefusedJob):
+    """A chunk job of another run, or of no chunk of this run, reached this worker's queue."""
 
 
 class WorkerStopped(ZoiError):
@@ -178,10 +178,12 @@ def run_chunk(run_key: str, start: int, end: int) -> dict[str, Any]:
         raise RuntimeError("run_chunk runs only inside `zoi worker`")
     started: threading.Event = getattr(_job, "started", threading.Event())
     run, host = context.run, context.host
-    if run_key != run.key:
+    try:
+        chunk = _own_chunk(run, run_key, start, end)
+        _check_job_id(run, chunk)
+    except WrongRun:
         started.set()
-        raise WrongRun(f"chunk of run {run_key} reached the worker of run {run.key}")
-    chunk = Chunk(start, end)
+        raise
     existing = shards.check(run, chunk)
     if existing.done:
         started.set()
@@ -208,6 +210,30 @@ def run_chunk(run_key: str, start: int, end: int) -> dict[str, Any]:
     _log_chunk(run, marker)
     funnel = marker["funnel"]
     return {"chunk": chunk.id, "kept": funnel["kept"], "seconds": info["seconds"]}
+
+
+def _own_chunk(run: Run, run_key: Any, start: Any, end: Any) -> Chunk:
+    """The job's chunk, if it is one of this run's: a job is data that anyone who can write
+    to the queue can forge, and a range outside the run's grid must never become a shard."""
+    if run_key != run.key:
+        raise WrongRun(f"chunk of run {run_key!r} reached the worker of run {run.key}; refused")
+    if type(start) is not int or type(end) is not int or not run.owns(Chunk(start, end)):
+        raise WrongRun(
+            f"[{start!r}, {end!r}) is not a chunk of run {run.key} ([{run.start}, {run.end}) "
+            f"in chunks of {run.chunk_size}); refused"
+        )
+    return Chunk(start, end)
+
+
+def _check_job_id(run: Run, chunk: Chunk) -> None:
+    """The job must carry its chunk's id: the producer, the launcher and `zoi status` follow a
+    chunk by its job id, and a job named for one chunk that computes another would mark the
+    first as finished while its shard is missing."""
+    job = get_current_job()
+    if job is not None and job.id != run.job_id(chunk):
+        raise WrongRun(
+            f"job {job.id} asks for chunk {chunk.id}, whose job is {run.job_id(chunk)}; refused"
+        )
 
 
 def _log_chunk(run: Run, marker: dict[str, Any]) -> None:
@@ -489,17 +515,10 @@ def _reachable(connection: redis.Redis, wait: float = 15.0) -> bool:
 def _check_nothing_failed(connection: redis.Redis, run: Run) -> None:
     """A burst worker that found nothing left to do has not finished the run if chunks ran
     out of retries: say so with a non-zero exit, not a quiet success."""
-    prefix = f"zoi-{run.key}-"
-    registry = chunk_queue(connection, run).failed_job_registry
-    failed = [j for j in registry.get_job_ids(cleanup=False) if j.startswith(prefix)]
-    undone = [j for j in failed if not shards.check(run, _chunk_of(j, prefix), deep=False).done]
+    failed = failed_chunks(chunk_queue(connection, run), run)
+    undone = [c for c in failed if not shards.check(run, c, deep=False).done]
     if undone:
         raise WorkerStopped(
-            f"{len(undone)} chunks failed after all their retries (first {undone[0]}); "
+            f"{len(undone)} chunks failed after all their retries (first {run.job_id(undone[0])}); "
             "'zoi enqueue' queues them again, 'zoi status' shows them"
         )
-
-
-def _chunk_of(job_id: str, prefix: str) -> Chunk:
-    start, end = job_id.removeprefix(prefix).split("-")
-    return Chunk(int(start), int(end))
