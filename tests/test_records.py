@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
 
 import pytest
 
-from zero_one_instruction.errors import ZoiError
+from zero_one_instruction.errors import EnvironmentFailure, ZoiError
 from zero_one_instruction.records import atomic_file
 
 
@@ -43,3 +44,36 @@ def test_a_special_file_is_never_replaced(tmp_path: Path) -> None:
             pass
     assert stat.S_ISFIFO(fifo.lstat().st_mode)
     assert list(tmp_path.iterdir()) == [fifo]
+
+
+def _failing(error: int) -> object:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError(error, os.strerror(error))
+
+    return fail
+
+
+def test_a_full_disk_is_an_environment_failure_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC is the machine's fault, not the user's: exit 1, not the user-error code 2; the
+    old file stays whole and no temporary file is left."""
+    output = tmp_path / "out.jsonl"
+    output.write_text("old\n", encoding="utf-8")
+    monkeypatch.setattr(os, "fsync", _failing(errno.ENOSPC))
+    with pytest.raises(EnvironmentFailure) as raised, atomic_file(output) as handle:
+        handle.write("new\n")
+    assert raised.value.exit_code == 1 and "No space left" in str(raised.value)
+    assert output.read_text(encoding="utf-8") == "old\n" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_cleanup_that_fails_does_not_hide_the_write_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a read-only file system the temporary file cannot be removed either; the user must
+    still get the one line about the write, not the cleanup's raw OSError."""
+    monkeypatch.setattr(os, "replace", _failing(errno.EROFS))
+    monkeypatch.setattr(Path, "unlink", _failing(errno.EROFS))
+    with pytest.raises(ZoiError) as raised, atomic_file(tmp_path / "out.jsonl") as handle:
+        handle.write("new\n")
+    assert raised.value.exit_code == 2 and "Read-only file system" in str(raised.value)

@@ -31,7 +31,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .errors import ZoiError
+from .errors import NO_SPACE, ZoiError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,6 @@ class BrokerEnvironmentError(BrokerError):
     exit_code = 1
 
 
-_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
@@ -88,7 +87,7 @@ def refusal(exc: redis.ResponseError, where: str = "Redis") -> BrokerError | Non
 def _unwritable(data_dir: Path, exc: OSError) -> BrokerError:
     """The run's embedded server needs to write its data directory: say which and why."""
     reason = exc.strerror or str(exc)
-    if exc.errno in _NO_SPACE:
+    if exc.errno in NO_SPACE:
         return BrokerEnvironmentError(
             f"{data_dir}: {reason}; the run's embedded Redis keeps its queue there: free "
             "space and run the command again"

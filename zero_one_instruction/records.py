@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -12,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import ZoiError
+from .errors import ZoiError, write_failure
 
 # A surrogate code point in a Python string is always a lone one (a pair decodes to one code
 # point): half of a character cut in two, e.g. an emoji split by an API that counts UTF-16.
@@ -111,8 +112,15 @@ def atomic_file(path: Path, binary: bool = False, follow_links: bool = False) ->
             os.chmod(tmp, mode)
         os.replace(tmp, target)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ZoiError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        _discard(tmp)
+        raise write_failure(path, exc) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temporary file after a failure; on a read-only or vanished directory there is
+    nothing to remove, and that must not hide the failure being reported."""
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
