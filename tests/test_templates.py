@@ -77,3 +77,9 @@ def test_render_is_single_pass_for_any_inserted_text() -> None:
     out = render("前{prompt}後", {"prompt": nasty})
     assert out == f"前{nasty}後"
     assert len(out) > 100_000
+
+
+def test_template_files_refuse_yaml_aliases(tmp_path: Path) -> None:
+    path = write(tmp_path, "width: &w '{prompt}を書き直して'\nfix: *w\n")
+    with pytest.raises(TemplateError, match=r"t\.yaml: line 2, column 6: .*aliases are not"):
+        load_templates(path)
