@@ -224,3 +224,17 @@ def test_anchors_without_aliases_and_moderate_nesting_still_load(tmp_path: Path)
     config = load_config(path)
     assert config.model_name == "m"
     assert str(config.engine_kwargs["deep"]).count("[") == 50
+
+
+def test_system_prompt_takes_doubled_braces_and_refuses_lone_ones(tmp_path: Path) -> None:
+    path = tmp_path / "c.yml"
+    path.write_text("model_name: m\nsystem_prompt: '{{x}} を {{y}} で'\n", encoding="utf-8")
+    assert zoi("config", "check", str(path)).exit_code == 0
+    for value, fragment in [
+        ("'JSON {\"a\": 1}'", "system_prompt: invalid field"),
+        ("'a { b'", "system_prompt: lone '{'"),
+        ("'{0}'", "system_prompt: positional field {0}"),
+        ("'{x}'", "system_prompt: the output system prompt takes no {placeholders}"),
+    ]:
+        path.write_text(f"model_name: m\nsystem_prompt: {value}\n", encoding="utf-8")
+        assert_one_line_error(zoi("config", "check", str(path)), "c.yml", fragment)
