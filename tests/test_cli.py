@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -294,3 +295,86 @@ def test_console_script_runs_as_a_process(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "not found" in bad.stderr
+
+
+def zoi_process(*args: str, **popen: Any) -> subprocess.Popen[str]:
+    """The installed `zoi` entry point, running this checkout's code."""
+    zoi_bin = Path(sys.executable).parent / "zoi"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([str(zoi_bin), *args], text=True, env=env, **popen)
+
+
+def test_preview_into_head_exits_quietly(tmp_path: Path) -> None:
+    """`zoi preview --json -n 300 | head -1`: far more than a pipe buffer, reader gone early."""
+    config = write_config(tmp_path)
+    proc = zoi_process(
+        "preview",
+        "-c",
+        str(config),
+        "-n",
+        "300",
+        "--json",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    first = json.loads(proc.stdout.readline())
+    assert first["index"] == 0
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 1
+    assert proc.stderr.read() == ""
+
+
+def closed_pipe() -> int:
+    """The write end of a pipe whose reader has already gone."""
+    read, write = os.pipe()
+    os.close(read)
+    return write
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["config", "show", "{config}"],
+        ["config", "check", "{config}"],
+        ["preview", "-c", "{config}", "-n", "4"],
+        ["preview", "-c", "{config}", "-n", "4", "--json"],
+        ["generate", "-c", "{config}", "--start", "0", "--end", "6", "-o", "{out}"],
+    ],
+    ids=["help", "config-show", "config-check", "preview", "preview-json", "generate"],
+)
+def test_every_command_exits_quietly_into_a_closed_pipe(tmp_path: Path, args: list[str]) -> None:
+    config, out = write_config(tmp_path), tmp_path / "out.jsonl"
+    stdout = closed_pipe()
+    try:
+        proc = zoi_process(
+            *(a.format(config=config, out=out) for a in args),
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+        )
+    finally:
+        os.close(stdout)
+    _, stderr = proc.communicate(timeout=120)
+    assert (proc.returncode, stderr) == (1, "")
+    if "generate" in args:
+        assert len(read_jsonl(out)) == 4  # the records were written before the summary
+
+
+class PipeBreakingEngine(BrokenEngine):
+    """An engine whose own connection breaks: not the user's closed stdout."""
+
+    def __init__(self, config: object) -> None:
+        raise BrokenPipeError(32, "Broken pipe to the engine server")
+
+
+def test_a_broken_pipe_elsewhere_is_still_an_error(tmp_path: Path) -> None:
+    config = tmp_path / "c.yml"
+    config.write_text(
+        "model_name: m\nengine: 'tests.test_cli:PipeBreakingEngine'\n", encoding="utf-8"
+    )
+    proc = zoi_process("preview", "-c", str(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and stdout == ""
+    assert stderr.startswith("zoi: error: BrokenPipeError: ") and stderr.count("\n") == 1
+    assert "engine server" in stderr

@@ -183,3 +183,60 @@ def test_missing_and_undecodable_config_files(tmp_path: Path) -> None:
     path = tmp_path / "latin1.yml"
     path.write_bytes(b"model_name: caf\xe9\n")
     assert_one_line_error(zoi("config", "show", str(path)), "latin1.yml", "cannot read")
+
+
+def alias_bomb() -> str:
+    """Nine levels of nine aliases each: 9**9 strings (hundreds of GB printed) from ~400 bytes."""
+    lines = ["model_name: m", "engine_kwargs:", "  l0: &l0 [lol, lol, lol, lol, lol, lol]"]
+    for level in range(1, 9):
+        refs = ", ".join([f"*l{level - 1}"] * 9)
+        lines.append(f"  l{level}: &l{level} [{refs}]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("command", [["config", "check"], ["config", "show"]])
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path: Path, command: list[str]) -> None:
+    path = tmp_path / "bomb.yml"
+    path.write_text(alias_bomb(), encoding="utf-8")
+    assert len(path.read_bytes()) < 600
+    result = zoi(*command, str(path))
+    assert_one_line_error(result, "bomb.yml: line 4, column", "aliases are not supported (*l0)")
+    assert result.stdout == ""
+
+
+def test_yaml_nested_too_deep_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "deep.yml"
+    path.write_text("model_name: m\nengine_kwargs: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    assert_one_line_error(
+        zoi("config", "check", str(path)), "deep.yml: line 2", "nested deeper than 100 levels"
+    )
+    block = "model_name: m\nengine_kwargs:\n" + "".join(
+        f"{'  ' * i}k{i}:\n" for i in range(1, 5000)
+    )
+    path.write_text(block, encoding="utf-8")
+    assert_one_line_error(zoi("config", "show", str(path)), "deep.yml: line", "nested deeper")
+
+
+def test_anchors_without_aliases_and_moderate_nesting_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "c.yml"
+    nested = "[" * 50 + "1" + "]" * 50
+    path.write_text(
+        f"model_name: &name m\nchat_template_kwargs: {{deep: {nested}}}\n", encoding="utf-8"
+    )
+    config = load_config(path)
+    assert config.model_name == "m"
+    assert str(config.chat_template_kwargs["deep"]).count("[") == 50
+
+
+def test_system_prompt_takes_doubled_braces_and_refuses_lone_ones(tmp_path: Path) -> None:
+    path = tmp_path / "c.yml"
+    path.write_text("model_name: m\nsystem_prompt: '{{x}} を {{y}} で'\n", encoding="utf-8")
+    assert zoi("config", "check", str(path)).exit_code == 0
+    for value, fragment in [
+        ("'JSON {\"a\": 1}'", "system_prompt: invalid field"),
+        ("'a { b'", "system_prompt: lone '{'"),
+        ("'{0}'", "system_prompt: positional field {0}"),
+        ("'{x}'", "system_prompt: the output system prompt takes no {placeholders}"),
+    ]:
+        path.write_text(f"model_name: m\nsystem_prompt: {value}\n", encoding="utf-8")
+        assert_one_line_error(zoi("config", "check", str(path)), "c.yml", fragment)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from zero_one_instruction.errors import TemplateError
 from zero_one_instruction.templates import PLACEHOLDERS, load_templates, placeholders, render
@@ -66,7 +67,7 @@ def test_bad_templates_are_rejected_naming_the_template(
 
 
 def test_literal_braces_are_allowed_and_unescaped(tmp_path: Path) -> None:
-    path = write(tmp_path, 'width: "JSON例: {{prompt}} と {\\"a\\": 1}\\n{prompt}"\n')
+    path = write(tmp_path, 'width: "JSON例: {{prompt}} と {{\\"a\\": 1}}\\n{prompt}"\n')
     templates = load_templates(path)
     ((_, user),) = templates.width.messages(prompt="X")
     assert user == 'JSON例: {prompt} と {"a": 1}\nX'
@@ -77,3 +78,55 @@ def test_render_is_single_pass_for_any_inserted_text() -> None:
     out = render("前{prompt}後", {"prompt": nasty})
     assert out == f"前{nasty}後"
     assert len(out) > 100_000
+
+
+def test_template_files_refuse_yaml_aliases(tmp_path: Path) -> None:
+    path = write(tmp_path, "width: &w '{prompt}を書き直して'\nfix: *w\n")
+    with pytest.raises(TemplateError, match=r"t\.yaml: line 2, column 6: .*aliases are not"):
+        load_templates(path)
+
+
+@pytest.mark.parametrize(
+    ("template", "fragment"),
+    [
+        ("{prompt} {", "template 'width': lone '{' in '{prompt} {'; write '{{'"),
+        ("} {prompt}", "template 'width': lone '}' in '} {prompt}'; write '}}'"),
+        ("{prompt} {{x}", "lone '}' in '{prompt} {{x}'"),
+        ("{prompt} {0}", "template 'width': positional field {0} is not supported"),
+        ("{prompt} {}", "template 'width': positional field {} is not supported"),
+        ("{prompt:>10}", "template 'width': {prompt:>10}: format specs, conversions"),
+        ("{prompt!r}", "template 'width': {prompt!r}: format specs, conversions"),
+        ("{prompt.upper}", "{prompt.upper}: format specs, conversions and attribute"),
+        ('{prompt} {"a": 1}', """template 'width': invalid field {"a": 1}"""),
+        ("{ prompt }", "template 'width': invalid field { prompt }"),
+        ("{prompt} {answer}", "template 'width' uses unknown placeholder {answer}"),
+    ],
+)
+def test_every_brace_is_doubled_or_a_placeholder(
+    tmp_path: Path, template: str, fragment: str
+) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({"width": template}), encoding="utf-8")
+    with pytest.raises(TemplateError) as info:
+        load_templates(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and fragment in message, message
+    assert "lacks placeholder" not in message
+
+
+def test_system_messages_are_checked_like_user_messages(tmp_path: Path) -> None:
+    path = write(tmp_path, "judge: {system: '判定 {0}', user: '{prompt}'}\n")
+    with pytest.raises(TemplateError, match=r"template 'judge': positional field \{0\}"):
+        load_templates(path)
+
+
+def test_doubled_braces_render_single_everywhere(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "output_system_prompt: 'JSON {{\"a\": 1}} で'\n"
+        "judge: {system: '{{はい}}か{{いいえ}}', user: '{{{prompt}}}'}\n",
+    )
+    templates = load_templates(path)
+    assert templates.output_system_prompt == 'JSON {"a": 1} で'
+    assert templates.judge.messages(prompt="Q") == [("system", "{はい}か{いいえ}"), ("user", "{Q}")]
+    assert load_templates(None, "{{x}} は {{y}}").output_system_prompt == "{x} は {y}"

@@ -165,6 +165,54 @@ def test_prompt_longer_than_max_model_len_fails_only_its_record(
     assert outcomes[0].drop_reason != "width_failed" and outcomes[2].drop_reason != "width_failed"
 
 
+def test_huge_prompt_is_refused_before_tokenising(
+    engine: Any, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-line base prompt of a million characters used to be tokenised (minutes and
+    gigabytes at 10 MB) before vLLM refused it; now it fails its record at once."""
+    rendered: list[int] = []
+    original = engine._tokenizer.apply_chat_template
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        rendered.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine._tokenizer, "apply_chat_template", counting)
+    huge = "とても長い一行の質問です。" * 80_000
+    began = time.monotonic()
+    with pytest.raises(RequestError, match=r"prompt of 1040\d{3} characters exceeds the maximum"):
+        run(engine.complete(request(huge)))
+    assert rendered == []
+    assert time.monotonic() - began < 60  # generous: it must not hang
+    assert run(engine.complete(request("短い質問です。"))).completion_tokens > 0
+    assert rendered == [1]
+
+
+def test_chat_template_and_tokenizer_run_off_the_event_loop(
+    engine: Any, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[int] = []
+    original = engine.render
+
+    def recording(req: Request) -> list[int]:
+        threads.append(threading.get_ident())
+        return original(req)
+
+    async def loop_thread() -> int:
+        return threading.get_ident()
+
+    async def complete_four() -> list[Any]:
+        return await asyncio.gather(
+            *(engine.complete(request(f"質問{i}", seed=i)) for i in range(4))
+        )
+
+    monkeypatch.setattr(engine, "render", recording)
+    completions = run(complete_four())
+    assert all(c.completion_tokens > 0 for c in completions)
+    assert len(threads) == 4
+    assert run(loop_thread()) not in threads
+
+
 def test_unknown_engine_argument_is_a_config_error(tiny_model: Path) -> None:
     from zero_one_instruction.engines.vllm import VLLMEngine
     from zero_one_instruction.errors import ConfigError

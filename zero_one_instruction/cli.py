@@ -10,13 +10,14 @@ import asyncio
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import time
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import click
 import redis
@@ -37,8 +38,44 @@ DEFAULT_CONFIG = "model_config.yml"
 
 
 def _fail(message: str, code: int = 2) -> None:
+    try:
+        sys.stdout.flush()  # what the command printed comes before the error
+    except BrokenPipeError:
+        _silence_if_gone(sys.stdout)
     click.echo(f"zoi: error: {message}", err=True)
     sys.exit(code)
+
+
+def _reader_gone(stream: TextIO) -> bool:
+    """Whether nobody reads `stream` any more: the reader of a pipe closed it (`| head`) or
+    the peer of a socket hung up. Only then is a `BrokenPipeError` ours to swallow; one from
+    a worker's pipe or a socket is a real failure."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def _silence_if_gone(stream: TextIO) -> bool:
+    """Point `stream` at /dev/null if nobody reads it, so that Python's flush at exit does not
+    end in "Exception ignored ... BrokenPipeError"; whether it was gone."""
+    if not _reader_gone(stream):
+        return False
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+    return True
+
+
+def _quit_if_output_closed() -> None:
+    """Stop silently, with exit 1 as click does for its own output, when our stdout or stderr
+    has no reader: an error message would go nowhere or into the same closed pipe."""
+    gone = [stream for stream in (sys.stdout, sys.stderr) if _silence_if_gone(stream)]
+    if gone:
+        sys.exit(1)
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -83,6 +120,8 @@ def friendly(func: F) -> F:
         except click.ClickException:
             raise
         except Exception as exc:
+            if isinstance(exc, BrokenPipeError):
+                _quit_if_output_closed()
             if _verbose():
                 raise
             _fail(f"{type(exc).__name__}: {exc} (run 'zoi -v ...' for the traceback)", 1)
@@ -96,7 +135,7 @@ class ZoiGroup(click.Group):
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         kwargs.setdefault("prog_name", "zoi")
         try:
-            result = super().main(*args, standalone_mode=False, **kwargs)
+            result = self._main_flushed(*args, **kwargs)
         except click.UsageError as exc:
             where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
             _fail(f"{exc.format_message()}{where}", exc.exit_code)
@@ -107,6 +146,17 @@ class ZoiGroup(click.Group):
         if not standalone_mode:
             return result
         sys.exit(result if isinstance(result, int) else 0)
+
+    def _main_flushed(self, *args: Any, **kwargs: Any) -> Any:
+        """The command, with its buffered output flushed here rather than at exit, where a
+        closed pipe would end in "Exception ignored ... BrokenPipeError"."""
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+            sys.stdout.flush()
+            return result
+        except BrokenPipeError:
+            _quit_if_output_closed()
+            raise
 
 
 def _config_option(func: F) -> F:

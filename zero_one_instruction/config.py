@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .templates import placeholders
 from .yamlfile import read_yaml
 
 LaxPath = Annotated[Path, Field(strict=False)]
@@ -154,8 +155,12 @@ class Config(_Strict):
     @field_validator("system_prompt")
     @classmethod
     def _system_prompt_plain(cls, value: str | None) -> str | None:
-        if value is not None and re.search(r"\{[A-Za-z_]\w*\}", value):
-            raise ValueError("the output system prompt takes no {placeholders}")
+        """Checked like a template, so `{{` and `}}` are literal braces here too."""
+        if value is not None and placeholders(value):
+            raise ValueError(
+                "the output system prompt takes no {placeholders} "
+                "(write '{{' and '}}' for literal braces)"
+            )
         return value
 
     @model_validator(mode="after")

@@ -3,6 +3,10 @@
 Placeholders are `{name}`. Substitution is one regex pass over the template, so the inserted
 text is never scanned again: a base prompt full of braces, `{prompt}` or Jinja syntax arrives in
 the model's input exactly as written. `{{` and `}}` write literal braces.
+
+The checker is exact: every brace in a template is either doubled or encloses a placeholder
+name. A lone brace, `{0}`, `{prompt:>10}` or `{prompt!r}` look like `str.format` but would be
+sent to the model as written, so they are refused by name instead of silently not substituted.
 """
 
 from __future__ import annotations
@@ -16,7 +20,19 @@ from typing import Any
 from .errors import TemplateError
 from .yamlfile import parse_yaml, read_yaml
 
-_TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# `{{`, `}}`, a `{...}` field without braces inside, or a brace left over: the last
+# alternative only matches where none of the others could.
+_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NAME_WITH_SUFFIX = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)[!:.\[]")
+_POSITIONAL = re.compile(r"\d*(?:[!:.\[]|$)")
+_CONTEXT = 12
+
+
+class TemplateSyntaxError(ValueError):
+    """A brace in a template that is neither doubled nor a placeholder. The message names
+    the offending field; callers add which template it is in."""
+
 
 # template name -> (required placeholders, optional placeholders)
 PLACEHOLDERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -31,12 +47,51 @@ PLACEHOLDERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 KEYS = ("output_system_prompt", *PLACEHOLDERS)
 
 
+def _lone_brace(text: str, at: int) -> str:
+    brace = text[at]
+    before = text[max(0, at - _CONTEXT) : at]
+    after = text[at + 1 : at + 1 + _CONTEXT]
+    return f"lone {brace!r} in {before + brace + after!r}; write {brace * 2!r} for a literal brace"
+
+
+def _bad_field(field: str) -> str | None:
+    """Why `{field}` is not a placeholder, or None when it is one."""
+    shown = f"{{{field}}}"
+    if _NAME.fullmatch(field):
+        return None
+    if _POSITIONAL.match(field):
+        return f"positional field {shown} is not supported; placeholders are named, like {{prompt}}"
+    suffix = _NAME_WITH_SUFFIX.match(field)
+    if suffix:
+        return (
+            f"{shown}: format specs, conversions and attribute or index lookups are not "
+            f"supported; write {{{suffix.group(1)}}}"
+        )
+    return (
+        f"invalid field {shown}: a placeholder is {{name}}; "
+        "write '{{' and '}}' for literal braces"
+    )
+
+
 def placeholders(text: str) -> set[str]:
-    return {m.group(1) for m in _TOKEN.finditer(text) if m.group(1)}
+    """The placeholder names in `text`; a brace that is neither doubled nor a placeholder
+    raises `TemplateSyntaxError`."""
+    names: set[str] = set()
+    for match in _TOKEN.finditer(text):
+        token, field = match.group(0), match.group(1)
+        if field is not None:
+            problem = _bad_field(field)
+            if problem:
+                raise TemplateSyntaxError(problem)
+            names.add(field)
+        elif token in ("{", "}"):
+            raise TemplateSyntaxError(_lone_brace(text, match.start()))
+    return names
 
 
 def render(text: str, values: dict[str, str]) -> str:
-    """Fill placeholders in a single pass; callers guarantee every name is in `values`."""
+    """Fill placeholders in a single pass; callers guarantee the text passed `placeholders`
+    and every name is in `values`."""
 
     def replace(match: re.Match[str]) -> str:
         token = match.group(0)
@@ -47,6 +102,13 @@ def render(text: str, values: dict[str, str]) -> str:
         return values[match.group(1)]
 
     return _TOKEN.sub(replace, text)
+
+
+def _checked(text: str, source: str, name: str) -> set[str]:
+    try:
+        return placeholders(text)
+    except TemplateSyntaxError as exc:
+        raise TemplateError(f"{source}: template {name!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -121,7 +183,7 @@ def _step(name: str, raw: Any, source: str) -> StepTemplate:
     if name == "seed" and system is not None:
         raise TemplateError(f"{source}: template 'seed' is a base prompt and takes no system")
     required, optional = PLACEHOLDERS[name]
-    found = placeholders(user) | placeholders(system or "")
+    found = _checked(user, source, name) | _checked(system or "", source, name)
     missing = sorted(required - found)
     if missing:
         raise TemplateError(f"{source}: template {name!r} lacks placeholder {{{missing[0]}}}")
@@ -147,8 +209,11 @@ def load_templates(path: Path | None = None, system_prompt: str | None = None) -
     system = system_prompt if system_prompt is not None else merged.get("output_system_prompt")
     if not isinstance(system, str) or not system.strip():
         raise TemplateError(f"{source}: output_system_prompt must be a non-empty string")
-    if placeholders(system):
-        raise TemplateError(f"{source}: output_system_prompt cannot contain placeholders")
+    if _checked(system, source, "output_system_prompt"):
+        raise TemplateError(
+            f"{source}: output_system_prompt cannot contain placeholders "
+            "(write '{{' and '}}' for literal braces)"
+        )
     steps = {name: _step(name, merged.get(name), source) for name in PLACEHOLDERS}
     return Templates(output_system_prompt=render(system, {}), **steps)
 

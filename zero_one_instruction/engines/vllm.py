@@ -10,11 +10,13 @@ not notice when its parent dies.
 from __future__ import annotations
 
 import ast
+import asyncio
 import difflib
 import importlib.util
 import logging
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -177,8 +179,50 @@ def read_chat_template(value: str | None) -> str | None:
     return text
 
 
+RENDER_THREADS = 4
+
+
+class LengthGuard:
+    """Refuses a prompt that cannot fit the context before it is tokenised.
+
+    A token stands for at most `max_chars_per_token` characters (the longest entry of the
+    vocabulary, special tokens included), so a prompt whose messages hold more than
+    `max_model_len * max_chars_per_token` characters needs more than `max_model_len` tokens
+    whatever the template adds: it is bound to fail, and tokenising it first took minutes and
+    gigabytes for a 10 MB prompt. This is the bound vLLM itself applies to text prompts; it
+    holds for tokenizers that keep every input character (byte-level BPE, SentencePiece with
+    byte fallback), and is loose by a wide margin (real text averages a few characters per
+    token). Characters, not bytes: a byte-level token's string has one character per byte, and
+    a character is at least one byte.
+    """
+
+    def __init__(self, max_model_len: int, max_chars_per_token: int) -> None:
+        self.max_model_len = max_model_len
+        self.max_chars_per_token = max_chars_per_token
+        self.max_chars = max_model_len * max_chars_per_token
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any, max_model_len: int) -> LengthGuard:
+        return cls(max_model_len, max(map(len, tokenizer.get_vocab()), default=1))
+
+    def check(self, request: Request) -> None:
+        """Raise `RequestError` for a prompt that is certainly too long; cost: one pass."""
+        chars = sum(len(message.content.strip()) for message in request.messages)
+        if chars > self.max_chars:
+            raise RequestError(
+                f"prompt of {chars} characters exceeds the maximum context length of "
+                f"{self.max_model_len} tokens (at most {self.max_chars} characters fit, "
+                f"{self.max_chars_per_token} per token); not tokenised"
+            )
+
+
 class VLLMEngine:
-    """An engine over vLLM's async engine, applying the model's chat template itself."""
+    """An engine over vLLM's async engine, applying the model's chat template itself.
+
+    The chat template and the tokenizer run in threads: rendering a long prompt takes seconds
+    of CPU, and on the event loop it would stall every other request in flight (vLLM's own
+    output handling included). vLLM tokenises from a thread pool the same way.
+    """
 
     def __init__(self, config: Config) -> None:
         for key, value in _QUIET_ENV.items():
@@ -200,6 +244,7 @@ class VLLMEngine:
         self._choice = _choice_params()
         self._chat_template = read_chat_template(config.chat_template)
         self._template_kwargs = dict(config.chat_template_kwargs)
+        self._render_pool = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="zoi-render")
         try:
             engine_arguments = AsyncEngineArgs(**engine_args(config))
         except TypeError as exc:
@@ -222,6 +267,9 @@ class VLLMEngine:
             ) from None
         try:
             self._tokenizer = self._engine.get_tokenizer()
+            self._length = LengthGuard.for_tokenizer(
+                self._tokenizer, self._engine.model_config.max_model_len
+            )
         except Exception:
             self.close()
             raise
@@ -258,8 +306,11 @@ class VLLMEngine:
     async def complete(self, request: Request) -> Completion:
         if self._engine is None:
             raise EngineDead("the vLLM engine was closed")
+        self._length.check(request)
         try:
-            prompt = self._tokens_prompt(prompt_token_ids=self.render(request))
+            loop = asyncio.get_running_loop()
+            ids = await loop.run_in_executor(self._render_pool, self.render, request)
+            prompt = self._tokens_prompt(prompt_token_ids=ids)
             final = None
             async for output in self._engine.generate(
                 prompt, self._params(request), uuid.uuid4().hex
@@ -291,6 +342,7 @@ class VLLMEngine:
     def close(self) -> None:
         """Stop EngineCore and its workers; safe to call twice."""
         engine, self._engine = self._engine, None
+        self._render_pool.shutdown(wait=False, cancel_futures=True)
         if engine is not None:
             engine.shutdown()
             self._reaper.release()
