@@ -121,6 +121,7 @@ BAD_SOURCES = [
         b'{"prompt": "a"}\n{"prompt": "\\ud800"}\n',
         "line 2: field 'prompt' holds a lone surrogate",
     ),
+    ("deep.jsonl", b'{"prompt": ' + b"[" * 100_000 + b"\n", "line 1: JSON nested too deeply"),
 ]
 
 

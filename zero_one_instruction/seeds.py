@@ -97,6 +97,8 @@ def read_jsonl(path: Path, field: str) -> list[str]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise SeedError(f"{path} line {number}: invalid JSON ({exc.msg})") from None
+        except RecursionError:  # the decoder recurses per level: a line of 10,000 '['s
+            raise SeedError(f"{path} line {number}: JSON nested too deeply") from None
         value = obj.get(field) if isinstance(obj, dict) else None
         if not isinstance(value, str) or not value.strip():
             raise SeedError(f"{path} line {number}: no non-empty string field {field!r}")
