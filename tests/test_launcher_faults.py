@@ -290,6 +290,20 @@ def test_worker_command_skips_the_working_directory_on_every_python(
     assert not sentinel.exists()
 
 
+def test_the_engine_reaper_does_not_import_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reaper that a worker starts for its engine is a process of its own, too."""
+    from zero_one_instruction.engines.reaper import guard_children
+
+    sentinel = tmp_path / "hostile-code-ran"
+    (tmp_path / "psutil.py").write_text(HOSTILE.format(sentinel=str(sentinel)), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])
+    guard_children().release()  # returns once the reaper has looked at the children and left
+    assert not sentinel.exists()
+
+
 # --- E: clear errors, not restarts and riddles ---------------------------------------------
 def test_worker_user_error_stops_the_run_with_its_own_message(tmp_path: Path) -> None:
     config = tmp_path / "refused.yml"

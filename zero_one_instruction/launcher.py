@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from .janitor import Janitor
 from .jobs import chunk_queue
 from .producer import EnqueueReport, JobPolicy, enqueue
 from .rundir import Chunk, Run
+from .safepath import python_module
 
 log = logging.getLogger(__name__)
 
@@ -54,22 +54,6 @@ class WorkerRefused(LaunchError):
     """A worker exited 2: what it was given is unusable, and a restart would only repeat it."""
 
     exit_code = USER_ERROR
-
-
-_WITHOUT_CWD = (
-    "import runpy, sys; del sys.path[0]; "
-    "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)"
-)
-
-
-def python_module(module: str, version: tuple[int, int] | None = None) -> list[str]:
-    """`python -m module`, but without the working directory on the import path: `-m` puts
-    it first, so a `yaml.py` there would replace PyYAML in every worker (and a writable
-    working directory would run anyone's code). PYTHONPATH keeps working. Python 3.11+ has
-    `-P` for this; on 3.10 a one-line bootstrap drops the entry before anything is imported."""
-    if (version or sys.version_info[:2]) >= (3, 11):
-        return [sys.executable, "-P", "-m", module]
-    return [sys.executable, "-c", _WITHOUT_CWD, module]
 
 
 @dataclass(frozen=True)
