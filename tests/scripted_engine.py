@@ -8,10 +8,11 @@ where `key` is a step name, or `judge@STEP` for the judge of the text STEP produ
 Responses: plain text, or `!error` (RequestError), `!dead` (EngineDead), `!raise`
 (RuntimeError), `!empty` (""),
 `!length:TEXT` (TEXT cut off at max_tokens), `!cut:TEXT` (TEXT and half an emoji: a lone
-surrogate). `delay` makes every request take that long;
-`log` names a file that gets a line per request, so tests can count how often each request
-ran across worker processes. Options come from `engine_kwargs` and `hardware_kwargs`, so
-CLI runs can script it too; `engine: "tests.scripted_engine:ScriptedEngine"`.
+surrogate). `delay` makes every request take that long; `refuse` makes the engine refuse to
+start with that message (a ConfigError, as a bad engine argument gives). `log` names a file
+that gets a line per request, so tests can count how often each request ran across worker
+processes. Options come from `engine_kwargs` and `hardware_kwargs`, so CLI runs can script it
+too; `engine: "tests.scripted_engine:ScriptedEngine"`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from zero_one_instruction.config import Config
 from zero_one_instruction.engines.base import Completion, EngineDead, Request, RequestError
+from zero_one_instruction.errors import ConfigError
 
 ENGINE = "tests.scripted_engine:ScriptedEngine"
 MARK = re.compile(r"(?:([a-z]+)\|)?case=([A-Za-z0-9_]+)")
@@ -43,6 +45,8 @@ class ScriptedEngine:
         self.rules: dict[str, dict[str, str]] = dict(options.get("rules", {}))
         self.delay = float(options.get("delay", 0.0))
         self.log = options.get("log")  # a file: one line per request, any process
+        if options.get("refuse"):  # an engine argument the engine cannot use: a user error
+            raise ConfigError(f"engine_kwargs: {options['refuse']}")
         if options.get("env_log"):  # what the process was given: GPUs and TP
             seen = {
                 "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),

@@ -157,13 +157,17 @@ def test_foreign_failed_jobs_do_not_fail_a_burst_worker(setup) -> None:
 
 
 def test_foreign_failed_jobs_are_not_chunks_that_keep_failing(setup) -> None:
-    """The launcher's check for chunks that ran out of retries, after its last round."""
+    """The launcher's check for chunks that ran out of retries, after its last round: foreign
+    failed jobs are not its chunks, so its reconciliation neither gives up nor queues them."""
     _, run, _ = setup
     broker = Broker(run)
     try:
         _fail_foreign_jobs(run, broker)
         events: list[str] = []
         launcher = Launcher(open_run(run), broker.client, "", [], events.append, lambda _: None)
-        assert launcher._requeue_failed(REENQUEUE_ROUNDS) == REENQUEUE_ROUNDS, events
+        launcher.rounds = REENQUEUE_ROUNDS  # one more failing chunk would end the run
+        assert launcher._failed_chunks() == []
+        launcher._reconcile()  # raises LaunchError if it takes them for the run's chunks
+        assert launcher.rounds == REENQUEUE_ROUNDS and events == [], events
     finally:
         broker.close()

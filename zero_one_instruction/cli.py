@@ -541,6 +541,13 @@ def enqueue_cmd(
 @click.option("--name", help="Worker name (the process id is appended).")
 @click.option("--burst", is_flag=True, help="Exit when no chunk is queued or running.")
 @click.option(
+    "--exit-with-parent",
+    "parent",
+    type=int,
+    hidden=True,
+    help="Stop at once when process PID (the `zoi run` launcher) is gone.",
+)
+@click.option(
     "--heartbeat",
     type=click.FloatRange(min=0.1),
     default=10.0,
@@ -569,6 +576,7 @@ def worker_cmd(
     tp: int | None,
     name: str | None,
     burst: bool,
+    parent: int | None,
     heartbeat: float,
     heartbeat_ttl: int | None,
     janitor: float,
@@ -580,8 +588,10 @@ def worker_cmd(
     """
     from .broker import connect, revive
     from .rundir import open_run
-    from .worker import serve
+    from .worker import exit_with_parent, serve
 
+    if parent is not None:
+        exit_with_parent(parent)
     run = open_run(run_dir)
     if config_path is not None:
         run = run.with_hardware(load_config(config_path))
@@ -802,7 +812,7 @@ def run_cmd(
     are not run again, and a finished run just merges. Ctrl-C stops warmly (the chunks in hand
     finish); a second Ctrl-C stops at once.
     """
-    from .broker import connect, url_path
+    from .broker import connect, revive
     from .gpus import groups, select
     from .launcher import Launcher, plan
     from .merger import merge
@@ -824,14 +834,15 @@ def run_cmd(
     run = create_or_open(run_dir, config, first, last, chunk_size)
     began = time.monotonic()
     with connect(redis_url, run.path, "launcher") as connection:
-        worker_url = redis_url or f"unix://{url_path(connection)}"
         launcher = Launcher(
             run,
             connection,
-            worker_url,
+            redis_url,
             specs,
             line.event,
             line.progress,
+            revive=None if redis_url else lambda: revive(run.path, connection),
+            output=output,
             config_path=config_path.resolve(),  # this invocation's hardware settings
         )
         line.event(

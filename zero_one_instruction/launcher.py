@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,20 +29,31 @@ from . import shards
 from .errors import ZoiError
 from .janitor import Janitor
 from .jobs import chunk_queue, failed_chunks
-from .producer import JobPolicy, enqueue
-from .rundir import Run
+from .producer import EnqueueReport, JobPolicy, enqueue
+from .rundir import Chunk, Run
+from .safepath import python_module
 
 log = logging.getLogger(__name__)
 
 MAX_QUICK_FAILURES = 5  # consecutive deaths within QUICK seconds before a group is given up
 QUICK = 60.0
 REENQUEUE_ROUNDS = 2  # times failed chunks are queued again before the run is declared stuck
+RECONCILE_MIN = 10.0  # seconds between checks that the queue still holds every missing chunk
+REVIVALS = 3  # consecutive restarts of the embedded server before the launcher gives up
+USER_ERROR = 2  # a worker's exit code for input it cannot use (ZoiError)
+ERROR_PREFIX = "zoi: error: "
 
 
 class LaunchError(ZoiError):
     """The run cannot complete: every worker failed, or chunks keep failing."""
 
     exit_code = 1
+
+
+class WorkerRefused(LaunchError):
+    """A worker exited 2: what it was given is unusable, and a restart would only repeat it."""
+
+    exit_code = USER_ERROR
 
 
 @dataclass(frozen=True)
@@ -54,24 +64,33 @@ class WorkerSpec:
     gpus: tuple[str, ...]
     tp: int
 
-    def environment(self, base: dict[str, str], redis_url: str) -> dict[str, str]:
-        env = {**base, "ZOI_REDIS_URL": redis_url}  # never on the command line: passwords
+    def environment(self, base: dict[str, str], redis_url: str | None) -> dict[str, str]:
+        """Without a URL the worker joins the run's embedded server as a client of its own,
+        so the last of the launcher and its workers to leave stops it, even when the launcher
+        was killed."""
+        env = {k: v for k, v in base.items() if k != "ZOI_REDIS_URL"}
+        if redis_url:
+            env["ZOI_REDIS_URL"] = redis_url  # never on the command line: passwords
+        env["PYTHONSAFEPATH"] = "1"  # the engine's own processes skip the working directory too
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         return env
 
-    def command(self, run: Path, heartbeat: float, config: Path | None = None) -> list[str]:
-        """`config` gives the worker this invocation's hardware settings; without it, a
-        worker takes those frozen in run.json when the run was created."""
+    def command(
+        self, run: Path, heartbeat: float, parent: int | None = None, config: Path | None = None
+    ) -> list[str]:
+        """The worker's command line. With `parent`, the worker stops when that process (the
+        launcher) is gone; `config` gives it this invocation's hardware settings (without it, a
+        worker takes those frozen in run.json when the run was created)."""
+        watch = ["--exit-with-parent", str(parent)] if parent is not None else []
         hardware = ["--config", str(config)] if config is not None else []
         return [
-            sys.executable,
-            "-m",
-            "zero_one_instruction",
+            *python_module("zero_one_instruction"),
             "worker",
             "--run",
             str(run),
+            *watch,
             "--name",
             self.name,
             "--tp",
@@ -92,8 +111,10 @@ def plan(gpu_groups: list[list[str]]) -> list[WorkerSpec]:
 @dataclass
 class _Slot:
     spec: WorkerSpec
+    log_file: Path
     process: subprocess.Popen[bytes] | None = None
     started: float = 0.0
+    log_offset: int = 0  # where this process's output begins in the log
     quick_failures: int = 0
     restart_at: float | None = None
     given_up: bool = False
@@ -101,66 +122,110 @@ class _Slot:
 
 
 @dataclass
+class _Counted:
+    """A marker already counted: its inode tells a rewritten marker from the same one."""
+
+    inode: int
+    funnel: dict[str, Any]
+    recent: bool
+
+
+@dataclass
 class Progress:
-    """What the markers say, read incrementally: each marker is read once."""
+    """What the markers say, read incrementally: each marker is read once. Only markers of
+    chunks in the run's grid count, and only once `shards.check` accepts them; a marker that
+    disappears (set aside) stops counting."""
 
     total_chunks: int
     total_prompts: int
     began: float = field(default_factory=time.time)
-    done: set[str] = field(default_factory=set)
-    prompts: int = 0
-    records: int = 0
-    completion_tokens: int = 0
-    prompt_tokens: int = 0
-    fixer_ran: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-    recent_prompts: int = 0
-    recent_records: int = 0
-    recent_tokens: int = 0
+    counted: dict[str, _Counted] = field(default_factory=dict)
 
-    def update(self, run: Run) -> None:
-        for marker_path in run.shards.glob("*.done"):
-            chunk_id = marker_path.name.removesuffix(".done")
-            if chunk_id in self.done:
-                continue
-            chunk = shards.chunk_of_id(chunk_id)
-            marker = shards.read_marker(run, chunk)[0] if chunk else None
-            if marker is None:
-                continue  # being replaced, foreign or damaged: the producer redoes it
-            self._add(chunk_id, marker)
+    @property
+    def done(self) -> set[str]:
+        return set(self.counted)
 
-    def _add(self, chunk_id: str, marker: dict[str, Any]) -> None:
-        self.done.add(chunk_id)
-        funnel = marker["funnel"]
-        self.prompts += funnel["prompts"]
-        self.records += funnel["kept"]
-        self.completion_tokens += funnel["completion_tokens"]
-        self.prompt_tokens += funnel["prompt_tokens"]
-        self.fixer_ran += funnel["fixer_ran"]
-        for reason, count in funnel["dropped"].items():
-            self.dropped[reason] = self.dropped.get(reason, 0) + count
-        if self._finished_after_start(marker):
-            self.recent_prompts += funnel["prompts"]
-            self.recent_records += funnel["kept"]
-            self.recent_tokens += funnel["completion_tokens"]
+    def update(self, run: Run, grid: dict[str, Chunk]) -> None:
+        present: dict[str, int] = {}
+        with os.scandir(run.shards) as entries:
+            for entry in entries:
+                chunk_id = entry.name.removesuffix(".done")
+                if entry.name.endswith(".done") and chunk_id in grid:
+                    present[chunk_id] = entry.inode()
+        for chunk_id in [c for c in self.counted if present.get(c) != self.counted[c].inode]:
+            del self.counted[chunk_id]
+        for chunk_id, inode in present.items():
+            if chunk_id not in self.counted:
+                self._add(run, grid[chunk_id], inode)
 
-    def _finished_after_start(self, marker: dict[str, Any]) -> bool:
+    def _add(self, run: Run, chunk: Chunk, inode: int) -> None:
+        result = shards.check(run, chunk, deep=False)
+        if not result.done or result.marker is None:
+            return  # damaged or being replaced: the reconciliation deals with it
+        marker = result.marker
+        self.counted[chunk.id] = _Counted(inode, marker["funnel"], self._after_start(marker))
+
+    def _after_start(self, marker: dict[str, Any]) -> bool:
         try:
             return datetime.fromisoformat(marker["finished_at"]).timestamp() >= self.began
-        except (KeyError, ValueError):
+        except (KeyError, TypeError, ValueError):
             return False
+
+    def _sum(self, key: str, recent_only: bool = False) -> int:
+        return sum(
+            int(c.funnel.get(key, 0)) for c in self.counted.values() if c.recent or not recent_only
+        )
+
+    @property
+    def prompts(self) -> int:
+        return self._sum("prompts")
+
+    @property
+    def records(self) -> int:
+        return self._sum("kept")
+
+    @property
+    def completion_tokens(self) -> int:
+        return self._sum("completion_tokens")
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self._sum("prompt_tokens")
+
+    @property
+    def fixer_ran(self) -> int:
+        return self._sum("fixer_ran")
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for counted in self.counted.values():
+            for reason, count in counted.funnel.get("dropped", {}).items():
+                totals[reason] = totals.get(reason, 0) + int(count)
+        return totals
 
     def line(self) -> str:
         elapsed = max(time.time() - self.began, 1e-9)
-        rate = self.recent_prompts / elapsed
-        left = self.total_prompts - self.prompts
+        prompts = self.prompts
+        rate = self._sum("prompts", recent_only=True) / elapsed
+        left = self.total_prompts - prompts
         eta = f"{left / rate / 60:.1f} min" if rate > 0 and left else ("0 min" if not left else "?")
-        kept = 100.0 * self.records / self.prompts if self.prompts else 0.0
+        kept = 100.0 * self.records / prompts if prompts else 0.0
         return (
-            f"chunks {len(self.done)}/{self.total_chunks} | records {self.records} "
-            f"({kept:.0f}% kept) | {self.recent_records / elapsed:.2f} records/s | "
-            f"{self.recent_tokens / elapsed:.0f} tokens/s | ETA {eta}"
+            f"chunks {len(self.counted)}/{self.total_chunks} | records {self.records} "
+            f"({kept:.0f}% kept) | {self._sum('kept', True) / elapsed:.2f} records/s | "
+            f"{self._sum('completion_tokens', True) / elapsed:.0f} tokens/s | ETA {eta}"
         )
+
+
+def ranges(chunk_ids: list[str]) -> str:
+    """Chunk ids as the prompt ranges a user reads: `[0, 5), [10, 15)`."""
+    shown = []
+    for chunk_id in sorted(chunk_ids)[:5]:
+        start, end = (int(part) for part in chunk_id.split("-"))
+        shown.append(f"[{start}, {end})")
+    more = f" and {len(chunk_ids) - 5} more" if len(chunk_ids) > 5 else ""
+    return ", ".join(shown) + more
 
 
 class Launcher:
@@ -168,41 +233,57 @@ class Launcher:
         self,
         run: Run,
         connection: redis.Redis,
-        worker_url: str,
+        worker_url: str | None,
         specs: list[WorkerSpec],
         on_event: Callable[[str], None],
         on_progress: Callable[[Progress], None],
         heartbeat: float = 10.0,
         policy: JobPolicy | None = None,
+        revive: Callable[[], None] | None = None,
+        output: Path | None = None,
         config_path: Path | None = None,
     ) -> None:
         self.run, self.connection, self.worker_url = run, connection, worker_url
         self.config_path = config_path
-        self.slots = [_Slot(spec) for spec in specs]
         self.on_event, self.on_progress = on_event, on_progress
         self.heartbeat, self.policy = heartbeat, policy or JobPolicy()
+        self.revive, self.output = revive, output
         self.queue = chunk_queue(connection, run)
         self.janitor = Janitor(self.queue, ttl=3 * heartbeat + 5)
-        self.progress = Progress(len(run.chunks()), run.end - run.start)
+        self.grid = {chunk.id: chunk for chunk in run.chunks()}
+        self.progress = Progress(len(self.grid), run.end - run.start)
+        # Unique per launcher: two runs (or two launchers of one run) never share a log.
+        stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+        logs = run.path / "logs"
+        self.slots = [_Slot(spec, logs / f"worker-{spec.name}-{stamp}.log") for spec in specs]
+        self.rounds = 0  # times chunks that ran out of retries were queued again
+        self.revivals = 0  # consecutive restarts of the embedded server
         self._logs: list[IO[bytes]] = []
 
     # --- the whole run --------------------------------------------------------------------
     def execute(self) -> Progress:
         """Enqueue, run workers until every chunk is done, stop them. Raises LaunchError if
-        the run cannot complete, KeyboardInterrupt (after stopping the workers) if asked to."""
-        enqueue(self.connection, self.run, self.policy)
-        self.progress.update(self.run)
+        the run cannot complete, KeyboardInterrupt (after stopping the workers) if asked to,
+        HangUp (after a cold stop) when the terminal went away."""
+        self._report(enqueue(self.connection, self.run, self.policy))
+        self.progress.update(self.run, self.grid)
         if self._complete():
             return self.progress
+        previous = signal.signal(signal.SIGHUP, _hang_up)
+        stop = signal.SIGTERM
         try:
             for slot in self.slots:
                 self._start(slot)
             self._supervise()
+        except HangUp:
+            stop = signal.SIGHUP  # a worker's cold stop: its chunks go back to the queue
+            raise
         except KeyboardInterrupt:
             self._interrupt()
             raise
         finally:
-            self._stop_all(signal.SIGTERM, wait=60)
+            signal.signal(signal.SIGHUP, previous)
+            self._stop_all(stop, wait=60)
             for handle in self._logs:
                 handle.close()
         return self.progress
@@ -210,58 +291,109 @@ class Launcher:
     def _complete(self) -> bool:
         """Every chunk has a marker, and every shard matches it (hashed once per shard: the
         verification cache remembers what was already checked)."""
-        if len(self.progress.done) != self.progress.total_chunks:
+        if len(self.progress.counted) != self.progress.total_chunks:
             return False
         verified = shards.Verified(self.run)
-        complete = all(verified.check(chunk).done for chunk in self.run.chunks())
+        complete = all(verified.check(chunk).done for chunk in self.grid.values())
         verified.save()
         return complete
 
     def _supervise(self) -> None:
-        rounds, last_sweep, last_failed_check = 0, 0.0, time.monotonic()
+        last_sweep, last_reconcile, interval = 0.0, time.monotonic(), RECONCILE_MIN
         while True:
-            self.progress.update(self.run)
+            self.progress.update(self.run, self.grid)
             self.on_progress(self.progress)
             if self._complete():
                 return
-            for slot in self.slots:
-                self._tend(slot)
             if all(slot.given_up for slot in self.slots):
                 raise LaunchError(
                     f"every worker kept failing; see {self.run.path / 'logs'} "
                     "(rerun the same command to resume)"
                 )
             now = time.monotonic()
-            if now - last_sweep >= min(self.heartbeat, 15.0):
-                last_sweep = now
-                self.janitor.sweep()
-            if now - last_failed_check >= 5.0:
-                last_failed_check = now
-                rounds = self._requeue_failed(rounds)
+            try:
+                for slot in self.slots:
+                    self._tend(slot)
+                if now - last_sweep >= min(self.heartbeat, 15.0):
+                    last_sweep = now
+                    self.janitor.sweep()
+                since = now - last_reconcile
+                if since >= interval or (since >= 2.0 and self._stuck()):
+                    self._reconcile()
+                    last_reconcile = time.monotonic()
+                    # a large run's reconciliation costs more: keep it a small share of time
+                    interval = max(RECONCILE_MIN, 20 * (last_reconcile - now))
+                self.revivals = 0
+            except redis.ConnectionError as exc:
+                self._lost_redis(exc)
             time.sleep(0.5)
 
-    def _requeue_failed(self, rounds: int) -> int:
-        """Chunks whose retries ran out: queue them afresh a few times, then give up."""
-        if not failed_chunks(self.queue, self.run):
-            return rounds
-        if rounds >= REENQUEUE_ROUNDS:
-            raise LaunchError(
-                f"chunks keep failing after {REENQUEUE_ROUNDS} rounds of retries; see "
-                f"{self.run.path / 'logs'} and 'zoi status --run {self.run.path}'"
-            )
+    def _stuck(self) -> bool:
+        """Whether waiting cannot help: every chunk is counted but the run is not complete
+        (a shard was damaged after its marker was written), or chunks ran out of retries."""
+        if len(self.progress.counted) == self.progress.total_chunks:
+            return True
+        return bool(failed_chunks(self.queue, self.run))
+
+    def _reconcile(self) -> None:
+        """Make the queue match the disk again: chunks that are neither done nor in hand
+        (Redis lost them, their shard was damaged, they ran out of retries) are queued
+        afresh. Failed chunks are queued again only a few times before the run gives up."""
+        failed = self._failed_chunks()
+        if failed and self.rounds >= REENQUEUE_ROUNDS:
+            raise LaunchError(self._failing_message(failed))
         report = enqueue(self.connection, self.run, self.policy)
-        if report.enqueued:
-            self.on_event(f"queued {report.enqueued} failed chunks again")
-        return rounds + 1
+        self._report(report)
+        if report.replaced.get("failed"):
+            self.rounds += 1
+
+    def _report(self, report: EnqueueReport) -> None:
+        """Say what an enqueue changed: nothing is set aside or queued again silently."""
+        for bad in report.bad_shards:
+            self.on_event(f"set aside damaged chunk {bad}; it runs again")
+        failed = report.replaced.get("failed", 0)
+        if failed:
+            self.on_event(f"queued {failed} failed chunks again")
+        again = report.enqueued - failed - len(report.bad_shards)
+        if again > 0 and self.slots[0].process is not None:
+            self.on_event(f"queued {again} chunks again that the queue had lost")
+
+    def _failed_chunks(self) -> list[str]:
+        """This run's chunks that ran out of retries and are still not done."""
+        failed = failed_chunks(self.queue, self.run)
+        return [c.id for c in failed if c.id not in self.progress.counted]
+
+    def _failing_message(self, failed: list[str]) -> str:
+        done = len(self.progress.counted)
+        way_out = f"'zoi merge --run {self.run.path} -o OUTPUT --allow-partial'"
+        if self.output is not None:
+            way_out = way_out.replace("OUTPUT", str(self.output))
+        return (
+            f"chunks {ranges(failed)} keep failing after {REENQUEUE_ROUNDS} rounds of "
+            f"retries (see {self.run.path / 'logs'} and 'zoi status --run {self.run.path}'); "
+            f"{done} of {self.progress.total_chunks} chunks are done, and {way_out} writes "
+            "their records without the failing ones"
+        )
+
+    def _lost_redis(self, exc: redis.ConnectionError) -> None:
+        """The run's embedded server died: start it again (its append-only file still holds
+        the queue) and carry on. A server given by URL is the user's to restart."""
+        if self.revive is None or self.revivals >= REVIVALS:
+            raise exc
+        self.revivals += 1
+        self.on_event(f"lost Redis ({exc}); restarting the run's embedded server")
+        self.revive()
 
     # --- workers ---------------------------------------------------------------------------
     def _start(self, slot: _Slot) -> None:
-        logs = self.run.path / "logs"
-        logs.mkdir(exist_ok=True)
-        handle = (logs / f"worker-{slot.spec.name}.log").open("ab")
+        slot.log_file.parent.mkdir(exist_ok=True)
+        handle = slot.log_file.open("ab")
         self._logs.append(handle)
+        slot.log_offset = handle.tell()
         slot.process = subprocess.Popen(
-            slot.spec.command(self.run.path, self.heartbeat, self.config_path),
+            slot.spec.command(
+                self.run.path.resolve(), self.heartbeat, parent=os.getpid(), config=self.config_path
+            ),
             env=slot.spec.environment(dict(os.environ), self.worker_url),
             stdin=subprocess.DEVNULL,
             stdout=handle,
@@ -271,7 +403,8 @@ class Launcher:
         slot.started, slot.restart_at = time.monotonic(), None
 
     def _tend(self, slot: _Slot) -> None:
-        """Restart a dead worker, after a backoff that grows while it keeps dying quickly."""
+        """Restart a dead worker, after a backoff that grows while it keeps dying quickly.
+        A worker that exits 2 was given something unusable: restarting cannot help."""
         if slot.given_up:
             return
         now = time.monotonic()
@@ -283,25 +416,39 @@ class Launcher:
         if slot.process is None or slot.process.poll() is None:
             return
         code = slot.process.returncode
+        if code == USER_ERROR:
+            raise WorkerRefused(self._user_error(slot))
         released = self.janitor.release_worker(f"{slot.spec.name}-{slot.process.pid}-")
         if released:
             self.on_event(f"returned {released} chunks of worker {slot.spec.name} to the queue")
         quick = now - slot.started < QUICK
         slot.quick_failures = slot.quick_failures + 1 if quick else 1
-        log_file = self.run.path / "logs" / f"worker-{slot.spec.name}.log"
         if slot.quick_failures >= MAX_QUICK_FAILURES:
             slot.given_up = True
             self.on_event(
                 f"worker {slot.spec.name} died {slot.quick_failures} times in a row "
-                f"(exit {code}); giving it up (log: {log_file})"
+                f"(exit {code}); giving it up (log: {slot.log_file})"
             )
             return
         delay = min(2.0 ** (slot.quick_failures - 1), 60.0)
         slot.restart_at = now + delay
         self.on_event(
             f"worker {slot.spec.name} exited with code {code}; restarting in "
-            f"{delay:.0f} s (log: {log_file})"
+            f"{delay:.0f} s (log: {slot.log_file})"
         )
+
+    def _user_error(self, slot: _Slot) -> str:
+        """The worker's own error line, from what this process wrote to its log."""
+        try:
+            with slot.log_file.open("rb") as handle:
+                handle.seek(slot.log_offset)
+                text = handle.read().decode("utf-8", errors="replace")
+        except OSError:
+            text = ""
+        errors = [line for line in text.splitlines() if line.startswith(ERROR_PREFIX)]
+        if errors:
+            return f"worker {slot.spec.name}: {errors[-1].removeprefix(ERROR_PREFIX)}"
+        return f"worker {slot.spec.name} exited with code {USER_ERROR}; see {slot.log_file}"
 
     def _signal_all(self, sig: int) -> None:
         for slot in self.slots:
@@ -333,3 +480,17 @@ class Launcher:
             self.on_event("stopping at once: the chunks in hand go back to the queue")
             time.sleep(1.1)
             self._signal_all(signal.SIGTERM)
+
+
+class HangUp(ZoiError):
+    """The launcher's terminal went away (SIGHUP): the workers were stopped at once."""
+
+    exit_code = 129
+
+
+def _hang_up(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # one cold stop, however many hang-ups
+    raise HangUp(
+        "hung up: the workers stopped at once and their chunks go back to the queue "
+        "(rerun the same command to resume)"
+    )

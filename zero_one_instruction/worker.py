@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import json
 import logging
 import math
 import os
 import secrets
+import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -437,6 +440,53 @@ class ChunkWorker(SimpleWorker):
                     self.revive()
             except Exception:  # the thread must outlive any one bad beat or sweep
                 log.exception("heartbeat or janitor sweep failed; trying again")
+
+
+PARENT_POLL = 1.0  # seconds between checks that the launcher still runs
+_PR_SET_PDEATHSIG = 1
+
+
+def exit_with_parent(parent: int) -> None:
+    """Stop at once (a cold stop) when the launcher `parent` is gone, even if it was killed
+    with SIGKILL: a worker runs in its own session, so nothing else would ever stop it, and
+    it would hold its engine, its GPUs and the embedded server forever. Linux sends SIGHUP
+    on the parent's death (PR_SET_PDEATHSIG); a thread that polls the parent pid covers the
+    other systems and a parent that died before this ran. The chunks in hand go back to the
+    queue, and the engine reaper takes the engine's processes down with the worker."""
+    signal.signal(signal.SIGHUP, _parent_gone)
+    _set_parent_death_signal(signal.SIGHUP)
+    watcher = threading.Thread(
+        target=_watch_parent, args=(parent,), name="parent-watch", daemon=True
+    )
+    watcher.start()
+
+
+def _set_parent_death_signal(sig: int) -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    except (OSError, AttributeError) as exc:
+        log.warning("no parent-death signal (%s); polling the parent instead", exc)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL)
+    os.kill(os.getpid(), signal.SIGHUP)
+
+
+def _parent_gone(signum: int, frame: object) -> None:
+    """A cold stop, once: later signals must not interrupt the clean-up (returning the
+    chunks in hand, closing the engine, leaving the embedded server)."""
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    log.warning(
+        "the launcher is gone or hung up: stopping at once; the chunks in hand go back to the queue"
+    )
+    raise SystemExit(1)
 
 
 def worker_name(name: str | None) -> str:

@@ -21,6 +21,8 @@ import signal
 import subprocess
 import sys
 
+from ..safepath import python_module
+
 POLL_SECONDS = 1.0
 
 
@@ -85,7 +87,7 @@ def guard_children() -> Reaper:
     """Start a reaper for this process's present and future children."""
     read_end, write_end = os.pipe()
     process = subprocess.Popen(
-        [sys.executable, "-m", __name__, str(read_end), str(os.getpid())],
+        [*python_module(__name__), str(read_end), str(os.getpid())],
         pass_fds=(read_end,),
         stdin=subprocess.DEVNULL,
         start_new_session=True,  # a Ctrl-C to the worker's group must not kill the reaper
