@@ -54,6 +54,22 @@ def enqueue_run(config: Path, run: Path, prompts: int, chunk: int, *extra: str) 
     )
 
 
+def run_args(config: Path, out: Path, prompts: int, chunk: int, *extra: str) -> list[str]:
+    """`zoi run` arguments for prompts [0, prompts) in chunks of `chunk`, writing `out`."""
+    return [
+        "run",
+        "-c",
+        str(config),
+        "--num-prompts",
+        str(prompts),
+        "--chunk-size",
+        str(chunk),
+        "-o",
+        str(out),
+        *extra,
+    ]
+
+
 def worker(run: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [ZOI, "worker", "--run", str(run), *FAST, *extra],

@@ -18,6 +18,7 @@ from zero_one_instruction.engines.vllm import read_chat_template
 from zero_one_instruction.pipeline import Outcome, StepTrace
 from zero_one_instruction.rundir import Chunk, open_run
 
+from . import queue_helpers
 from .clitools import assert_one_line_error
 from .clitools import zoi as zoi_inline
 from .queue_helpers import (
@@ -36,19 +37,7 @@ N, CHUNK = 10, 5
 
 
 def run_args(config: Path, out: Path, run: Path) -> list[str]:
-    return [
-        "run",
-        "-c",
-        str(config),
-        "--num-prompts",
-        str(N),
-        "--chunk-size",
-        str(CHUNK),
-        "-o",
-        str(out),
-        "--run",
-        str(run),
-    ]
+    return queue_helpers.run_args(config, out, N, CHUNK, "--run", str(run))
 
 
 def generated(config: Path, out: Path) -> bytes:

@@ -15,6 +15,7 @@ import pytest
 from zero_one_instruction.gpus import GpuError, groups, select
 from zero_one_instruction.launcher import plan
 
+from . import queue_helpers
 from .clitools import assert_one_line_error, zoi
 from .queue_helpers import ENV, ZOI, ok, requests_per_seed, scripted_config, wait_until
 
@@ -103,18 +104,7 @@ def reference(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
 
 
 def run_args(config: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "run",
-        "-c",
-        str(config),
-        "--num-prompts",
-        str(N),
-        "--chunk-size",
-        "5",
-        "-o",
-        str(out),
-        *extra,
-    ]
+    return queue_helpers.run_args(config, out, N, 5, *extra)
 
 
 def test_run_spawns_one_worker_per_group_with_its_environment(reference, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import psutil
 import pytest
 import redis
 
+from . import queue_helpers
 from .queue_helpers import ENV, ZOI, enqueue_run, ok, scripted_config, wait_until
 
 N = 60
@@ -36,18 +37,7 @@ def reference(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def run_args(config: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "run",
-        "-c",
-        str(config),
-        "--num-prompts",
-        str(N),
-        "--chunk-size",
-        str(CHUNK),
-        "-o",
-        str(out),
-        *extra,
-    ]
+    return queue_helpers.run_args(config, out, N, CHUNK, *extra)
 
 
 _launched: list[subprocess.Popen[str]] = []

@@ -368,7 +368,7 @@ def test_status_reports_progress_and_funnel(setup) -> None:
 
 def test_warm_stop_finishes_the_chunks_in_hand_and_takes_no_more(tmp_path: Path) -> None:
     log = tmp_path / "requests.log"
-    config = scripted_config(tmp_path, delay=0.15, log=log)
+    config = scripted_config(tmp_path, delay=0.5, log=log)
     run = tmp_path / "run"
     enqueue_run(config, run, 40, 8)
     proc = worker(run, "--name", "warm")
