@@ -9,7 +9,8 @@ Responses: plain text, or `!error` (RequestError), `!dead` (EngineDead), `!raise
 (RuntimeError), `!empty` (""),
 `!length:TEXT` (TEXT cut off at max_tokens), `!cut:TEXT` (TEXT and half an emoji: a lone
 surrogate). `delay` makes every request take that long; `refuse` makes the engine refuse to
-start with that message (a ConfigError, as a bad engine argument gives). `log` names a file
+start with that message (a ConfigError, as a bad engine argument gives), only in the worker
+whose CUDA_VISIBLE_DEVICES is `refuse_on` if that is given. `log` names a file
 that gets a line per request, so tests can count how often each request ran across worker
 processes. Options come from `engine_kwargs` and `hardware_kwargs`, so CLI runs can script it
 too; `engine: "tests.scripted_engine:ScriptedEngine"`.
@@ -45,8 +46,9 @@ class ScriptedEngine:
         self.rules: dict[str, dict[str, str]] = dict(options.get("rules", {}))
         self.delay = float(options.get("delay", 0.0))
         self.log = options.get("log")  # a file: one line per request, any process
-        if options.get("refuse"):  # an engine argument the engine cannot use: a user error
-            raise ConfigError(f"engine_kwargs: {options['refuse']}")
+        refused_gpus = options.get("refuse_on")  # only the worker of these GPUs refuses
+        if options.get("refuse") and refused_gpus in (None, os.environ.get("CUDA_VISIBLE_DEVICES")):
+            raise ConfigError(f"engine_kwargs: {options['refuse']}")  # a user error
         if options.get("env_log"):  # what the process was given: GPUs and TP
             seen = {
                 "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),

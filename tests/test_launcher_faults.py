@@ -315,6 +315,43 @@ def test_worker_user_error_stops_the_run_with_its_own_message(tmp_path: Path) ->
     assert not any(line.startswith("zoi: error:") for line in lines[:-1])
 
 
+def test_one_group_refusing_leaves_the_other_groups_working(tmp_path: Path) -> None:
+    """A refusal may be one group's own trouble (its GPU): that group is given up with its
+    line, and the other groups finish the run."""
+    config = tmp_path / "one-refuses.yml"
+    config.write_text(
+        "model_name: m\nengine: 'tests.scripted_engine:ScriptedEngine'\n"
+        "engine_kwargs: {refuse: 'this GPU is broken', refuse_on: '1', delay: 0.3}\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "out.jsonl"
+    env = {**ENV, "CUDA_VISIBLE_DEVICES": "0,1"}
+    done = subprocess.run(
+        [
+            ZOI,
+            "run",
+            "-c",
+            str(config),
+            "--num-prompts",
+            "16",
+            "--chunk-size",
+            "2",
+            "--tp",
+            "1",
+            "-o",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "engine_kwargs: this GPU is broken; giving worker" in done.stderr
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 16
+
+
 def test_a_chunk_that_keeps_failing_is_named_with_the_way_out(tmp_path: Path) -> None:
     config = tmp_path / "bug.yml"
     config.write_text(

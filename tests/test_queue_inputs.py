@@ -148,7 +148,7 @@ def test_bad_redis_urls(made_run: tuple[Path, Path], tmp_path: Path) -> None:
 
 
 def _check_urls(status: list[str], port: int) -> None:
-    assert_one_line_error(zoi(*status, "redis://127.0.0.1:1/0"), "cannot reach Redis")
+    assert_one_line_error(zoi(*status, "redis://127.0.0.1:1/0"), "cannot reach Redis", code=1)
     assert_one_line_error(zoi(*status, "http://example.com"), "unsupported scheme 'http'")
     wrong = f"redis://:wrong-password@127.0.0.1:{port}/0"
     line = assert_one_line_error(zoi(*status, wrong), "authentication failed")
@@ -206,7 +206,7 @@ def test_redis_url_from_the_environment(made_run: tuple[Path, Path]) -> None:
     result = CliRunner(env={"ZOI_REDIS_URL": "redis://127.0.0.1:1/0"}).invoke(
         main, ["status", "--run", str(run)]
     )
-    assert_one_line_error(result, "cannot reach Redis at redis://127.0.0.1:1/0")
+    assert_one_line_error(result, "cannot reach Redis at redis://127.0.0.1:1/0", code=1)
 
 
 def test_bad_enqueue_flags(tmp_path: Path) -> None:

@@ -187,7 +187,7 @@ def _ping(client: redis.Redis, shown: str) -> redis.Redis:
     except redis.ResponseError as exc:
         raise refusal(exc, f"Redis at {shown}") or BrokerError(f"Redis at {shown}: {exc}") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        raise BrokerError(f"cannot reach Redis at {shown} ({exc})") from None
+        raise BrokerEnvironmentError(f"cannot reach Redis at {shown} ({exc})") from None
     return client
 
 
@@ -353,7 +353,7 @@ def _recorded_server(data_dir: Path, run_path: Path, held: bool, legacy: bool) -
         if record is not None and (record[0] == socket.gethostname() or _answers(record[2])):
             return record[2]
         if record is None:
-            raise BrokerError(
+            raise BrokerEnvironmentError(
                 f"the embedded Redis of {run_path} is still running or shutting down but left "
                 f"no {SERVER_FILE}; try again in a moment"
             )
@@ -498,7 +498,9 @@ def _embedded(data_dir: Path, run_path: Path, role: str) -> redis.Redis:
         if running is not None:
             if _wait_for(running, START_TIMEOUT):
                 return _client(running, role)
-            raise BrokerError(f"the embedded Redis of {run_path} ({running}) does not answer")
+            raise BrokerEnvironmentError(
+                f"the embedded Redis of {run_path} ({running}) does not answer"
+            )
         sock = _start(data_dir, run_path)
         client = _client(sock, role)
         record = {

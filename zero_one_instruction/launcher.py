@@ -118,6 +118,7 @@ class _Slot:
     quick_failures: int = 0
     restart_at: float | None = None
     given_up: bool = False
+    refusal: str | None = None  # the worker's own line when it exited USER_ERROR
     restarts: int = 0
 
 
@@ -306,6 +307,9 @@ class Launcher:
             if self._complete():
                 return
             if all(slot.given_up for slot in self.slots):
+                refusals = [slot.refusal for slot in self.slots if slot.refusal]
+                if len(refusals) == len(self.slots):
+                    raise WorkerRefused(refusals[0])
                 raise LaunchError(
                     f"every worker kept failing; see {self.run.path / 'logs'} "
                     "(rerun the same command to resume)"
@@ -404,7 +408,10 @@ class Launcher:
 
     def _tend(self, slot: _Slot) -> None:
         """Restart a dead worker, after a backoff that grows while it keeps dying quickly.
-        A worker that exits 2 was given something unusable: restarting cannot help."""
+        A worker that exits 2 was given something unusable: restarting cannot help, so its
+        group is given up at once with the worker's own line. Only that group: the others
+        may be fine (one group's bad GPU), and when every group refused (a config error hits
+        them all) the run stops with that line."""
         if slot.given_up:
             return
         now = time.monotonic()
@@ -416,11 +423,13 @@ class Launcher:
         if slot.process is None or slot.process.poll() is None:
             return
         code = slot.process.returncode
-        if code == USER_ERROR:
-            raise WorkerRefused(self._user_error(slot))
         released = self.janitor.release_worker(f"{slot.spec.name}-{slot.process.pid}-")
         if released:
             self.on_event(f"returned {released} chunks of worker {slot.spec.name} to the queue")
+        if code == USER_ERROR:
+            slot.given_up, slot.refusal = True, self._user_error(slot)
+            self.on_event(f"{slot.refusal}; giving worker {slot.spec.name} up")
+            return
         quick = now - slot.started < QUICK
         slot.quick_failures = slot.quick_failures + 1 if quick else 1
         if slot.quick_failures >= MAX_QUICK_FAILURES:

@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, ZoiError
+from ..errors import ConfigError, EnvironmentFailure, ZoiError
 from ..gpus import default_tensor_parallel_size
 from .base import Completion, EngineDead, Request, RequestError
 from .reaper import guard_children
@@ -261,7 +261,7 @@ class VLLMEngine:
             self._reaper.release()
             if not isinstance(exc, Exception):
                 raise
-            raise ZoiError(
+            raise EnvironmentFailure(  # out of memory, a busy GPU: not the input's fault
                 f"engine vllm: could not start on {config.model_name}: {exc} "
                 "(vLLM's log above has the cause)"
             ) from None
