@@ -84,6 +84,18 @@ def test_corrupt_run_file(made_run: tuple[Path, Path]) -> None:
     assert_one_line_error(zoi("worker", "--run", str(run)), "run.json: corrupt run file")
 
 
+def test_a_run_made_by_an_older_zoi_is_named_as_such(made_run: tuple[Path, Path]) -> None:
+    """Its prompt hash and template rules differ from today's: saying "another configuration"
+    would send the user looking for a change they never made."""
+    _, run = made_run
+    path = run / "run.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["format"] = 1
+    path.write_text(json.dumps(data), encoding="utf-8")
+    for command in (("status", "--run", str(run)), ("worker", "--run", str(run))):
+        assert_one_line_error(zoi(*command), "made by an older zoi (run format 1", "new run")
+
+
 def test_merge_never_writes_into_a_run_or_over_its_inputs(
     made_run: tuple[Path, Path], tmp_path: Path
 ) -> None:

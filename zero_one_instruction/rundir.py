@@ -27,7 +27,9 @@ RUN_FILE = "run.json"
 # Only the owner may enter a new run directory: it holds the Redis data (every job's arguments),
 # the frozen config and the shards. An existing directory keeps the mode its owner gave it.
 RUN_DIR_MODE = 0o700
-FORMAT = 1
+# 2: the base prompts' hash became length-prefixed and templates are checked exactly, so a run
+# of format 1 cannot be reopened as it was made.
+FORMAT = 2
 HARDWARE_KEYS = ("gpu_memory_utilization", "tensor_parallel_size", "batch_size", "hardware_kwargs")
 # Each chunk is a queue job (about 1.2 KB of Redis memory) and four files in one directory.
 # 100,000 chunks measured 122 MB in Redis, a 57 s enqueue and a 13 s status on two cores;
@@ -225,6 +227,15 @@ def _read(path: Path) -> dict[str, Any]:
         raise RunError(f"{path}: not a run directory (no {RUN_FILE})")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
+        if (
+            isinstance(data, dict)
+            and isinstance(data.get("format"), int)
+            and data["format"] < FORMAT
+        ):
+            raise RunError(
+                f"{file}: made by an older zoi (run format {data['format']}, this one reads "
+                f"{FORMAT}); finish or merge it with the version that made it, or start a new run"
+            )
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(
                 f"unknown format {data.get('format') if isinstance(data, dict) else data!r}"
