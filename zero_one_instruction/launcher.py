@@ -29,6 +29,7 @@ from . import shards
 from .errors import ZoiError
 from .janitor import Janitor
 from .jobs import chunk_queue, failed_chunks
+from .merger import describe_ranges, index_ranges
 from .producer import EnqueueReport, JobPolicy, enqueue
 from .rundir import Chunk, Run
 from .safepath import python_module
@@ -142,10 +143,6 @@ class Progress:
     began: float = field(default_factory=time.time)
     counted: dict[str, _Counted] = field(default_factory=dict)
 
-    @property
-    def done(self) -> set[str]:
-        return set(self.counted)
-
     def update(self, run: Run, grid: dict[str, Chunk]) -> None:
         present: dict[str, int] = {}
         with os.scandir(run.shards) as entries:
@@ -217,16 +214,6 @@ class Progress:
             f"({kept:.0f}% kept) | {self._sum('kept', True) / elapsed:.2f} records/s | "
             f"{self._sum('completion_tokens', True) / elapsed:.0f} tokens/s | ETA {eta}"
         )
-
-
-def ranges(chunk_ids: list[str]) -> str:
-    """Chunk ids as the prompt ranges a user reads: `[0, 5), [10, 15)`."""
-    shown = []
-    for chunk_id in sorted(chunk_ids)[:5]:
-        start, end = (int(part) for part in chunk_id.split("-"))
-        shown.append(f"[{start}, {end})")
-    more = f" and {len(chunk_ids) - 5} more" if len(chunk_ids) > 5 else ""
-    return ", ".join(shown) + more
 
 
 class Launcher:
@@ -362,18 +349,19 @@ class Launcher:
         if again > 0 and self.slots[0].process is not None:
             self.on_event(f"queued {again} chunks again that the queue had lost")
 
-    def _failed_chunks(self) -> list[str]:
+    def _failed_chunks(self) -> list[Chunk]:
         """This run's chunks that ran out of retries and are still not done."""
         failed = failed_chunks(self.queue, self.run)
-        return [c.id for c in failed if c.id not in self.progress.counted]
+        return [c for c in failed if c.id not in self.progress.counted]
 
-    def _failing_message(self, failed: list[str]) -> str:
+    def _failing_message(self, failed: list[Chunk]) -> str:
         done = len(self.progress.counted)
         way_out = f"'zoi merge --run {self.run.path} -o OUTPUT --allow-partial'"
         if self.output is not None:
             way_out = way_out.replace("OUTPUT", str(self.output))
+        chunks = describe_ranges(index_ranges(failed), 5)
         return (
-            f"chunks {ranges(failed)} keep failing after {REENQUEUE_ROUNDS} rounds of "
+            f"chunks {chunks} keep failing after {REENQUEUE_ROUNDS} rounds of "
             f"retries (see {self.run.path / 'logs'} and 'zoi status --run {self.run.path}'); "
             f"{done} of {self.progress.total_chunks} chunks are done, and {way_out} writes "
             "their records without the failing ones"

@@ -41,14 +41,6 @@ def marker_path(directory: Path, chunk: Chunk) -> Path:
     return directory / f"{chunk.id}.done"
 
 
-def chunk_of_id(chunk_id: str) -> Chunk | None:
-    """The chunk a shard file name stands for; None for a name that no chunk has."""
-    start, sep, end = chunk_id.partition("-")
-    if not (sep and start.isdigit() and end.isdigit()):
-        return None
-    return Chunk(int(start), int(end))
-
-
 def record_line(outcome: Outcome, system: str) -> str:
     """A kept record as a shard line: the output record without its id."""
     record = original_record("", outcome.question or "", outcome.answer or "", system)
