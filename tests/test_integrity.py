@@ -188,6 +188,24 @@ def test_a_worker_cannot_bring_data_settings_as_hardware(tmp_path: Path) -> None
     )
 
 
+def test_a_worker_checks_the_engine_arguments_frozen_in_the_run(tmp_path: Path) -> None:
+    """Without -c a worker takes run.json's config, which no config load checked (a run of
+    another version, or one edited by hand): its engine arguments are checked before the
+    engine is built."""
+    from zero_one_instruction.config import load_config
+    from zero_one_instruction.rundir import create_or_open
+
+    run = tmp_path / "run"
+    create_or_open(run, load_config(vllm_config(tmp_path, "")), 0, 4, 2)
+    path = run / "run.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["config"]["hardware_kwargs"] = {"seed": 7}  # outside the fingerprint
+    path.write_text(json.dumps(data), encoding="utf-8")
+    assert_one_line_error(
+        zoi_inline("worker", "--run", str(run)), "run.json", "hardware_kwargs.seed"
+    )
+
+
 def test_hardware_kwargs_of_the_allowlist_pass(tmp_path: Path) -> None:
     config = vllm_config(
         tmp_path,

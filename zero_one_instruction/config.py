@@ -255,12 +255,13 @@ def parse_config(data: Any, source: str, base: Path | None = None) -> Config:
         config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_first_error(exc)}") from None
-    _check_engine_arguments(config, source)
+    check_engine_arguments(config, source)
     return _resolve_paths(config, base, source) if base is not None else config
 
 
-def _check_engine_arguments(config: Config, source: str) -> None:
-    """vLLM's arguments are known, so they are checked when the config loads; another engine
+def check_engine_arguments(config: Config, source: str) -> None:
+    """vLLM's arguments are known, so they are checked when the config loads (and before a
+    worker builds its engine from a run's frozen config); another engine
     reads its own `engine_kwargs` and `hardware_kwargs` and answers for them itself."""
     if config.engine != "vllm":
         return

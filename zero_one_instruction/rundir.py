@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .config import Config
+from .config import Config, check_engine_arguments
 from .errors import ZoiError
 from .records import temporary_name
 from .seeds import PromptSource, load_source
@@ -196,8 +196,12 @@ class Run:
     def engine_config(self) -> Config:
         """The config to build the engine from: the chat template as frozen in run.json, not
         the file as it reads now. A template edited after enqueue would otherwise fail (or
-        change) every record of the chunks still to run, under the same fingerprint."""
-        return self.config.model_copy(update={"chat_template": self.spec["chat_template"]})
+        change) every record of the chunks still to run, under the same fingerprint. The
+        engine arguments are checked here too: a worker without `-c` takes them from run.json,
+        which a config load never saw (a run made by another version, or edited by hand)."""
+        config = self.config.model_copy(update={"chat_template": self.spec["chat_template"]})
+        check_engine_arguments(config, str(self.path / RUN_FILE))
+        return config
 
     def with_tensor_parallel(self, size: int) -> Run:
         config = self.config.model_copy(update={"tensor_parallel_size": size})
