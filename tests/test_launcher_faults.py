@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -375,6 +376,35 @@ def test_a_chunk_that_keeps_failing_is_named_with_the_way_out(tmp_path: Path) ->
     partial = tmp_path / "partial.jsonl"
     ok("merge", "--run", f"{out}.run", "-o", str(partial), "--allow-partial")
     assert len(partial.read_text(encoding="utf-8").splitlines()) == 10
+
+
+def test_a_prompt_that_kills_the_engine_is_named_with_the_way_out(tmp_path: Path) -> None:
+    """Every worker dies on the chunk before it runs out of retries, so the group is given
+    up: the message gives the dying worker's own line, which names the chunks it had in hand,
+    and the merge that writes the rest."""
+    config = tmp_path / "deadly.yml"
+    config.write_text(
+        "model_name: m\nengine: 'tests.scripted_engine:ScriptedEngine'\n"
+        "prompts: {file: p.txt}\npipeline: {concurrency: 5}\n"
+        "engine_kwargs: {rules: {bug: {width: '!dead'}}}\n",
+        encoding="utf-8",
+    )
+    cases = ["case=ok"] * 15
+    cases[12] = "case=bug"
+    (tmp_path / "p.txt").write_text("\n".join(cases) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    launcher = launch(
+        "run", "-c", str(config), "--num-prompts", "15", "--chunk-size", "5", "-o", str(out)
+    )
+    _, err = launcher.communicate(timeout=240)
+    assert launcher.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("zoi: error: every worker kept failing"), last
+    held = re.search(r"the engine died: .*\(chunks in hand: (.*)\)", last)
+    assert held, last
+    ranges = [tuple(map(int, r)) for r in re.findall(r"\[(\d+), (\d+)\)", held.group(1))]
+    assert any(a <= 12 < b for a, b in ranges), last  # the deadly prompt's chunk is named
+    assert f"zoi merge --run {out}.run -o {out} --allow-partial" in last
 
 
 def test_two_launchers_never_share_a_worker_log(reference, tmp_path: Path) -> None:

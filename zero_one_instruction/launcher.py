@@ -120,6 +120,7 @@ class _Slot:
     restart_at: float | None = None
     given_up: bool = False
     refusal: str | None = None  # the worker's own line when it exited USER_ERROR
+    last_error: str | None = None  # the worker's own line at its last death
     restarts: int = 0
 
 
@@ -297,10 +298,7 @@ class Launcher:
                 refusals = [slot.refusal for slot in self.slots if slot.refusal]
                 if len(refusals) == len(self.slots):
                     raise WorkerRefused(refusals[0])
-                raise LaunchError(
-                    f"every worker kept failing; see {self.run.path / 'logs'} "
-                    "(rerun the same command to resume)"
-                )
+                raise LaunchError(self._all_failed_message())
             now = time.monotonic()
             try:
                 for slot in self.slots:
@@ -354,11 +352,24 @@ class Launcher:
         failed = failed_chunks(self.queue, self.run)
         return [c for c in failed if c.id not in self.progress.counted]
 
+    def _all_failed_message(self) -> str:
+        """Every group was given up: say why in the workers' own words (an engine that dies
+        names the chunks it had in hand, where a prompt may be what kills it), how to resume,
+        and how to get the records of the other chunks."""
+        last = next((s.last_error for s in self.slots if s.last_error), None)
+        why = f" (last: {last})" if last else ""
+        return (
+            f"every worker kept failing{why}; see {self.run.path / 'logs'}; rerun the same "
+            f"command to resume, or {self._way_out()} writes the chunks that are done"
+        )
+
+    def _way_out(self) -> str:
+        output = self.output if self.output is not None else "OUTPUT"
+        return f"'zoi merge --run {self.run.path} -o {output} --allow-partial'"
+
     def _failing_message(self, failed: list[Chunk]) -> str:
         done = len(self.progress.counted)
-        way_out = f"'zoi merge --run {self.run.path} -o OUTPUT --allow-partial'"
-        if self.output is not None:
-            way_out = way_out.replace("OUTPUT", str(self.output))
+        way_out = self._way_out()
         chunks = describe_ranges(index_ranges(failed), 5)
         return (
             f"chunks {chunks} keep failing after {REENQUEUE_ROUNDS} rounds of "
@@ -414,8 +425,9 @@ class Launcher:
         released = self.janitor.release_worker(f"{slot.spec.name}-{slot.process.pid}-")
         if released:
             self.on_event(f"returned {released} chunks of worker {slot.spec.name} to the queue")
+        slot.last_error = self._last_error(slot, code)
         if code == USER_ERROR:
-            slot.given_up, slot.refusal = True, self._user_error(slot)
+            slot.given_up, slot.refusal = True, slot.last_error
             self.on_event(f"{slot.refusal}; giving worker {slot.spec.name} up")
             return
         quick = now - slot.started < QUICK
@@ -434,7 +446,7 @@ class Launcher:
             f"{delay:.0f} s (log: {slot.log_file})"
         )
 
-    def _user_error(self, slot: _Slot) -> str:
+    def _last_error(self, slot: _Slot, code: int) -> str:
         """The worker's own error line, from what this process wrote to its log."""
         try:
             with slot.log_file.open("rb") as handle:
@@ -445,7 +457,7 @@ class Launcher:
         errors = [line for line in text.splitlines() if line.startswith(ERROR_PREFIX)]
         if errors:
             return f"worker {slot.spec.name}: {errors[-1].removeprefix(ERROR_PREFIX)}"
-        return f"worker {slot.spec.name} exited with code {USER_ERROR}; see {slot.log_file}"
+        return f"worker {slot.spec.name} exited with code {code}; see {slot.log_file}"
 
     def _signal_all(self, sig: int) -> None:
         for slot in self.slots:

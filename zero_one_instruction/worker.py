@@ -50,6 +50,7 @@ from .engines.base import EngineDead, load_engine
 from .errors import ZoiError
 from .janitor import Janitor
 from .jobs import ChunkJob, RefusedJob, chunk_queue, failed_chunks
+from .merger import describe_ranges, index_ranges
 from .pipeline import Outcome, Pipeline
 from .rundir import Chunk, Run
 
@@ -99,6 +100,8 @@ class EngineHost:
     def __init__(self, run: Run) -> None:
         self.run = run
         self.dead: BaseException | None = None
+        self.dead_chunks: list[Chunk] = []  # in flight when the engine died: a suspect may be
+        # among them, and the supervisor's message names them
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="engine-loop", daemon=True
@@ -136,6 +139,7 @@ class EngineHost:
             return await self.pipeline.evolve_sharing(indices, self._slots, started.set)
         except EngineDead as exc:
             self.dead = exc
+            self.dead_chunks.append(chunk)
             raise
 
     def cancel_all(self) -> None:
@@ -529,7 +533,8 @@ def serve(
         _context = None
         host.close()
     if host.dead is not None:
-        raise EngineDead(f"the engine died: {host.dead}")
+        held = describe_ranges(index_ranges(host.dead_chunks), 5)
+        raise EngineDead(f"the engine died: {host.dead} (chunks in hand: {held})")
     if not (worker.drained or worker._stop_requested):
         # RQ's loop ends quietly on an unexpected error; a supervisor must see a failure.
         raise WorkerStopped("the worker loop ended unexpectedly; its log has the cause")
