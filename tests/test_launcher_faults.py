@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -228,6 +229,26 @@ def test_launcher_killed_or_hung_up_leaves_no_worker_or_server(
     assert not out.exists()
     assert ok(*run_args(config, out))  # and the run resumes
     assert out.read_bytes() == expected.read_bytes()
+
+
+def test_run_directory_removed_mid_run_is_one_line_and_leaves_nothing_running(
+    reference, tmp_path: Path, strays: list[int]
+) -> None:
+    config, _ = reference
+    out = tmp_path / "out.jsonl"
+    run = Path(f"{out}.run")
+    launcher = launch(*run_args(config, out))
+    wait_until(lambda: len(markers(run)) >= 1, timeout=90, what="a chunk")
+    workers, server = workers_of(launcher), server_pid(run)
+    strays += [*workers, server]
+    shutil.rmtree(run)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 1, err
+    lines = [line for line in err.splitlines() if line.startswith("zoi: error:")]
+    assert lines == [f"zoi: error: {run}: the run directory was removed during the run"], err
+    assert "Traceback" not in err
+    wait_until(lambda: all(gone(pid) for pid in workers), timeout=60, what="workers to stop")
+    wait_until(lambda: gone(server), timeout=60, what="the embedded server to stop")
 
 
 def test_killed_embedded_server_is_revived_and_the_run_completes(reference, tmp_path: Path) -> None:

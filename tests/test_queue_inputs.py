@@ -121,6 +121,25 @@ def test_merge_never_writes_into_a_run_or_over_its_inputs(
     assert prompts.read_text(encoding="utf-8") == "一つ目\n二つ目\n"
 
 
+def test_merge_replaces_only_its_own_output_unless_told(
+    made_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """merge cannot know the config the run was made from (run.json does not name its path),
+    so an existing file it did not write, the config included, needs --overwrite; its own
+    output from an earlier merge of this run is replaced freely."""
+    config, run = made_run
+    before = config.read_bytes()
+    refused = zoi("merge", "--run", str(run), "-o", str(config), "--allow-partial")
+    assert_one_line_error(refused, str(config), "already exists (pass --overwrite")
+    assert config.read_bytes() == before
+    out = tmp_path / "out.jsonl"
+    for _ in range(2):  # the second merge replaces the first one's file
+        assert zoi("merge", "--run", str(run), "-o", str(out), "--allow-partial").exit_code == 0
+    out.write_text("edited by hand\n", encoding="utf-8")
+    refused = zoi("merge", "--run", str(run), "-o", str(out), "--allow-partial")
+    assert_one_line_error(refused, "already exists (pass --overwrite")
+
+
 def test_merge_writes_through_a_symlink_and_keeps_the_mode(
     made_run: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -129,7 +148,10 @@ def test_merge_writes_through_a_symlink_and_keeps_the_mode(
     target.write_text("old\n", encoding="utf-8")
     target.chmod(0o640)
     link.symlink_to(target)
-    assert zoi("merge", "--run", str(run), "-o", str(link), "--allow-partial").exit_code == 0
+    merge = ("merge", "--run", str(run), "-o", str(link), "--allow-partial")
+    assert_one_line_error(zoi(*merge), "already exists (pass --overwrite")
+    assert target.read_text(encoding="utf-8") == "old\n"
+    assert zoi(*merge, "--overwrite").exit_code == 0
     assert link.is_symlink() and target.read_bytes() == b""
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
 

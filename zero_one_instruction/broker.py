@@ -526,6 +526,9 @@ def release(client: redis.Redis, run_path: Path) -> None:
     only once the server is gone: a server still flushing keeps its record, so the next
     command finds it rather than a lock held by nobody it knows."""
     data_dir = run_path.resolve() / "redis"
+    if not data_dir.is_dir():
+        _stop_orphan(client)
+        return
     with _start_lock(data_dir):
         try:
             if _other_zoi_processes(client) == 0 and _shutdown(Path(url_path(client)), data_dir):
@@ -534,6 +537,19 @@ def release(client: redis.Redis, run_path: Path) -> None:
             pass
         finally:
             client.close()
+
+
+def _stop_orphan(client: redis.Redis) -> None:
+    """The run directory was deleted under a running command: its server has nothing left to
+    keep (its append-only file is gone), and no later command could find it to stop it, so
+    the last client stops it without saving rather than leave it running forever."""
+    try:
+        if _other_zoi_processes(client) == 0:
+            client.execute_command("SHUTDOWN", "NOSAVE")
+    except (redis.RedisError, OSError):
+        pass  # SHUTDOWN answers by closing the connection
+    finally:
+        client.close()
 
 
 def _shutdown(sock: Path, data_dir: Path) -> bool:

@@ -28,7 +28,7 @@ from .engines.base import EngineDead, engine_class
 from .errors import ZoiError
 from .generator import evolve_range, generate, load_inputs
 from .gpus import visible_gpus
-from .outputs import check_output, protected_inputs
+from .outputs import check_output, protected_inputs, remember_output
 from .pipeline import DROP_REASONS, FINAL_JUDGE, FIX_JUDGE, Outcome, Tally
 from .seeds import PromptSource
 from .templates import Templates
@@ -623,10 +623,15 @@ def worker_cmd(
     "--output",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="JSONL file to write (replaced if it exists).",
+    help="JSONL file to write (an existing one only if this run wrote it, or with --overwrite).",
 )
 @_id_start_option
 @click.option("--allow-partial", is_flag=True, help="Merge the done chunks of an unfinished run.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace OUTPUT if it exists and is not the file this run wrote last time.",
+)
 @click.option(
     "--format",
     "fmt",
@@ -648,6 +653,7 @@ def merge_cmd(
     output: Path,
     id_start: int,
     allow_partial: bool,
+    overwrite: bool,
     fmt: str,
     with_meta: bool,
     dedup: bool,
@@ -661,8 +667,10 @@ def merge_cmd(
     from .rundir import open_run
 
     run = open_run(run_dir)
-    check_output(output, overwrite=True, inputs=protected_inputs(run.config), runs=[run.path])
+    inputs = protected_inputs(run.config)
+    check_output(output, overwrite, inputs=inputs, runs=[run.path], owner=run.path)
     report = merge(run, output, id_start, allow_partial, fmt, with_meta, dedup)  # type: ignore[arg-type]
+    remember_output(run.path, output)
     click.echo(
         f"merged {report.merged}/{report.chunks} chunks: {report.records} records, "
         f"{report.bytes / 1e6:.1f} MB in {report.seconds:.2f} s -> {output}"
@@ -816,7 +824,6 @@ def run_cmd(
     from .gpus import groups, select
     from .launcher import Launcher, plan
     from .merger import merge
-    from .outputs import remember_output
     from .rundir import create_or_open
 
     first, last = _index_range(num_prompts, start, end)

@@ -290,6 +290,8 @@ class Launcher:
     def _supervise(self) -> None:
         last_sweep, last_reconcile, interval = 0.0, time.monotonic(), RECONCILE_MIN
         while True:
+            if not self.run.shards.is_dir():  # deleted under us: nothing can be kept now
+                raise LaunchError(f"{self.run.path}: the run directory was removed during the run")
             self.progress.update(self.run, self.grid)
             self.on_progress(self.progress)
             if self._complete():
