@@ -420,15 +420,18 @@ HubFetcher = Callable[[HubModel, Path], str]
 
 def hub_fetch(model: HubModel, work: Path) -> str:
     """Download the model's weights, tokenizer and configs into `work`; returns the commit."""
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
-
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+    except ImportError:
+        raise EnvironmentFailure(
+            "hub: needs huggingface_hub: pip install 'zero-one-instruction[real]'"
+        ) from None
     try:
         commit = HfApi().model_info(model.repo_id, revision=model.revision).sha or model.revision
         snapshot_download(
             model.repo_id, revision=commit, local_dir=work, allow_patterns=_HUB_PATTERNS
         )
-    except (HfHubHTTPError, OSError) as exc:
+    except Exception as exc:  # HTTP, connection and disk errors of several libraries
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EnvironmentFailure(f"hub: cannot download {model.repo_id}: {first}") from None
     shutil.rmtree(work / ".cache", ignore_errors=True)
