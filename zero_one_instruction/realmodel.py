@@ -376,15 +376,30 @@ def convert_gguf(gguf: Path, out: Path) -> None:
             ) from None
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float16
-    )
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with _no_tqdm():  # the GGUF reader's own progress bar ignores transformers' switch
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float16
+        )
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _no_tqdm() -> Iterator[None]:
+    """Silence plain tqdm bars (TQDM_DISABLE) for the duration, then restore the setting."""
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
 
 
 def _fetch_registry(
@@ -472,6 +487,17 @@ def _finish(work: Path) -> None:
     generation.pop("_from_model_config", None)
     generation["eos_token_id"] = list(QWEN_EOS_IDS)
     path.write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    _readable(work)
+
+
+def _readable(work: Path) -> None:
+    """Give every file the mode a new file gets here: the safetensors writer leaves its
+    weights owner-only (0600), and a model folder is meant to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in work.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
 
 
 @contextlib.contextmanager
