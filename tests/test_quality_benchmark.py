@@ -151,3 +151,14 @@ def test_scripted_run_reports_what_each_record_did(tmp_path: Path) -> None:
     assert result["kept_with_chinese"] == {4: "长", 5: "这两种"}
     text = quality.report([result])
     assert "| judge (after fix) | 1 | 0/1 (0%) | 1 | fix_rejected 1 |" in text
+
+
+def test_sets_share_one_run_and_are_summarized_apart(tmp_path: Path) -> None:
+    rules = {"no": {"judge@width": "いいえ", "judge@fix": "いいえ"}}
+    sets = {"a": ["case=yes 一", "case=no 二"], "b": ["case=no 三", "case=no 四", "case=yes 五"]}
+    first, second = quality.run_sets(
+        tmp_path, sets, None, None, {"engine_kwargs": {"rules": rules}}
+    )
+    assert (first["set"], first["prompts"], first["kept"]) == ("a", 2, 1)
+    assert (second["set"], second["prompts"], second["kept"]) == ("b", 3, 1)
+    assert second["offset"] == 2 and second["dropped"] == {"fix_rejected": 2}
