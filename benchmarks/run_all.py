@@ -3,6 +3,7 @@
 .venv/bin/python -m benchmarks.run_all            # the numbers in docs/benchmarks.md
 .venv/bin/python -m benchmarks.run_all --smoke    # tiny sizes: checks that each still runs
 .venv/bin/python -m benchmarks.run_all --only merge,enqueue
+.venv/bin/python -m benchmarks.run_all --only quality   # opt-in: needs the real 1.5B model
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ from datetime import datetime, timezone
 from .common import machine
 
 BENCHMARKS = ["occupancy", "overhead", "real_engine", "merge", "enqueue", "scaling"]
+# Run only when named in --only: a real model, 12 GiB and several minutes per run.
+OPT_IN = ["quality"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the zoi benchmarks.")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check they run")
-    parser.add_argument("--only", help="comma-separated subset of " + ", ".join(BENCHMARKS))
+    parser.add_argument(
+        "--only", help="comma-separated subset of " + ", ".join(BENCHMARKS + OPT_IN)
+    )
     args = parser.parse_args()
     chosen = args.only.split(",") if args.only else BENCHMARKS
     print(f"{machine()}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
