@@ -374,23 +374,31 @@ def test_one_group_refusing_leaves_the_other_groups_working(tmp_path: Path) -> N
     assert len(out.read_text(encoding="utf-8").splitlines()) == 16
 
 
-def test_a_chunk_that_keeps_failing_is_named_with_the_way_out(tmp_path: Path) -> None:
+def _run_with_a_bad_prompt(
+    tmp_path: Path, bad: int, rule: str, extra: str = ""
+) -> tuple[Path, str]:
+    """`zoi run` over 15 prompts in chunks of 5 where prompt `bad` meets the scripted `rule`;
+    the output path and the run's last line, which must be a failure (exit 1)."""
     config = tmp_path / "bug.yml"
     config.write_text(
         "model_name: m\nengine: 'tests.scripted_engine:ScriptedEngine'\n"
-        "prompts: {file: p.txt}\nengine_kwargs: {rules: {bug: {depth: '!raise'}}}\n",
+        f"prompts: {{file: p.txt}}\n{extra}engine_kwargs: {{rules: {{bug: {rule}}}}}\n",
         encoding="utf-8",
     )
     cases = ["case=ok"] * 15
-    cases[7] = "case=bug"
+    cases[bad] = "case=bug"
     (tmp_path / "p.txt").write_text("\n".join(cases) + "\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
     launcher = launch(
         "run", "-c", str(config), "--num-prompts", "15", "--chunk-size", "5", "-o", str(out)
     )
-    _, err = launcher.communicate(timeout=120)
+    _, err = launcher.communicate(timeout=240)
     assert launcher.returncode == 1, err
-    last = err.strip().splitlines()[-1]
+    return out, err.strip().splitlines()[-1]
+
+
+def test_a_chunk_that_keeps_failing_is_named_with_the_way_out(tmp_path: Path) -> None:
+    out, last = _run_with_a_bad_prompt(tmp_path, 7, "{depth: '!raise'}")
     assert last.startswith("zoi: error: chunks [5, 10) keep failing"), last
     assert "2 of 3 chunks are done" in last
     assert f"zoi merge --run {out}.run -o {out} --allow-partial" in last
@@ -403,23 +411,8 @@ def test_a_prompt_that_kills_the_engine_is_named_with_the_way_out(tmp_path: Path
     """Every worker dies on the chunk before it runs out of retries, so the group is given
     up: the message gives the dying worker's own line, which names the chunks it had in hand,
     and the merge that writes the rest."""
-    config = tmp_path / "deadly.yml"
-    config.write_text(
-        "model_name: m\nengine: 'tests.scripted_engine:ScriptedEngine'\n"
-        "prompts: {file: p.txt}\npipeline: {concurrency: 5}\n"
-        "engine_kwargs: {rules: {bug: {width: '!dead'}}}\n",
-        encoding="utf-8",
-    )
-    cases = ["case=ok"] * 15
-    cases[12] = "case=bug"
-    (tmp_path / "p.txt").write_text("\n".join(cases) + "\n", encoding="utf-8")
-    out = tmp_path / "out.jsonl"
-    launcher = launch(
-        "run", "-c", str(config), "--num-prompts", "15", "--chunk-size", "5", "-o", str(out)
-    )
-    _, err = launcher.communicate(timeout=240)
-    assert launcher.returncode == 1, err
-    last = err.strip().splitlines()[-1]
+    extra = "pipeline: {concurrency: 5}\n"
+    out, last = _run_with_a_bad_prompt(tmp_path, 12, "{width: '!dead'}", extra)
     assert last.startswith("zoi: error: every worker kept failing"), last
     held = re.search(r"the engine died: .*\(chunks in hand: (.*)\)", last)
     assert held, last
