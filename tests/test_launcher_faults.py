@@ -207,22 +207,35 @@ def test_markers_outside_the_chunk_grid_are_not_counted(reference, tmp_path: Pat
 
 
 # --- B12, B13: the launcher's death stops its workers; the server's death does not stop it ---
+def _midrun(
+    config: Path, out: Path, strays: list[int]
+) -> tuple[subprocess.Popen[str], list[int], int]:
+    """`zoi run` with its first chunk done: the launcher, its workers and its server (all
+    noted as strays, killed at the end if the test fails to see them stop)."""
+    run = Path(f"{out}.run")
+    launcher = launch(*run_args(config, out))
+    wait_until(lambda: len(markers(run)) >= 1, timeout=90, what="a chunk")
+    workers, server = workers_of(launcher), server_pid(run)
+    strays += [*workers, server]
+    return launcher, workers, server
+
+
+def _wait_all_gone(workers: list[int], server: int) -> None:
+    wait_until(lambda: all(gone(pid) for pid in workers), timeout=60, what="workers to stop")
+    wait_until(lambda: gone(server), timeout=60, what="the embedded server to stop")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP])
 def test_launcher_killed_or_hung_up_leaves_no_worker_or_server(
     reference, tmp_path: Path, sig: int, strays: list[int]
 ) -> None:
     config, expected = reference
     out = tmp_path / "out.jsonl"
-    run = Path(f"{out}.run")
-    launcher = launch(*run_args(config, out))
-    wait_until(lambda: len(markers(run)) >= 1, timeout=90, what="a chunk")
-    workers, server = workers_of(launcher), server_pid(run)
-    strays += [*workers, server]
+    launcher, workers, server = _midrun(config, out, strays)
     assert workers
     launcher.send_signal(sig)
     _, err = launcher.communicate(timeout=120)
-    wait_until(lambda: all(gone(pid) for pid in workers), timeout=60, what="workers to stop")
-    wait_until(lambda: gone(server), timeout=60, what="the embedded server to stop")
+    _wait_all_gone(workers, server)
     if sig == signal.SIGHUP:
         assert launcher.returncode == 129, err
         assert "zoi: error: hung up" in err
@@ -237,18 +250,14 @@ def test_run_directory_removed_mid_run_is_one_line_and_leaves_nothing_running(
     config, _ = reference
     out = tmp_path / "out.jsonl"
     run = Path(f"{out}.run")
-    launcher = launch(*run_args(config, out))
-    wait_until(lambda: len(markers(run)) >= 1, timeout=90, what="a chunk")
-    workers, server = workers_of(launcher), server_pid(run)
-    strays += [*workers, server]
+    launcher, workers, server = _midrun(config, out, strays)
     shutil.rmtree(run)
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode == 1, err
     lines = [line for line in err.splitlines() if line.startswith("zoi: error:")]
     assert lines == [f"zoi: error: {run}: the run directory was removed during the run"], err
     assert "Traceback" not in err
-    wait_until(lambda: all(gone(pid) for pid in workers), timeout=60, what="workers to stop")
-    wait_until(lambda: gone(server), timeout=60, what="the embedded server to stop")
+    _wait_all_gone(workers, server)
 
 
 def test_killed_embedded_server_is_revived_and_the_run_completes(reference, tmp_path: Path) -> None:
