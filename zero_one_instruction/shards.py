@@ -86,7 +86,7 @@ def write_chunk(
     timings) goes into the marker as is; the run's fingerprint always does, so that the
     shard can never be taken for one of another configuration. Returns the marker."""
     directory = run.shards
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(exist_ok=True)  # never parents: a run directory deleted mid-run stays gone
     kept = [o for o in outcomes if o.kept]
     tally = Tally()
     for outcome in outcomes:
