@@ -130,3 +130,77 @@ def test_doubled_braces_render_single_everywhere(tmp_path: Path) -> None:
     assert templates.output_system_prompt == 'JSON {"a": 1} で'
     assert templates.judge.messages(prompt="Q") == [("system", "{はい}か{いいえ}"), ("user", "{Q}")]
     assert load_templates(None, "{{x}} は {{y}}").output_system_prompt == "{x} は {y}"
+
+
+def test_examples_are_earlier_chat_turns_through_the_same_user_message(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "width:\n"
+        "  system: 依頼文を書く係です。\n"
+        "  user: '手本: {prompt}'\n"
+        "  examples:\n"
+        "    - {prompt: '犬の飼い方は?', reply: '猫の爪切りのこつを教えてください。'}\n"
+        "    - {prompt: '{{prompt}}', reply: '{reply}'}\n",
+    )
+    chat = load_templates(path).width.messages(prompt="本番")
+    assert chat == [
+        ("system", "依頼文を書く係です。"),
+        ("user", "手本: 犬の飼い方は?"),
+        ("assistant", "猫の爪切りのこつを教えてください。"),
+        ("user", "手本: {{prompt}}"),  # example values are inserted as written, never scanned
+        ("assistant", "{reply}"),
+        ("user", "手本: 本番"),
+    ]
+
+
+def test_examples_are_frozen_with_the_templates() -> None:
+    """A run directory keeps `as_dict()`; rebuilding it must give the same chat, examples
+    included, or a resumed run would send other prompts than the first worker did."""
+    from zero_one_instruction.templates import templates_from_dict
+
+    builtin = load_templates()
+    assert builtin.width.examples, "the built-in width step teaches by example"
+    rebuilt = templates_from_dict(builtin.as_dict(), "run.json")
+    assert rebuilt == builtin
+    assert rebuilt.width.messages(prompt="X") == builtin.width.messages(prompt="X")
+
+
+def test_builtin_judge_examples_say_both_words() -> None:
+    replies = {example.reply for example in load_templates().judge.examples}
+    assert replies == {"はい", "いいえ"}
+
+
+@pytest.mark.parametrize(
+    ("examples", "fragment"),
+    [
+        ("examples: {prompt: a, reply: b}", "examples must be a list"),
+        ("examples: [{prompt: a}]", "example 1: has no reply"),
+        ("examples: [{prompt: a, reply: ''}]", "example 1: has no reply"),
+        ("examples: [{reply: b}]", "example 1: lacks 'prompt'"),
+        ("examples: [{prompt: a, reply: b, question: c}]", "example 1: has unknown key 'question'"),
+        ("examples: [{prompt: a, reply: b}, [x]]", "example 2: must be a mapping"),
+        ("examples: [{prompt: 1, reply: b}]", "example 1: must be a mapping of placeholder"),
+    ],
+)
+def test_bad_examples_are_one_line_naming_the_example(
+    tmp_path: Path, examples: str, fragment: str
+) -> None:
+    path = write(tmp_path, f"depth:\n  user: '{{prompt}}を難しく'\n  {examples}\n")
+    with pytest.raises(TemplateError) as info:
+        load_templates(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: template 'depth'") and fragment in message, message
+
+
+def test_judge_examples_reply_only_the_judge_words(tmp_path: Path) -> None:
+    path = write(tmp_path, "judge:\n  user: '{prompt}?'\n  examples: [{prompt: a, reply: はい。}]\n")
+    with pytest.raises(TemplateError, match="a judge example replies はい or いいえ, not 'はい。'"):
+        load_templates(path)
+
+
+def test_the_base_prompt_takes_no_examples(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "seed:\n  user: '{domain}{task}'\n  examples: [{domain: a, task: b, reply: c}]\n"
+    )
+    with pytest.raises(TemplateError, match="'seed' is a base prompt and takes no examples"):
+        load_templates(path)

@@ -45,6 +45,8 @@ PLACEHOLDERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "answer": (frozenset({"question"}), frozenset({"refusal_marker"})),
 }
 KEYS = ("output_system_prompt", *PLACEHOLDERS)
+# What a judge example may reply: the judge is constrained to these two words.
+JUDGE_REPLIES = ("はい", "いいえ")
 
 
 def _lone_brace(text: str, at: int) -> str:
@@ -112,17 +114,41 @@ def _checked(text: str, source: str, name: str) -> set[str]:
 
 
 @dataclass(frozen=True)
+class Example:
+    """One worked example: the values the user message is filled with, and the reply.
+
+    Examples are sent as earlier chat turns, not pasted into the instructions: a small model
+    copies whatever framing sits around an example inside its prompt (labels like 「新しい依頼文:」
+    ended up in the questions), while a previous assistant turn shows the bare reply."""
+
+    values: tuple[tuple[str, str], ...]
+    reply: str
+
+
+@dataclass(frozen=True)
 class StepTemplate:
-    """One step's chat: an optional system message and the user message."""
+    """One step's chat: an optional system message, worked examples, and the user message."""
 
     name: str
     user: str
     system: str | None = None
+    examples: tuple[Example, ...] = ()
 
     def messages(self, **values: str) -> list[tuple[str, str]]:
         chat = [] if self.system is None else [("system", render(self.system, values))]
+        for example in self.examples:
+            chat.append(("user", render(self.user, dict(example.values))))
+            chat.append(("assistant", example.reply))
         chat.append(("user", render(self.user, values)))
         return chat
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"user": self.user}
+        if self.system is not None:
+            out = {"system": self.system, **out}
+        if self.examples:
+            out["examples"] = [{**dict(e.values), "reply": e.reply} for e in self.examples]
+        return out
 
 
 @dataclass(frozen=True)
@@ -143,12 +169,7 @@ class Templates:
         """Plain data, for the run fingerprint and `zoi config show`."""
         out: dict[str, Any] = {"output_system_prompt": self.output_system_prompt}
         for name in PLACEHOLDERS:
-            tpl = self.step(name)
-            out[name] = (
-                {"user": tpl.user}
-                if tpl.system is None
-                else {"system": tpl.system, "user": tpl.user}
-            )
+            out[name] = self.step(name).as_dict()
         return out
 
 
@@ -170,11 +191,43 @@ def _read_yaml(path: Path | None) -> dict[str, Any]:
     return data
 
 
+def _example(name: str, number: int, raw: Any, used: set[str], source: str) -> Example:
+    """An example gives the reply and a value for each placeholder the template uses; judge
+    replies must be one of the judge's two words, or the example would teach a third."""
+    where = f"{source}: template {name!r} example {number}"
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise TemplateError(f"{where}: must be a mapping of placeholder names to strings")
+    reply = raw.get("reply")
+    if not isinstance(reply, str) or not reply.strip():
+        raise TemplateError(f"{where}: has no reply")
+    given = set(raw) - {"reply"}
+    if given != used:
+        wrong = sorted(given ^ used)[0]
+        what = "lacks" if wrong in used else "has unknown key"
+        raise TemplateError(f"{where}: {what} {wrong!r} (it gives a value per placeholder)")
+    if name == "judge" and reply not in JUDGE_REPLIES:
+        raise TemplateError(f"{where}: a judge example replies はい or いいえ, not {reply!r}")
+    values = tuple(sorted((key, value) for key, value in raw.items() if key != "reply"))
+    return Example(values=values, reply=reply)
+
+
+def _examples(name: str, raw: Any, used: set[str], source: str) -> tuple[Example, ...]:
+    if raw is None:
+        return ()
+    if name == "seed":
+        raise TemplateError(f"{source}: template 'seed' is a base prompt and takes no examples")
+    if not isinstance(raw, list):
+        raise TemplateError(f"{source}: template {name!r}: examples must be a list")
+    return tuple(_example(name, n, item, used, source) for n, item in enumerate(raw, start=1))
+
+
 def _step(name: str, raw: Any, source: str) -> StepTemplate:
     if isinstance(raw, str):
         raw = {"user": raw}
-    if not isinstance(raw, dict) or set(raw) - {"system", "user"}:
-        raise TemplateError(f"{source}: template {name!r} must be a string or have system/user")
+    if not isinstance(raw, dict) or set(raw) - {"system", "user", "examples"}:
+        raise TemplateError(
+            f"{source}: template {name!r} must be a string or have system/user/examples"
+        )
     user, system = raw.get("user"), raw.get("system")
     if not isinstance(user, str) or not user.strip():
         raise TemplateError(f"{source}: template {name!r} has no user message")
@@ -193,7 +246,9 @@ def _step(name: str, raw: Any, source: str) -> StepTemplate:
             f"{source}: template {name!r} uses unknown placeholder {{{unknown[0]}}} "
             f"(write {{{{{unknown[0]}}}}} for literal braces)"
         )
-    return StepTemplate(name=name, user=user, system=system)
+    in_user = _checked(user, source, name)  # examples fill the user message only
+    examples = _examples(name, raw.get("examples"), in_user, source)
+    return StepTemplate(name=name, user=user, system=system, examples=examples)
 
 
 def load_templates(path: Path | None = None, system_prompt: str | None = None) -> Templates:
