@@ -33,7 +33,7 @@ import yaml
 
 from zero_one_instruction.config import Prompts
 from zero_one_instruction.seeds import _builtin_list, load_source
-from zero_one_instruction.templates import load_templates
+from zero_one_instruction.templates import Templates, load_templates
 
 from .common import ROOT, SCRIPTED, machine, table, zoi
 
@@ -100,9 +100,40 @@ def chinese_chars(text: str) -> str:
     return "".join(dict.fromkeys(c for c in text if c in CHINESE_ONLY))
 
 
-def leaks(text: str) -> list[str]:
-    """The template labels or framing found in `text`."""
-    return [m.group(0).strip() for m in LEAK.finditer(text)]
+# A run of this many characters of a template's instructions, found in a question, was
+# copied from the template (shorter runs are common phrasing, like 「を説明してください。」).
+FRAGMENT_CHARS = 14
+_PIECES = re.compile(r"[^。\n]+[。:：]?")
+_PLACEHOLDER = re.compile(r"\{[A-Za-z_]+\}")
+
+
+def template_fragments(templates: Templates) -> tuple[str, ...]:
+    """The labels and instruction sentences of the step prompts (the answer step's user
+    message is the question itself, so it has none): whatever templates a run uses, a
+    question that quotes them leaks scaffolding, with no pattern list to keep up to date."""
+    pieces: set[str] = set()
+    for name in ("width", "judge", "fix", "depth", "flatten"):
+        step = templates.step(name)
+        for text in (step.system or "", step.user):
+            for piece in _PIECES.findall(_PLACEHOLDER.sub("\n", text)):
+                piece = piece.strip(" -・\t")
+                if len(piece) >= FRAGMENT_CHARS or piece.endswith((":", "：")):
+                    pieces.add(piece)
+    return tuple(sorted(pieces, key=lambda p: (-len(p), p)))
+
+
+def _copied(piece: str, text: str) -> bool:
+    if piece.endswith((":", "：")) or len(piece) < FRAGMENT_CHARS:
+        return piece in text
+    return any(
+        piece[i : i + FRAGMENT_CHARS] in text for i in range(len(piece) - FRAGMENT_CHARS + 1)
+    )
+
+
+def leaks(text: str, fragments: tuple[str, ...] = ()) -> list[str]:
+    """The template labels and framing in `text`, and the template pieces it copies from."""
+    found = [m.group(0).strip() for m in LEAK.finditer(text)]
+    return found + [piece for piece in fragments if piece not in found and _copied(piece, text)]
 
 
 def looks_like_answer(text: str) -> bool:
@@ -151,13 +182,16 @@ def _first_text(outcome: dict[str, Any], step: str) -> str | None:
     return next((s["text"] for s in outcome["steps"] if s["step"] == step), None)
 
 
-def summarize(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
-    """Every figure the report shows, from trace records (`Outcome.to_dict()`)."""
+def summarize(
+    outcomes: list[dict[str, Any]], fragments: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Every figure the report shows, from trace records (`Outcome.to_dict()`); `fragments`
+    are the run's template pieces (`template_fragments`)."""
     kept = [o for o in outcomes if o["kept"]]
     widths = [t for t in (_first_text(o, "width") for o in outcomes) if t]
     japanese = [o for o in kept if mostly_japanese(o["question"]) and mostly_japanese(o["answer"])]
     chinese = {o["index"]: chinese_chars(o["question"] + o["answer"]) for o in kept}
-    leaked = {o["index"]: leaks(o["question"]) for o in kept}
+    leaked = {o["index"]: leaks(o["question"], fragments) for o in kept}
     return {
         "prompts": len(outcomes),
         "kept": len(kept),
@@ -171,7 +205,7 @@ def summarize(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
         "kept_answer_like": [o["index"] for o in kept if looks_like_answer(o["question"])],
         "kept_truncated": [o["index"] for o in kept if truncated(o)],
         "width_outputs": len(widths),
-        "width_leaks": sum(1 for t in widths if leaks(t)),
+        "width_leaks": sum(1 for t in widths if leaks(t, fragments)),
         "width_answer_like": sum(1 for t in widths if looks_like_answer(t)),
     }
 
@@ -249,6 +283,7 @@ def run_sets(
         "--overwrite",
     )
     outcomes = [json.loads(line) for line in trace.read_text(encoding="utf-8").splitlines()]
+    fragments = template_fragments(load_templates(templates))
     results, offset = [], 0
     for name, items in sets.items():
         mine = outcomes[offset : offset + len(items)]
@@ -261,7 +296,7 @@ def run_sets(
                 "seconds": round(seconds, 1),
                 "trace": str(trace),
                 "offset": offset - len(items),
-                **summarize(mine),
+                **summarize(mine, fragments),
             }
         )
     return results

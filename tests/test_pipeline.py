@@ -251,10 +251,13 @@ def test_requests_carry_per_step_sampling_and_choices() -> None:
         temperature=0.7,
         top_p=0.8,
         max_tokens=300,
-        sampling={"answer": {"max_tokens": 900, "temperature": 0.2}},
+        repetition_penalty=1.05,
+        sampling={"answer": {"max_tokens": 900, "temperature": 0.2, "repetition_penalty": 1.2}},
     )
     asyncio.run(pipeline.evolve(0))
     by_step = {r.step: r for r in engine.requests}
+    assert {r.repetition_penalty for r in engine.requests if r.step != "answer"} == {1.05}
+    assert by_step["answer"].repetition_penalty == 1.2
     judge = by_step["judge"]
     assert judge.choices == JUDGE_CHOICES == ("はい", "いいえ")
     assert (judge.temperature, judge.max_tokens, judge.top_p) == (0.0, 8, 0.8)

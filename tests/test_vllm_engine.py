@@ -123,6 +123,21 @@ def test_judge_is_constrained_to_yes_or_no(engine: Any, run: Run) -> None:
     assert len(texts) == 40
 
 
+def test_repetition_penalty_reaches_the_sampler(engine: Any, run: Run) -> None:
+    """Greedy text from the same prompt changes when repeated tokens are penalised: the
+    penalty is applied by the engine, not just carried in the request."""
+    params = engine._params(request("x", repetition_penalty=1.3))
+    assert params.repetition_penalty == 1.3
+
+    async def greedy(penalty: float) -> str:
+        req = request("繰り返しの確認", temperature=0.0, max_tokens=32, repetition_penalty=penalty)
+        return (await engine.complete(req)).text
+
+    plain, again, penalised = run(greedy(1.0)), run(greedy(1.0)), run(greedy(2.0))
+    assert plain == again
+    assert penalised != plain
+
+
 def test_chat_template_is_applied(engine: Any, run: Run) -> None:
     req = request("テンプレートの確認")
     ids = engine.render(req)

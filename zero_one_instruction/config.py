@@ -40,6 +40,7 @@ class StepSampling(_Strict):
     temperature: float | None = Field(default=None, ge=0.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
 
 
 # Steps whose defaults differ from "inherit". The judge only picks a choice, greedily: a
@@ -133,6 +134,9 @@ class Config(_Strict):
     temperature: float = Field(default=0.9, ge=0.0)
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
     # --- added by this tool ---
+    # Above 1.0, tokens already in the prompt or the text are made less likely: small models
+    # otherwise loop (「価値は、価値があるためには…」 until max_tokens). 1.0 leaves sampling as is.
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     engine: str = "vllm"
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)

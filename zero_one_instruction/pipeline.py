@@ -255,6 +255,7 @@ class Pipeline:
             top_p=pick("top_p"),
             seed=request_seed(self.config.seed, index, step, attempt),
             choices=choices,
+            repetition_penalty=pick("repetition_penalty"),
         )
 
     async def evolve_sharing(

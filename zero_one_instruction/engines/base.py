@@ -44,6 +44,7 @@ class Request:
     top_p: float
     seed: int
     choices: tuple[str, ...] | None = None
+    repetition_penalty: float = 1.0
 
 
 @dataclass(frozen=True)

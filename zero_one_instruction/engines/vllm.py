@@ -297,6 +297,7 @@ class VLLMEngine:
         return self._sampling_params(
             temperature=request.temperature,
             top_p=request.top_p,
+            repetition_penalty=request.repetition_penalty,
             max_tokens=request.max_tokens,
             seed=request.seed,
             output_kind=self._final_only,
