@@ -182,9 +182,7 @@ def _first_text(outcome: dict[str, Any], step: str) -> str | None:
     return next((s["text"] for s in outcome["steps"] if s["step"] == step), None)
 
 
-def summarize(
-    outcomes: list[dict[str, Any]], fragments: tuple[str, ...] = ()
-) -> dict[str, Any]:
+def summarize(outcomes: list[dict[str, Any]], fragments: tuple[str, ...] = ()) -> dict[str, Any]:
     """Every figure the report shows, from trace records (`Outcome.to_dict()`); `fragments`
     are the run's template pieces (`template_fragments`)."""
     kept = [o for o in outcomes if o["kept"]]

@@ -193,7 +193,8 @@ def test_bad_examples_are_one_line_naming_the_example(
 
 
 def test_judge_examples_reply_only_the_judge_words(tmp_path: Path) -> None:
-    path = write(tmp_path, "judge:\n  user: '{prompt}?'\n  examples: [{prompt: a, reply: はい。}]\n")
+    text = "judge:\n  user: '{prompt}?'\n  examples: [{prompt: a, reply: はい。}]\n"
+    path = write(tmp_path, text)
     with pytest.raises(TemplateError, match="a judge example replies はい or いいえ, not 'はい。'"):
         load_templates(path)
 
