@@ -20,6 +20,7 @@ what is easy to see by script and pattern, not whether a fact is right.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import tempfile
@@ -31,7 +32,11 @@ from typing import Any
 
 import yaml
 
-from zero_one_instruction.config import Prompts
+from zero_one_instruction.config import Prompts, load_config
+from zero_one_instruction.engines.base import load_engine
+from zero_one_instruction.generator import load_inputs
+from zero_one_instruction.pipeline import FIRST_JUDGE, JUDGE_CHOICES, NO, YES, Pipeline
+from zero_one_instruction.realmodel import read_stamp
 from zero_one_instruction.seeds import _builtin_list, load_source
 from zero_one_instruction.templates import Templates, load_templates
 
@@ -40,6 +45,7 @@ from .common import ROOT, SCRIPTED, machine, table, zoi
 MODEL = Path("/work/models/qwen2.5-coder-1.5b-instruct")
 CONFIG = ROOT / "benchmarks" / "quality.yml"
 QUESTIONS = ROOT / "benchmarks" / "simple_questions_ja.txt"
+JUDGE_SET = ROOT / "benchmarks" / "judge_set_ja.json"
 
 KANA = re.compile(r"[\u3040-\u309f\u30a0-\u30ff\u31f0-\u31ff\uff66-\uff9f]")
 KANJI = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff々〆]")
@@ -312,6 +318,40 @@ def run_set(
     return run_sets(out, {name: prompts}, templates, model, overrides)[0]
 
 
+async def _verdicts(config_file: Path, texts: list[str]) -> list[str]:
+    """The first judge's verdict on each text, through the run's own engine and requests."""
+    config = load_config(config_file)
+    templates, source = load_inputs(config)
+    engine = load_engine(config)
+    try:
+        pipeline = Pipeline(config, templates, source, engine)
+        requests = [
+            pipeline.request(i, "judge", FIRST_JUDGE, JUDGE_CHOICES, {"prompt": text})
+            for i, text in enumerate(texts)
+        ]
+        completions = await asyncio.gather(*(engine.complete(r) for r in requests))
+    finally:
+        engine.close()
+    return [c.text.strip() for c in completions]
+
+
+def judge_check(config_file: Path, labelled: Path = JUDGE_SET) -> dict[str, Any]:
+    """How the judge does on texts whose verdict is known: good requests it should pass, and
+    answers, scaffolding, Chinese, image or real-time requests it should reject."""
+    data = json.loads(labelled.read_text(encoding="utf-8"))
+    good, bad = data["good"], data["bad"]
+    verdicts = asyncio.run(_verdicts(config_file, good + bad))
+    return {
+        "good": len(good),
+        "good_passed": sum(v == YES for v in verdicts[: len(good)]),
+        "bad": len(bad),
+        "bad_rejected": sum(v == NO for v in verdicts[len(good) :]),
+        "misjudged": [
+            t for t, v in zip(good + bad, verdicts, strict=True) if (t in good) != (v == YES)
+        ],
+    }
+
+
 def read_questions(path: Path) -> list[str]:
     lines = path.read_text(encoding="utf-8").splitlines()
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
@@ -323,6 +363,7 @@ def measure(
     templates: Path | None,
     model: Path | None,
     out: Path,
+    judge: bool = True,
 ) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     sets: dict[str, list[str]] = {}
@@ -334,6 +375,8 @@ def measure(
     results = run_sets(out, sets, templates, model)
     if chosen:
         results[0]["indices"] = [c["index"] for c in chosen]
+    if judge:  # after the run: one engine at a time
+        results[0]["judge_check"] = judge_check(out / "quality.yml")
     (out / "quality.json").write_text(
         json.dumps(results, ensure_ascii=False, indent=1), encoding="utf-8"
     )
@@ -345,8 +388,8 @@ def run(smoke: bool = False) -> list[dict[str, Any]]:
     out = Path(tempfile.mkdtemp(prefix="zoi-quality-"))
     if smoke:
         return measure(4, QUESTIONS, None, None, out)
-    if not (MODEL.parent / "READY").exists():
-        raise SystemExit(f"{MODEL} is not ready ({MODEL.parent / 'READY'} is missing)")
+    if read_stamp(MODEL) is None:
+        raise SystemExit(f"{MODEL} holds no model: make it with `zoi real-model {MODEL}`")
     return measure(32, QUESTIONS, None, MODEL, out)
 
 
@@ -405,8 +448,17 @@ def quality_table(results: Iterable[dict[str, Any]]) -> str:
     return table(header, rows)
 
 
+def judge_line(check: dict[str, Any]) -> str:
+    return (
+        f"judge set: passed {_percent(check['good_passed'], check['good'])} of good requests, "
+        f"rejected {_percent(check['bad_rejected'], check['bad'])} of bad texts"
+    )
+
+
 def report(results: list[dict[str, Any]]) -> str:
     parts = [quality_table(results)]
+    if results and "judge_check" in results[0]:
+        parts.append("\n" + judge_line(results[0]["judge_check"]))
     for r in results:
         parts.append(f"\n{r['set']}: {_reasons(r['dropped'])} (trace: {r['trace']})\n")
         parts.append(funnel_table(r))

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from benchmarks import quality
+from zero_one_instruction.templates import load_templates
 
 
 def step(name: str, attempt: int = 0, **fields: Any) -> dict[str, Any]:
@@ -162,3 +164,42 @@ def test_sets_share_one_run_and_are_summarized_apart(tmp_path: Path) -> None:
     assert (first["set"], first["prompts"], first["kept"]) == ("a", 2, 1)
     assert (second["set"], second["prompts"], second["kept"]) == ("b", 3, 1)
     assert second["offset"] == 2 and second["dropped"] == {"fix_rejected": 2}
+
+
+def test_judge_check_counts_verdicts_against_the_labels(tmp_path: Path) -> None:
+    """The scripted judge says いいえ only to texts marked case=no: every good text passes,
+    and only the marked bad text counts as rejected; the others are listed as misjudged."""
+    labelled = tmp_path / "judge.json"
+    good, bad = ["case=yes 良い依頼です。"], ["case=no 答えです。", "case=yes 見出し:"]
+    labelled.write_text(json.dumps({"good": good, "bad": bad}), encoding="utf-8")
+    rules = {"no": {"judge@base": "いいえ"}}
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("x\n", encoding="utf-8")
+    config = quality.write_config(
+        tmp_path, "q", prompts, None, None, {"engine_kwargs": {"rules": rules}}
+    )
+    check = quality.judge_check(config, labelled)
+    assert check == {
+        "good": 1,
+        "good_passed": 1,
+        "bad": 2,
+        "bad_rejected": 1,
+        "misjudged": ["case=yes 見出し:"],
+    }
+    assert "rejected 1/2 (50%) of bad texts" in quality.judge_line(check)
+
+
+def test_copied_template_sentences_count_as_leaks(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(
+        "width:\n  user: |-\n    手本:\n    {prompt}\n"
+        "    手本と同じ分野で、新しい依頼文を一つだけ書いてください。\n",
+        encoding="utf-8",
+    )
+    fragments = quality.template_fragments(load_templates(path))
+    assert "手本:" in fragments
+    copied = "猫の飼い方を教えてください。手本と同じ分野で、新しい依頼文を一つ"
+    assert quality.leaks(copied, fragments) == [
+        "手本と同じ分野で、新しい依頼文を一つだけ書いてください。"
+    ]
+    assert quality.leaks("猫の飼い方を分野ごとに教えてください。", fragments) == []
