@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from zero_one_instruction.config import Prompts, load_config
 from zero_one_instruction.rundir import Run, RunError, create_or_open
-from zero_one_instruction.seeds import load_source
+from zero_one_instruction.seeds import _builtin_list, load_source
 from zero_one_instruction.templates import load_templates
 
 from .clitools import assert_one_line_error, zoi
@@ -28,7 +28,11 @@ def test_builtin_source_is_a_varied_cross_product() -> None:
     assert len(builtin) >= 40 * 40
     prompts = [builtin.prompt(i) for i in range(len(builtin))]
     assert len(set(prompts)) == len(prompts)
-    assert all("テーマ" in p and "タスク" in p for p in prompts[:50])
+    tasks, domains = _builtin_list("tasks_ja.txt"), _builtin_list("domains_ja.txt")
+    for index in (0, 1, 55, len(builtin) - 1):  # a plain request naming its task and domain
+        prompt = prompts[index]
+        assert tasks[index // len(domains)] in prompt and domains[index % len(domains)] in prompt
+        assert "テーマ" not in prompt and "タスク" not in prompt
     assert builtin.prompt(5) == builtin.prompt(5 + len(builtin))  # cyclic, like the original
     assert source().content_hash == builtin.content_hash
 
