@@ -38,7 +38,7 @@ Run = Callable[[Coroutine[Any, Any, Any]], Any]
 def tiny_config(model: Path, **overrides: Any) -> Config:
     """The shipped demo config (examples/tiny_cpu.yml), pointed at the test's tiny model."""
     data = yaml.safe_load((ROOT / "examples" / "tiny_cpu.yml").read_text(encoding="utf-8"))
-    data.update(model_name=str(model), max_model_len=512, **overrides)
+    data.update(model_name=str(model), max_model_len=1024, **overrides)
     return Config.model_validate(data)
 
 
