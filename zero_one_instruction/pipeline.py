@@ -22,10 +22,10 @@ from .config import Config
 from .engines.base import Engine, Message, Request, RequestError, Step
 from .records import lone_surrogate, writable
 from .seeds import PromptSource
-from .templates import Templates
+from .templates import JUDGE_REPLIES, Templates
 
-YES, NO = "はい", "いいえ"
-JUDGE_CHOICES = (YES, NO)
+JUDGE_CHOICES = JUDGE_REPLIES  # the judge's examples are checked against the same two words
+YES, NO = JUDGE_CHOICES
 
 # Which judgement a judge request is, by its attempt number.
 FIRST_JUDGE, FIX_JUDGE, FINAL_JUDGE = 0, 1, 2
