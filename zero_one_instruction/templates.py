@@ -236,7 +236,8 @@ def _step(name: str, raw: Any, source: str) -> StepTemplate:
     if name == "seed" and system is not None:
         raise TemplateError(f"{source}: template 'seed' is a base prompt and takes no system")
     required, optional = PLACEHOLDERS[name]
-    found = _checked(user, source, name) | _checked(system or "", source, name)
+    in_user = _checked(user, source, name)  # examples fill the user message only
+    found = in_user | _checked(system or "", source, name)
     missing = sorted(required - found)
     if missing:
         raise TemplateError(f"{source}: template {name!r} lacks placeholder {{{missing[0]}}}")
@@ -246,7 +247,6 @@ def _step(name: str, raw: Any, source: str) -> StepTemplate:
             f"{source}: template {name!r} uses unknown placeholder {{{unknown[0]}}} "
             f"(write {{{{{unknown[0]}}}}} for literal braces)"
         )
-    in_user = _checked(user, source, name)  # examples fill the user message only
     examples = _examples(name, raw.get("examples"), in_user, source)
     return StepTemplate(name=name, user=user, system=system, examples=examples)
 
