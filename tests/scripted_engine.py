@@ -12,8 +12,9 @@ surrogate). `delay` makes every request take that long; `refuse` makes the engin
 start with that message (a ConfigError, as a bad engine argument gives), only in the worker
 whose CUDA_VISIBLE_DEVICES is `refuse_on` if that is given. `log` names a file
 that gets a line per request, so tests can count how often each request ran across worker
-processes. Options come from `engine_kwargs` and `hardware_kwargs`, so CLI runs can script it
-too; `engine: "tests.scripted_engine:ScriptedEngine"`.
+processes; `requests` names a file that gets each request whole, as a JSON line (the golden
+test's record of what the templates send). Options come from `engine_kwargs` and
+`hardware_kwargs`, so CLI runs can script it too; `engine: "tests.scripted_engine:ScriptedEngine"`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import asyncio
 import json
 import os
 import re
+from dataclasses import asdict
 from typing import Any
 
 from zero_one_instruction.config import Config
@@ -30,6 +32,10 @@ from zero_one_instruction.errors import ConfigError
 
 ENGINE = "tests.scripted_engine:ScriptedEngine"
 MARK = re.compile(r"(?:([a-z]+)\|)?case=([A-Za-z0-9_]+)")
+
+
+def _as_json(request: Request) -> dict[str, Any]:
+    return {**asdict(request), "messages": [m.as_dict() for m in request.messages]}
 
 
 def default_text(step: str, case: str, seed: int) -> str:
@@ -46,6 +52,7 @@ class ScriptedEngine:
         self.rules: dict[str, dict[str, str]] = dict(options.get("rules", {}))
         self.delay = float(options.get("delay", 0.0))
         self.log = options.get("log")  # a file: one line per request, any process
+        self.requests_log = options.get("requests")  # a file: each request whole, as JSON
         refused_gpus = options.get("refuse_on")  # only the worker of these GPUs refuses
         if options.get("refuse") and refused_gpus in (None, os.environ.get("CUDA_VISIBLE_DEVICES")):
             raise ConfigError(f"engine_kwargs: {options['refuse']}")  # a user error
@@ -77,6 +84,9 @@ class ScriptedEngine:
         if self.log:
             with open(self.log, "a", encoding="utf-8") as handle:
                 handle.write(f"{request.step} {request.seed} {os.getpid()}\n")
+        if self.requests_log:
+            with open(self.requests_log, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(_as_json(request), ensure_ascii=False) + "\n")
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
