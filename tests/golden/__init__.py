@@ -1,0 +1,1 @@
+"""Golden outputs: the exact bytes the commands produce, recorded to prove a change kept them."""
