@@ -375,3 +375,18 @@ def test_cli_makes_then_reuses_and_errors_are_one_line(
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x", encoding="utf-8")
     assert_one_line_error(zoi("real-model", str(tmp_path / "taken")), "not made by")
+
+
+def test_the_gguf_readers_progress_bar_is_silenced_then_restored(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Its bar filled the command's output with hundreds of redraws (TQDM_DISABLE did not
+    reach it: tqdm reads it only when imported)."""
+    reader = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    original = reader.tqdm
+    with realmodel._no_tqdm():
+        assert list(reader.tqdm(range(3), desc="Converting")) == [0, 1, 2]
+    assert "Converting" not in capsys.readouterr().err
+    assert reader.tqdm is original
+    list(reader.tqdm(range(3), desc="Converting"))
+    assert "Converting" in capsys.readouterr().err  # the check above can fail

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -390,16 +391,21 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 
 @contextlib.contextmanager
 def _no_tqdm() -> Iterator[None]:
-    """Silence plain tqdm bars (TQDM_DISABLE) for the duration, then restore the setting."""
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    """Silence the GGUF reader's progress bar for the duration.
+
+    It is a plain tqdm bar that ignores transformers' switch, and tqdm reads TQDM_DISABLE only
+    when it is imported, so the reader's own `tqdm` name is swapped for a disabled one."""
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    original = getattr(reader, "tqdm", None)
+    if original is None:  # a transformers without the bar
+        yield
+        return
+    reader.tqdm = functools.partial(original, disable=True)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = before
+        reader.tqdm = original
 
 
 def _fetch_registry(
