@@ -22,9 +22,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import psutil
 
@@ -52,6 +54,40 @@ def tracked(report: Path, grace: float, command: list[str]) -> list[str]:
 def leftovers(report: Path) -> list[str]:
     """The engine processes the command left behind, as `name (pid)`."""
     return json.loads(report.read_text(encoding="utf-8"))
+
+
+def stop_wrapper(wrapper: subprocess.Popen[Any], timeout: float = 300) -> None:
+    """End a wrapped command that a failed or timed-out test leaves running. SIGTERM reaches
+    the command through the wrapper, which then kills its engines; a SIGKILLed wrapper would
+    instead orphan them (a 12 GiB real-model engine kept running beside the next test)."""
+    if wrapper.poll() is None:
+        wrapper.terminate()
+        try:
+            wrapper.communicate(timeout=timeout)  # drains its pipes, if any, so it can end
+        except subprocess.TimeoutExpired:
+            wrapper.kill()
+            wrapper.communicate()
+
+
+def run_tracked(
+    command: list[str], grace: float, timeout: float
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run `command` under the wrapper: its result, and the engine processes it left behind.
+    Interrupted (a timeout, pytest's own timeout, Ctrl-C), it stops the command cleanly."""
+    with tempfile.TemporaryDirectory() as scratch:
+        report = Path(scratch) / "leftovers.json"
+        wrapper = subprocess.Popen(
+            tracked(report, grace, command),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            out, err = wrapper.communicate(timeout=timeout)
+        finally:
+            stop_wrapper(wrapper)
+        done = subprocess.CompletedProcess(command, wrapper.returncode, out, err)
+        return done, leftovers(report)
 
 
 def _become_subreaper() -> None:

@@ -19,7 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,29 +28,22 @@ import yaml
 
 from zero_one_instruction.pipeline import JUDGE_CHOICES
 
-from .own_processes import engine_processes, leftovers, tracked
+from .own_processes import engine_processes, leftovers, run_tracked, stop_wrapper, tracked
 from .queue_helpers import run_args, wait_until, workers_of
 
-pytestmark = pytest.mark.real
+# Generous: one engine start is 30-70 s here and a 3-prompt run a few minutes, more on a
+# loaded machine; pytest's default timeout would kill a command and orphan its engine.
+pytestmark = [pytest.mark.real, pytest.mark.timeout(3000)]
 ROOT = Path(__file__).resolve().parent.parent
 ZOI = str(Path(sys.executable).parent / "zoi")
-PROMPTS = 3  # base prompts per run: each goes through every step of the pipeline
+PROMPTS = 2  # base prompts per run, one chunk each in zoi run: enough to kill a worker between
 SEED = 11
 ENGINE_GRACE = 30.0  # seconds an engine process may take to end after its command
 
 
 def zoi(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
     """`zoi ARGS`, checked to exit 0 and to leave none of its own engine processes behind."""
-    with tempfile.TemporaryDirectory() as scratch:
-        report = Path(scratch) / "leftovers.json"
-        done = subprocess.run(
-            tracked(report, ENGINE_GRACE, [ZOI, *args]),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        left = leftovers(report)
+    done, left = run_tracked([ZOI, *args], ENGINE_GRACE, timeout)
     assert left == [], f"engine processes outlived zoi {args[0]}: {left}"
     assert done.returncode == 0, (args, done.stdout, done.stderr[-3000:])
     return done
@@ -110,17 +102,20 @@ def test_constrained_judge_only_says_yes_or_no_at_temperature_one(config: Path) 
         return Request(step="judge", messages=(Message("user", question),), max_tokens=16,
                        temperature=1.0, top_p=1.0, seed=seed, choices=choices)  # fmt: skip
 
-    engine = VLLMEngine(load_config(config))
-    try:
+    async def ask(engine: VLLMEngine, choices: tuple[str, ...] | None) -> list[str]:
+        asks = [request(q, seed, choices) for q in questions for seed in range(6)]
+        return [c.text for c in await asyncio.gather(*map(engine.complete, asks))]
 
-        async def ask(choices: tuple[str, ...] | None) -> list[str]:
-            asks = [request(q, seed, choices) for q in questions for seed in range(6)]
-            return [c.text for c in await asyncio.gather(*map(engine.complete, asks))]
+    async def both() -> tuple[list[str], list[str]]:
+        # One event loop for the engine's whole life: vLLM's async engine serves the loop
+        # it first ran on, and dies when asked from a second one.
+        engine = VLLMEngine(load_config(config))
+        try:
+            return await ask(engine, JUDGE_CHOICES), await ask(engine, None)
+        finally:
+            engine.close()
 
-        constrained = asyncio.run(ask(JUDGE_CHOICES))
-        free = asyncio.run(ask(None))
-    finally:
-        engine.close()
+    constrained, free = asyncio.run(both())
     assert set(constrained) <= set(JUDGE_CHOICES), constrained
     assert len(constrained) == 18
     assert set(free) - set(JUDGE_CHOICES), f"the control never left はい/いいえ: {free}"
@@ -173,9 +168,7 @@ def test_run_with_a_sigkilled_worker_gives_the_same_bytes(
             victim.send_signal(signal.SIGKILL)
             wrapper.wait(timeout=1500)
         finally:
-            if wrapper.poll() is None:  # a failed test: stop the run; the wrapper cleans up
-                wrapper.send_signal(signal.SIGINT)
-                wrapper.wait(timeout=300)
+            stop_wrapper(wrapper)  # a failed test: stop the run; the wrapper cleans up
     err = log.read_text(encoding="utf-8")
     assert wrapper.returncode == 0, err[-3000:]
     assert "exited with code -9; restarting" in err

@@ -8,14 +8,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
 
-from .own_processes import engine_processes, leftovers, tracked
+from .own_processes import engine_processes, leftovers, run_tracked, tracked
 
 pytestmark = [
     pytest.mark.vllm,
@@ -29,16 +28,7 @@ PROMPTS = 24
 def zoi(*args: str, grace: float = 0.0) -> subprocess.CompletedProcess[str]:
     """`zoi ARGS`, checked to exit 0 and to leave none of its engine processes alive after
     `grace` seconds. Only its own processes count (see `own_processes`), never a neighbour's."""
-    with tempfile.TemporaryDirectory() as scratch:
-        report = Path(scratch) / "leftovers.json"
-        done = subprocess.run(
-            tracked(report, grace, [ZOI, *args]),
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        left = leftovers(report)
+    done, left = run_tracked([ZOI, *args], grace, 600)
     assert left == [], f"engine processes outlived zoi {args[0]}: {left}"
     assert done.returncode == 0, (args, done.stdout, done.stderr[-3000:])
     return done
