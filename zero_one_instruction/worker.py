@@ -237,7 +237,7 @@ def _check_job_id(run: Run, chunk: Chunk) -> None:
     chunk by its job id, and a job named for one chunk that computes another would mark the
     first as finished while its shard is missing."""
     job = get_current_job()
-    if job is not None and job.id != run.job_id(chunk):
+    if job is not None and run.chunk_of_job(job.id) != chunk:
         raise WrongRun(
             f"job {job.id} asks for chunk {chunk.id}, whose job is {run.job_id(chunk)}; refused"
         )
