@@ -21,6 +21,7 @@ from . import shards
 from .errors import ZoiError
 from .jobs import chunk_queue
 from .merger import index_ranges
+from .pipeline import Tally
 from .producer import job_states
 from .rundir import Chunk, Run
 
@@ -62,12 +63,19 @@ def _recent(markers: list[dict[str, Any]], now: float) -> dict[str, float]:
         return {"prompts_per_s": 0.0, "records_per_s": 0.0, "tokens_per_s": 0.0}
     first = min(_timestamp(m.get("started_at")) or now for m in window)
     span = max(now - first, 1e-6)
-    funnels = [m["funnel"] for m in window]
+    funnel = _funnel(window)
     return {
-        "prompts_per_s": sum(f["prompts"] for f in funnels) / span,
-        "records_per_s": sum(f["kept"] for f in funnels) / span,
-        "tokens_per_s": sum(f["completion_tokens"] for f in funnels) / span,
+        "prompts_per_s": funnel.prompts / span,
+        "records_per_s": funnel.kept / span,
+        "tokens_per_s": funnel.completion_tokens / span,
     }
+
+
+def _funnel(markers: list[dict[str, Any]]) -> Tally:
+    funnel = Tally()
+    for marker in markers:
+        funnel.merge(shards.funnel_of(marker))
+    return funnel
 
 
 def _eta(remaining: int, rate: float) -> float | None:
@@ -125,29 +133,21 @@ def _summarise(
     problems: list[str],
     connection: redis.Redis | None,
 ) -> RunStatus:
-    dropped: Counter[str] = Counter()
-    for marker in markers:
-        dropped.update(marker["funnel"]["dropped"])
-    funnel = [m["funnel"] for m in markers]
-    now = time.time()
-    recent = _recent(markers, now)
-    remaining = sum(len(c) for c in absent)
+    funnel = _funnel(markers)
+    recent = _recent(markers, time.time())
     names = ("done", "queued", "running", "failed", "missing", "bad")
     return RunStatus(
         run=str(run.path),
         fingerprint=run.fingerprint,
         range=(run.start, run.end),
         chunks={"total": len(chunks), **{name: counts[name] for name in names}},
-        prompts_done=sum(f["prompts"] for f in funnel),
-        records=sum(f["kept"] for f in funnel),
-        fixer_ran=sum(f["fixer_ran"] for f in funnel),
-        dropped=dict(dropped.most_common()),
-        tokens={
-            "prompt": sum(f["prompt_tokens"] for f in funnel),
-            "completion": sum(f["completion_tokens"] for f in funnel),
-        },
+        prompts_done=funnel.prompts,
+        records=funnel.kept,
+        fixer_ran=funnel.fixer_ran,
+        dropped=dict(funnel.dropped.most_common()),
+        tokens={"prompt": funnel.prompt_tokens, "completion": funnel.completion_tokens},
         recent=recent,
-        eta_seconds=_eta(remaining, recent["prompts_per_s"]),
+        eta_seconds=_eta(sum(len(c) for c in absent), recent["prompts_per_s"]),
         missing_ranges=index_ranges(absent),
         problems=problems,
         workers=_workers(connection, run) if connection else [],
