@@ -30,6 +30,7 @@ from .generator import evolve_range, generate, load_inputs
 from .gpus import visible_gpus
 from .outputs import check_output, protected_inputs, remember_output
 from .pipeline import DROP_REASONS, FINAL_JUDGE, FIX_JUDGE, Outcome, Tally
+from .progress import per_second
 from .seeds import PromptSource
 from .templates import Templates
 
@@ -287,7 +288,6 @@ def _warn_if_all_failed(tally: Tally) -> None:
 
 def _summary(tally: Tally, seconds: float, timing: str = "") -> str:
     """The funnel and its pace; `timing` says what `seconds` includes."""
-    rate = tally.kept / seconds if seconds else 0.0
     lines = [
         f"prompts   {tally.prompts}",
         f"kept      {tally.kept} ({tally.kept_percent:.1f}%)",
@@ -299,8 +299,8 @@ def _summary(tally: Tally, seconds: float, timing: str = "") -> str:
     lines += [
         f"fixer ran {tally.fixer_ran}",
         f"tokens    {tally.prompt_tokens} prompt + {tally.completion_tokens} generated",
-        f"time      {seconds:.1f} s ({rate:.2f} records/s, "
-        f"{tally.tokens / max(seconds, 1e-9):.0f} tokens/s{timing})",
+        f"time      {seconds:.1f} s ({per_second(tally.kept, seconds):.2f} records/s, "
+        f"{per_second(tally.tokens, seconds):.0f} tokens/s{timing})",
     ]
     return "\n".join(lines)
 
@@ -735,7 +735,7 @@ def _show_status(state: Any) -> str:
     recent = state.recent
     lines += [
         f"tokens    {state.tokens['prompt']} prompt + {state.tokens['completion']} generated",
-        f"recent    {recent['records_per_s']:.2f} records/s, {recent['tokens_per_s']:.0f} "
+        f"recent    {recent.records_per_s:.2f} records/s, {recent.tokens_per_s:.0f} "
         f"tokens/s; ETA {_format_seconds(state.eta_seconds)}",
         f"workers   {len(state.workers)}"
         + "".join(f"\n  {w['name']} {w['state']}" for w in state.workers),

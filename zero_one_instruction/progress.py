@@ -1,5 +1,8 @@
-"""How far a run has come: `Progress` is the launcher's view of a run's done markers, read
-incrementally while it runs.
+"""How far a run has come and how fast it goes.
+
+The one definition of a rate and an ETA: `zoi generate`'s and `zoi run`'s summaries, the
+launcher's live line and `zoi status` all compute theirs here, each over its own span of time.
+`Progress` is the launcher's view of a run's done markers, read incrementally while it runs.
 """
 
 from __future__ import annotations
@@ -12,6 +15,36 @@ from typing import Any
 from . import shards
 from .pipeline import Tally
 from .rundir import Chunk, Run
+
+
+def per_second(amount: float, seconds: float) -> float:
+    """`amount` over a span of `seconds`. No span (nothing timed yet, or a clock that went
+    back) gives no rate rather than an absurd one."""
+    return amount / seconds if seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """A funnel's pace over the time it took; the names are `zoi status --json`'s."""
+
+    prompts_per_s: float = 0.0
+    records_per_s: float = 0.0
+    tokens_per_s: float = 0.0  # generated tokens: what the engine's speed is judged by
+
+    @classmethod
+    def of(cls, funnel: Tally, seconds: float) -> Throughput:
+        return cls(
+            prompts_per_s=per_second(funnel.prompts, seconds),
+            records_per_s=per_second(funnel.kept, seconds),
+            tokens_per_s=per_second(funnel.completion_tokens, seconds),
+        )
+
+    def eta(self, remaining: int) -> float | None:
+        """Seconds until `remaining` base prompts are done at this pace: 0 with none left,
+        None (unknown) while there is no pace yet."""
+        if not remaining:
+            return 0.0
+        return remaining / self.prompts_per_s if self.prompts_per_s > 0 else None
 
 
 @dataclass
@@ -76,12 +109,12 @@ class Progress:
             return False
 
     def line(self) -> str:
-        elapsed = max(time.time() - self.began, 1e-9)
-        rate = self.recent.prompts / elapsed
+        pace = Throughput.of(self.recent, time.time() - self.began)
         left = self.total_prompts - self.funnel.prompts
-        eta = f"{left / rate / 60:.1f} min" if rate > 0 and left else ("0 min" if not left else "?")
+        eta = pace.eta(left)
+        shown = "?" if eta is None else (f"{eta / 60:.1f} min" if left else "0 min")
         return (
             f"chunks {len(self.counted)}/{self.total_chunks} | records {self.funnel.kept} "
-            f"({self.funnel.kept_percent:.0f}% kept) | {self.recent.kept / elapsed:.2f} "
-            f"records/s | {self.recent.completion_tokens / elapsed:.0f} tokens/s | ETA {eta}"
+            f"({self.funnel.kept_percent:.0f}% kept) | {pace.records_per_s:.2f} records/s | "
+            f"{pace.tokens_per_s:.0f} tokens/s | ETA {shown}"
         )

@@ -23,6 +23,7 @@ from .jobs import chunk_queue
 from .merger import index_ranges
 from .pipeline import Tally
 from .producer import job_states
+from .progress import Throughput
 from .rundir import Chunk, Run
 
 RECENT = 600.0  # seconds of finished chunks that "recent" throughput averages over
@@ -39,7 +40,7 @@ class RunStatus:
     fixer_ran: int
     dropped: dict[str, int]
     tokens: dict[str, int]
-    recent: dict[str, float]
+    recent: Throughput
     eta_seconds: float | None
     missing_ranges: list[tuple[int, int]]
     problems: list[str]
@@ -56,19 +57,13 @@ def _timestamp(value: Any) -> float | None:
         return None
 
 
-def _recent(markers: list[dict[str, Any]], now: float) -> dict[str, float]:
+def _recent(markers: list[dict[str, Any]], now: float) -> Throughput:
     """Throughput over the chunks finished in the last RECENT seconds."""
     window = [m for m in markers if (_timestamp(m.get("finished_at")) or 0.0) >= now - RECENT]
     if not window:
-        return {"prompts_per_s": 0.0, "records_per_s": 0.0, "tokens_per_s": 0.0}
+        return Throughput()
     first = min(_timestamp(m.get("started_at")) or now for m in window)
-    span = max(now - first, 1e-6)
-    funnel = _funnel(window)
-    return {
-        "prompts_per_s": funnel.prompts / span,
-        "records_per_s": funnel.kept / span,
-        "tokens_per_s": funnel.completion_tokens / span,
-    }
+    return Throughput.of(_funnel(window), now - first)
 
 
 def _funnel(markers: list[dict[str, Any]]) -> Tally:
@@ -76,12 +71,6 @@ def _funnel(markers: list[dict[str, Any]]) -> Tally:
     for marker in markers:
         funnel.merge(shards.funnel_of(marker))
     return funnel
-
-
-def _eta(remaining: int, rate: float) -> float | None:
-    if not remaining:
-        return 0.0
-    return remaining / rate if rate > 0 else None
 
 
 def _workers(connection: redis.Redis, run: Run) -> list[dict[str, Any]]:
@@ -147,7 +136,7 @@ def _summarise(
         dropped=dict(funnel.dropped.most_common()),
         tokens={"prompt": funnel.prompt_tokens, "completion": funnel.completion_tokens},
         recent=recent,
-        eta_seconds=_eta(sum(len(c) for c in absent), recent["prompts_per_s"]),
+        eta_seconds=recent.eta(sum(len(c) for c in absent)),
         missing_ranges=index_ranges(absent),
         problems=problems,
         workers=_workers(connection, run) if connection else [],
