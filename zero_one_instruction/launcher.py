@@ -26,7 +26,7 @@ import redis
 
 from . import shards
 from .errors import ZoiError
-from .janitor import Janitor
+from .janitor import Janitor, default_heartbeat_ttl
 from .jobs import chunk_queue, failed_chunks
 from .merger import describe_ranges, index_ranges
 from .producer import EnqueueReport, JobPolicy, enqueue
@@ -145,7 +145,7 @@ class Launcher:
         self.heartbeat, self.policy = heartbeat, policy or JobPolicy()
         self.revive, self.output = revive, output
         self.queue = chunk_queue(connection, run)
-        self.janitor = Janitor(self.queue, ttl=3 * heartbeat + 5)
+        self.janitor = Janitor(self.queue, ttl=default_heartbeat_ttl(heartbeat))
         self.grid = {chunk.id: chunk for chunk in run.chunks()}
         self.progress = Progress(len(self.grid), run.end - run.start)
         # Unique per launcher: two runs (or two launchers of one run) never share a log.

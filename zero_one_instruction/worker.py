@@ -48,7 +48,7 @@ from rq.worker import SimpleWorker
 from . import shards
 from .engines.base import EngineDead, load_engine
 from .errors import ZoiError
-from .janitor import Janitor
+from .janitor import Janitor, default_heartbeat_ttl
 from .jobs import ChunkJob, RefusedJob, chunk_queue, failed_chunks
 from .merger import describe_ranges, index_ranges
 from .pipeline import Outcome, Pipeline
@@ -520,7 +520,7 @@ def serve(
         [chunk_queue(connection, run)],
         host,
         heartbeat_interval=heartbeat_interval,
-        heartbeat_ttl=heartbeat_ttl or int(3 * heartbeat_interval) + 5,
+        heartbeat_ttl=heartbeat_ttl or default_heartbeat_ttl(heartbeat_interval),
         janitor_interval=janitor_interval,
         connection=connection,
         name=worker_name(name),
