@@ -30,6 +30,7 @@ from .generator import evolve_range, generate, load_inputs
 from .gpus import visible_gpus
 from .outputs import check_output, protected_inputs, remember_output
 from .pipeline import DROP_REASONS, FINAL_JUDGE, FIX_JUDGE, Outcome, Tally
+from .progress import per_second
 from .seeds import PromptSource
 from .templates import Templates
 
@@ -285,13 +286,11 @@ def _warn_if_all_failed(tally: Tally) -> None:
         )
 
 
-def _summary(tally: Tally, seconds: float) -> str:
-    rate = tally.kept / seconds if seconds else 0.0
-    share = 100.0 * tally.kept / tally.prompts if tally.prompts else 0.0
-    tokens = tally.prompt_tokens + tally.completion_tokens
+def _summary(tally: Tally, seconds: float, timing: str = "") -> str:
+    """The funnel and its pace; `timing` says what `seconds` includes."""
     lines = [
         f"prompts   {tally.prompts}",
-        f"kept      {tally.kept} ({share:.1f}%)",
+        f"kept      {tally.kept} ({tally.kept_percent:.1f}%)",
         f"dropped   {sum(tally.dropped.values())}",
     ]
     width = max((len(r) for r in tally.dropped), default=0)
@@ -300,8 +299,8 @@ def _summary(tally: Tally, seconds: float) -> str:
     lines += [
         f"fixer ran {tally.fixer_ran}",
         f"tokens    {tally.prompt_tokens} prompt + {tally.completion_tokens} generated",
-        f"time      {seconds:.1f} s ({rate:.2f} records/s, {tokens / max(seconds, 1e-9):.0f} "
-        "tokens/s incl. engine start)",
+        f"time      {seconds:.1f} s ({per_second(tally.kept, seconds):.2f} records/s, "
+        f"{per_second(tally.tokens, seconds):.0f} tokens/s{timing})",
     ]
     return "\n".join(lines)
 
@@ -348,7 +347,7 @@ def generate_cmd(
         tally = asyncio.run(
             generate(config, inputs, start, end, output, id_start, trace, lambda _: bar.update(1))
         )
-    click.echo(_summary(tally, time.monotonic() - began))
+    click.echo(_summary(tally, time.monotonic() - began, " incl. engine start"))
     click.echo(f"wrote     {tally.kept} records to {output}")
     _warn_if_all_failed(tally)
 
@@ -736,7 +735,7 @@ def _show_status(state: Any) -> str:
     recent = state.recent
     lines += [
         f"tokens    {state.tokens['prompt']} prompt + {state.tokens['completion']} generated",
-        f"recent    {recent['records_per_s']:.2f} records/s, {recent['tokens_per_s']:.0f} "
+        f"recent    {recent.records_per_s:.2f} records/s, {recent.tokens_per_s:.0f} "
         f"tokens/s; ETA {_format_seconds(state.eta_seconds)}",
         f"workers   {len(state.workers)}"
         + "".join(f"\n  {w['name']} {w['state']}" for w in state.workers),
@@ -893,14 +892,5 @@ def run_cmd(
             line.close()
     report = merge(run, output, id_start)
     remember_output(run.path, output)
-    seconds = time.monotonic() - began
-    tally = Tally(
-        prompts=progress.prompts,
-        kept=progress.records,
-        fixer_ran=progress.fixer_ran,
-        prompt_tokens=progress.prompt_tokens,
-        completion_tokens=progress.completion_tokens,
-    )
-    tally.dropped.update(progress.dropped)
-    click.echo(_summary(tally, seconds).replace(" incl. engine start", ""))
+    click.echo(_summary(progress.funnel, time.monotonic() - began))
     click.echo(f"wrote     {report.records} records to {output} (run directory {run.path})")

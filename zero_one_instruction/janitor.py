@@ -21,6 +21,14 @@ log = logging.getLogger(__name__)
 MAX_ABANDONED = 10
 
 
+def default_heartbeat_ttl(interval: float) -> int:
+    """How long a running chunk may go without a heartbeat before it counts as abandoned,
+    for heartbeats every `interval` seconds: three missed beats and a margin, so a busy worker
+    is not taken for a dead one. A worker's default, and what the launcher's janitor allows
+    the workers it starts."""
+    return int(3 * interval) + 5
+
+
 def _fetch(queue: Queue, job_id: str) -> Job | None:
     try:
         return queue.job_class.fetch(

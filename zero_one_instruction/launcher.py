@@ -18,19 +18,19 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import redis
 
 from . import shards
 from .errors import ZoiError
-from .janitor import Janitor
+from .janitor import Janitor, default_heartbeat_ttl
 from .jobs import chunk_queue, failed_chunks
 from .merger import describe_ranges, index_ranges
 from .producer import EnqueueReport, JobPolicy, enqueue
+from .progress import Progress
 from .rundir import Chunk, Run
 from .safepath import python_module
 
@@ -124,99 +124,6 @@ class _Slot:
     restarts: int = 0
 
 
-@dataclass
-class _Counted:
-    """A marker already counted: its inode tells a rewritten marker from the same one."""
-
-    inode: int
-    funnel: dict[str, Any]
-    recent: bool
-
-
-@dataclass
-class Progress:
-    """What the markers say, read incrementally: each marker is read once. Only markers of
-    chunks in the run's grid count, and only once `shards.check` accepts them; a marker that
-    disappears (set aside) stops counting."""
-
-    total_chunks: int
-    total_prompts: int
-    began: float = field(default_factory=time.time)
-    counted: dict[str, _Counted] = field(default_factory=dict)
-
-    def update(self, run: Run, grid: dict[str, Chunk]) -> None:
-        present: dict[str, int] = {}
-        with os.scandir(run.shards) as entries:
-            for entry in entries:
-                chunk_id = entry.name.removesuffix(".done")
-                if entry.name.endswith(".done") and chunk_id in grid:
-                    present[chunk_id] = entry.inode()
-        for chunk_id in [c for c in self.counted if present.get(c) != self.counted[c].inode]:
-            del self.counted[chunk_id]
-        for chunk_id, inode in present.items():
-            if chunk_id not in self.counted:
-                self._add(run, grid[chunk_id], inode)
-
-    def _add(self, run: Run, chunk: Chunk, inode: int) -> None:
-        result = shards.check(run, chunk, deep=False)
-        if not result.done or result.marker is None:
-            return  # damaged or being replaced: the reconciliation deals with it
-        marker = result.marker
-        self.counted[chunk.id] = _Counted(inode, marker["funnel"], self._after_start(marker))
-
-    def _after_start(self, marker: dict[str, Any]) -> bool:
-        try:
-            return datetime.fromisoformat(marker["finished_at"]).timestamp() >= self.began
-        except (KeyError, TypeError, ValueError):
-            return False
-
-    def _sum(self, key: str, recent_only: bool = False) -> int:
-        return sum(
-            int(c.funnel.get(key, 0)) for c in self.counted.values() if c.recent or not recent_only
-        )
-
-    @property
-    def prompts(self) -> int:
-        return self._sum("prompts")
-
-    @property
-    def records(self) -> int:
-        return self._sum("kept")
-
-    @property
-    def completion_tokens(self) -> int:
-        return self._sum("completion_tokens")
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self._sum("prompt_tokens")
-
-    @property
-    def fixer_ran(self) -> int:
-        return self._sum("fixer_ran")
-
-    @property
-    def dropped(self) -> dict[str, int]:
-        totals: dict[str, int] = {}
-        for counted in self.counted.values():
-            for reason, count in counted.funnel.get("dropped", {}).items():
-                totals[reason] = totals.get(reason, 0) + int(count)
-        return totals
-
-    def line(self) -> str:
-        elapsed = max(time.time() - self.began, 1e-9)
-        prompts = self.prompts
-        rate = self._sum("prompts", recent_only=True) / elapsed
-        left = self.total_prompts - prompts
-        eta = f"{left / rate / 60:.1f} min" if rate > 0 and left else ("0 min" if not left else "?")
-        kept = 100.0 * self.records / prompts if prompts else 0.0
-        return (
-            f"chunks {len(self.counted)}/{self.total_chunks} | records {self.records} "
-            f"({kept:.0f}% kept) | {self._sum('kept', True) / elapsed:.2f} records/s | "
-            f"{self._sum('completion_tokens', True) / elapsed:.0f} tokens/s | ETA {eta}"
-        )
-
-
 class Launcher:
     def __init__(
         self,
@@ -238,7 +145,7 @@ class Launcher:
         self.heartbeat, self.policy = heartbeat, policy or JobPolicy()
         self.revive, self.output = revive, output
         self.queue = chunk_queue(connection, run)
-        self.janitor = Janitor(self.queue, ttl=3 * heartbeat + 5)
+        self.janitor = Janitor(self.queue, ttl=default_heartbeat_ttl(heartbeat))
         self.grid = {chunk.id: chunk for chunk in run.chunks()}
         self.progress = Progress(len(self.grid), run.end - run.start)
         # Unique per launcher: two runs (or two launchers of one run) never share a log.

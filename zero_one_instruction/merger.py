@@ -35,15 +35,26 @@ class MergeIncomplete(ZoiError):
 
 @dataclass
 class MergeReport:
+    """What a merge did. The chunks left out are kept once, as absent (never done) or damaged
+    (with why); the missing ranges and the warnings are views of them."""
+
     chunks: int = 0
     merged: int = 0
     records: int = 0
     duplicates: int = 0
-    missing: list[tuple[int, int]] = field(default_factory=list)
+    absent: list[Chunk] = field(default_factory=list)
     damaged: list[tuple[Chunk, str]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
     bytes: int = 0
     seconds: float = 0.0
+
+    @property
+    def missing(self) -> list[tuple[int, int]]:
+        """The base-prompt ranges the output lacks."""
+        return index_ranges(self.absent + [chunk for chunk, _ in self.damaged])
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"chunk {chunk.id}: {problem}" for chunk, problem in self.damaged]
 
 
 def index_ranges(chunks: list[Chunk]) -> list[tuple[int, int]]:
@@ -143,9 +154,9 @@ def _copy_chunk(
         record_digest.hexdigest() != files["records"]["sha256"]
         or count != files["records"]["lines"]
     ):
-        return f"chunk {chunk.id}: {files['records']['name']} does not match its marker"
+        return f"{files['records']['name']} does not match its marker"
     if writer.with_meta and meta_digest.hexdigest() != files["meta"]["sha256"]:
-        return f"chunk {chunk.id}: {files['meta']['name']} does not match its marker"
+        return f"{files['meta']['name']} does not match its marker"
     return None
 
 
@@ -161,7 +172,7 @@ def _splice_chunk(
         or data.count(b"\n") != expected["lines"]
         or (data and not data.endswith(b"\n"))
     ):
-        return f"chunk {chunk.id}: {expected['name']} does not match its marker"
+        return f"{expected['name']} does not match its marker"
     view, find, write = memoryview(data), data.find, out.write
     start, record_id = 0, writer.next_id
     while (end := find(b"\n", start)) >= 0:
@@ -175,17 +186,15 @@ def _splice_chunk(
 def _plan(run: Run, report: MergeReport) -> list[tuple[Chunk, dict[str, Any]]]:
     """The chunks whose marker and file sizes look right; the others are recorded in the
     report as absent (no marker) or damaged (a marker whose shard fails verification)."""
-    ready, unmerged = [], []
+    ready = []
     for chunk in run.chunks():
         result = shards.check(run, chunk, deep=False)
         if result.done and result.marker is not None:
             ready.append((chunk, result.marker))
-            continue
-        unmerged.append(chunk)
-        if result.problem:
-            report.problems.append(f"chunk {chunk.id}: {result.problem}")
+        elif result.problem:
             report.damaged.append((chunk, result.problem))
-    report.missing = index_ranges(unmerged)
+        else:
+            report.absent.append(chunk)
     return ready
 
 
@@ -203,15 +212,10 @@ def _deep_problems(run: Run, ready: list[tuple[Chunk, dict[str, Any]]]) -> list[
 def _refusal(run: Run, report: MergeReport, limit: int = 8) -> MergeIncomplete:
     """One line naming both kinds of hole: chunks never done, and chunks whose shard is
     damaged (which `zoi enqueue` sets aside and queues again)."""
-    damaged = {chunk for chunk, _ in report.damaged}
-    never = [
-        c
-        for c in run.chunks()
-        if c not in damaged and any(a <= c.start < b for a, b in report.missing)
-    ]
     parts = []
-    if never:
-        parts.append(f"missing base-prompt ranges {describe_ranges(index_ranges(never), limit)}")
+    if report.absent:
+        shown = describe_ranges(index_ranges(report.absent), limit)
+        parts.append(f"missing base-prompt ranges {shown}")
     if report.damaged:
         first = sorted(report.damaged)[:limit]
         shown = ", ".join(f"[{c.start}, {c.end}) ({problem})" for c, problem in first)
@@ -251,9 +255,7 @@ def merge(
             out.seek(offset)
             out.truncate()
             writer.next_id = first_id
-            report.problems.append(problem)
-            report.damaged.append((chunk, problem.removeprefix(f"chunk {chunk.id}: ")))
-            report.missing = index_ranges([Chunk(a, b) for a, b in report.missing] + [chunk])
+            report.damaged.append((chunk, problem))
         if report.damaged and not allow_partial:
             raise _refusal(run, report)
         report.bytes = out.tell()

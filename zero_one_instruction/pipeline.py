@@ -98,9 +98,15 @@ class Outcome:
         return {**asdict(self), "kept": self.kept}
 
 
+# The funnel's counts besides `dropped`: what a done marker must hold for a Tally to be read back.
+FUNNEL_COUNTS = ("prompts", "kept", "fixer_ran", "prompt_tokens", "completion_tokens")
+
+
 @dataclass
 class Tally:
-    """Counts over many outcomes: the funnel a summary, a done marker and `status` show."""
+    """The funnel: counts over many outcomes. The one place they are added up, whether from
+    outcomes (a chunk, `zoi generate`) or from other funnels (the chunks' done markers, for
+    `zoi run`'s progress and summary and for `zoi status`)."""
 
     prompts: int = 0
     kept: int = 0
@@ -118,6 +124,30 @@ class Tally:
         self.fixer_ran += outcome.fixer_ran
         self.prompt_tokens += outcome.prompt_tokens
         self.completion_tokens += outcome.completion_tokens
+
+    def merge(self, other: Tally) -> None:
+        """Add another funnel's counts. Drop reasons new to this funnel come after the ones it
+        has, in `other`'s order: a summary lists equal counts in that order."""
+        self.prompts += other.prompts
+        self.kept += other.kept
+        self.dropped.update(other.dropped)
+        self.fixer_ran += other.fixer_ran
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def kept_percent(self) -> float:
+        return 100.0 * self.kept / self.prompts if self.prompts else 0.0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Tally:
+        """The funnel `as_dict` wrote, as a done marker holds it (`shards` checks it first)."""
+        counts = {name: data[name] for name in FUNNEL_COUNTS}
+        return cls(**counts, dropped=Counter(data["dropped"]))
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .pipeline import Outcome, Tally
+from .pipeline import FUNNEL_COUNTS, Outcome, Tally
 from .records import atomic_file, dumps, original_record
 from .rundir import Chunk, Run
 
 MARKER_FORMAT = 1
 KINDS = ("records", "meta", "rejects")
 _SUFFIX = {"records": ".jsonl", "meta": ".meta.jsonl", "rejects": ".rejects.jsonl"}
+_MARKER = ".done"
 _BLOCK = 1 << 20
 
 
@@ -38,7 +39,7 @@ def path_of(directory: Path, chunk: Chunk, kind: str) -> Path:
 
 
 def marker_path(directory: Path, chunk: Chunk) -> Path:
-    return directory / f"{chunk.id}.done"
+    return directory / f"{chunk.id}{_MARKER}"
 
 
 def record_line(outcome: Outcome, system: str) -> str:
@@ -147,6 +148,23 @@ def read_marker(run: Run, chunk: Chunk) -> tuple[dict[str, Any] | None, str | No
     return (marker, None) if problem is None else (None, problem)
 
 
+def funnel_of(marker: dict[str, Any]) -> Tally:
+    """The funnel of a marker that `read_marker` accepted."""
+    return Tally.from_dict(marker["funnel"])
+
+
+def present_markers(run: Run) -> dict[str, int]:
+    """The chunk ids that have a marker file, each with the marker's inode (a marker replaced
+    by another has a new one), in one directory scan however many chunks there are. Presence
+    only: what a marker says is trusted only through `read_marker`."""
+    present: dict[str, int] = {}
+    with os.scandir(run.shards) as entries:
+        for entry in entries:
+            if entry.name.endswith(_MARKER):
+                present[entry.name.removesuffix(_MARKER)] = entry.inode()
+    return present
+
+
 def _marker_problem(marker: Any, chunk: Chunk, fingerprint: str) -> str | None:
     """Why a parsed marker cannot be trusted for this chunk of this run, or None."""
     if not (
@@ -178,9 +196,6 @@ def _file_entry(entry: Any) -> bool:
         and _count(entry.get("lines"))
         and isinstance(entry.get("sha256"), str)
     )
-
-
-FUNNEL_COUNTS = ("prompts", "kept", "fixer_ran", "prompt_tokens", "completion_tokens")
 
 
 def _funnel_fits(funnel: Any, prompts: int, records: int) -> bool:

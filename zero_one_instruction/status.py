@@ -21,7 +21,9 @@ from . import shards
 from .errors import ZoiError
 from .jobs import chunk_queue
 from .merger import index_ranges
+from .pipeline import Tally
 from .producer import job_states
+from .progress import Throughput
 from .rundir import Chunk, Run
 
 RECENT = 600.0  # seconds of finished chunks that "recent" throughput averages over
@@ -38,7 +40,7 @@ class RunStatus:
     fixer_ran: int
     dropped: dict[str, int]
     tokens: dict[str, int]
-    recent: dict[str, float]
+    recent: Throughput
     eta_seconds: float | None
     missing_ranges: list[tuple[int, int]]
     problems: list[str]
@@ -55,25 +57,20 @@ def _timestamp(value: Any) -> float | None:
         return None
 
 
-def _recent(markers: list[dict[str, Any]], now: float) -> dict[str, float]:
+def _recent(markers: list[dict[str, Any]], now: float) -> Throughput:
     """Throughput over the chunks finished in the last RECENT seconds."""
     window = [m for m in markers if (_timestamp(m.get("finished_at")) or 0.0) >= now - RECENT]
     if not window:
-        return {"prompts_per_s": 0.0, "records_per_s": 0.0, "tokens_per_s": 0.0}
+        return Throughput()
     first = min(_timestamp(m.get("started_at")) or now for m in window)
-    span = max(now - first, 1e-6)
-    funnels = [m["funnel"] for m in window]
-    return {
-        "prompts_per_s": sum(f["prompts"] for f in funnels) / span,
-        "records_per_s": sum(f["kept"] for f in funnels) / span,
-        "tokens_per_s": sum(f["completion_tokens"] for f in funnels) / span,
-    }
+    return Throughput.of(_funnel(window), now - first)
 
 
-def _eta(remaining: int, rate: float) -> float | None:
-    if not remaining:
-        return 0.0
-    return remaining / rate if rate > 0 else None
+def _funnel(markers: list[dict[str, Any]]) -> Tally:
+    funnel = Tally()
+    for marker in markers:
+        funnel.merge(shards.funnel_of(marker))
+    return funnel
 
 
 def _workers(connection: redis.Redis, run: Run) -> list[dict[str, Any]]:
@@ -125,29 +122,21 @@ def _summarise(
     problems: list[str],
     connection: redis.Redis | None,
 ) -> RunStatus:
-    dropped: Counter[str] = Counter()
-    for marker in markers:
-        dropped.update(marker["funnel"]["dropped"])
-    funnel = [m["funnel"] for m in markers]
-    now = time.time()
-    recent = _recent(markers, now)
-    remaining = sum(len(c) for c in absent)
+    funnel = _funnel(markers)
+    recent = _recent(markers, time.time())
     names = ("done", "queued", "running", "failed", "missing", "bad")
     return RunStatus(
         run=str(run.path),
         fingerprint=run.fingerprint,
         range=(run.start, run.end),
         chunks={"total": len(chunks), **{name: counts[name] for name in names}},
-        prompts_done=sum(f["prompts"] for f in funnel),
-        records=sum(f["kept"] for f in funnel),
-        fixer_ran=sum(f["fixer_ran"] for f in funnel),
-        dropped=dict(dropped.most_common()),
-        tokens={
-            "prompt": sum(f["prompt_tokens"] for f in funnel),
-            "completion": sum(f["completion_tokens"] for f in funnel),
-        },
+        prompts_done=funnel.prompts,
+        records=funnel.kept,
+        fixer_ran=funnel.fixer_ran,
+        dropped=dict(funnel.dropped.most_common()),
+        tokens={"prompt": funnel.prompt_tokens, "completion": funnel.completion_tokens},
         recent=recent,
-        eta_seconds=_eta(remaining, recent["prompts_per_s"]),
+        eta_seconds=recent.eta(sum(len(c) for c in absent)),
         missing_ranges=index_ranges(absent),
         problems=problems,
         workers=_workers(connection, run) if connection else [],

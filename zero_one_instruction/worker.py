@@ -48,7 +48,7 @@ from rq.worker import SimpleWorker
 from . import shards
 from .engines.base import EngineDead, load_engine
 from .errors import ZoiError
-from .janitor import Janitor
+from .janitor import Janitor, default_heartbeat_ttl
 from .jobs import ChunkJob, RefusedJob, chunk_queue, failed_chunks
 from .merger import describe_ranges, index_ranges
 from .pipeline import Outcome, Pipeline
@@ -237,7 +237,7 @@ def _check_job_id(run: Run, chunk: Chunk) -> None:
     chunk by its job id, and a job named for one chunk that computes another would mark the
     first as finished while its shard is missing."""
     job = get_current_job()
-    if job is not None and job.id != run.job_id(chunk):
+    if job is not None and run.chunk_of_job(job.id) != chunk:
         raise WrongRun(
             f"job {job.id} asks for chunk {chunk.id}, whose job is {run.job_id(chunk)}; refused"
         )
@@ -520,7 +520,7 @@ def serve(
         [chunk_queue(connection, run)],
         host,
         heartbeat_interval=heartbeat_interval,
-        heartbeat_ttl=heartbeat_ttl or int(3 * heartbeat_interval) + 5,
+        heartbeat_ttl=heartbeat_ttl or default_heartbeat_ttl(heartbeat_interval),
         janitor_interval=janitor_interval,
         connection=connection,
         name=worker_name(name),
