@@ -43,7 +43,7 @@ test: setup
 # a SIGKILLed worker and the preview, on the model of demo-real (built in .demo/real-model on
 # first use, or ZOI_REAL_MODEL=DIR). One engine at a time, about 12 GiB; no check of quality.
 test-real: setup
-	$(BIN)/python -m pytest -m real
+	$(BIN)/python -m pytest -m real --durations=0
 
 lint:
 	$(BIN)/ruff check --fix .
