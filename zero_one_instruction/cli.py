@@ -626,10 +626,10 @@ def worker_cmd(
     if config_path is not None:
         run = run.with_hardware(load_config(config_path))
     if gpus is not None:
-        from .gpus import select
+        from .gpus import cuda_environment, select
 
         chosen = select(visible_gpus(), gpus, None)
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)  # before anything touches CUDA
+        os.environ.update(cuda_environment(chosen))  # before anything touches CUDA
         tp = tp or len(chosen)
     if tp is not None:
         run = run.with_tensor_parallel(tp)

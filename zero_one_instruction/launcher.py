@@ -26,6 +26,7 @@ import redis
 
 from . import shards
 from .errors import ZoiError
+from .gpus import cuda_environment
 from .janitor import Janitor, default_heartbeat_ttl
 from .jobs import chunk_queue, failed_chunks
 from .merger import describe_ranges, index_ranges
@@ -73,9 +74,7 @@ class WorkerSpec:
         if redis_url:
             env["ZOI_REDIS_URL"] = redis_url  # never on the command line: passwords
         env["PYTHONSAFEPATH"] = "1"  # the engine's own processes skip the working directory too
-        if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
-            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env.update(cuda_environment(self.gpus))
         return env
 
     def command(
