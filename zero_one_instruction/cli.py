@@ -7,7 +7,6 @@ traceback means a bug in this tool.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import select
@@ -22,15 +21,14 @@ from typing import Any, TextIO, TypeVar
 import click
 import redis
 
-from . import __version__
+from . import __version__, render
 from .config import Config, dump_config, load_config
 from .engines.base import EngineDead, engine_class
 from .errors import ZoiError
 from .generator import evolve_range, generate, load_inputs
 from .gpus import visible_gpus
 from .outputs import check_output, protected_inputs, remember_output
-from .pipeline import DROP_REASONS, FINAL_JUDGE, FIX_JUDGE, Outcome, Tally
-from .progress import per_second
+from .pipeline import Outcome
 from .seeds import PromptSource
 from .templates import Templates
 
@@ -241,7 +239,13 @@ def config_check(file: Path) -> None:
     loading a model. Exit code 0 means the config is usable."""
     config = load_config(file)
     _, source = _prepare(config)
-    click.echo(f"{file}: ok ({len(source)} base prompts from {source.description})")
+    click.echo(render.config_ok(file, source))
+
+
+def _warn(*warnings: str | None) -> None:
+    for warning in warnings:
+        if warning:
+            click.echo(f"zoi: warning: {warning}", err=True)
 
 
 def _validate_range(start: int, end: int) -> None:
@@ -274,35 +278,6 @@ def _progress(total: int) -> Any:
     if not sys.stderr.isatty():
         return _NoProgress()
     return click.progressbar(length=total, label="prompts", file=sys.stderr)
-
-
-def _warn_if_all_failed(tally: Tally) -> None:
-    failed = sum(n for reason, n in tally.dropped.items() if reason.endswith("_failed"))
-    if tally.prompts and failed == tally.prompts:
-        click.echo(
-            "zoi: warning: every prompt failed at a request; check max_tokens, max_model_len "
-            "and the engine (--trace FILE shows each error)",
-            err=True,
-        )
-
-
-def _summary(tally: Tally, seconds: float, timing: str = "") -> str:
-    """The funnel and its pace; `timing` says what `seconds` includes."""
-    lines = [
-        f"prompts   {tally.prompts}",
-        f"kept      {tally.kept} ({tally.kept_percent:.1f}%)",
-        f"dropped   {sum(tally.dropped.values())}",
-    ]
-    width = max((len(r) for r in tally.dropped), default=0)
-    for reason, count in sorted(tally.dropped.items(), key=lambda kv: -kv[1]):
-        lines.append(f"  {reason:<{width}}  {count:>6}  {DROP_REASONS.get(reason, '')}")
-    lines += [
-        f"fixer ran {tally.fixer_ran}",
-        f"tokens    {tally.prompt_tokens} prompt + {tally.completion_tokens} generated",
-        f"time      {seconds:.1f} s ({per_second(tally.kept, seconds):.2f} records/s, "
-        f"{per_second(tally.tokens, seconds):.0f} tokens/s{timing})",
-    ]
-    return "\n".join(lines)
 
 
 @main.command("generate")
@@ -347,37 +322,9 @@ def generate_cmd(
         tally = asyncio.run(
             generate(config, inputs, start, end, output, id_start, trace, lambda _: bar.update(1))
         )
-    click.echo(_summary(tally, time.monotonic() - began, " incl. engine start"))
+    click.echo(render.summary(tally, time.monotonic() - began, " incl. engine start"))
     click.echo(f"wrote     {tally.kept} records to {output}")
-    _warn_if_all_failed(tally)
-
-
-_JUDGE_LABELS = {0: "judge", FIX_JUDGE: "judge after fix", FINAL_JUDGE: "final judge"}
-
-
-def _show_outcome(outcome: Outcome) -> str:
-    lines = [click.style(f"=== base prompt {outcome.index}", bold=True), outcome.base_prompt]
-    for step in outcome.steps:
-        if step.step == "judge":
-            label = _JUDGE_LABELS[step.attempt]
-        elif step.step == "depth":
-            label = f"depth {step.attempt + 1}"
-        else:
-            label = step.step
-        tokens = f"{step.prompt_tokens}+{step.completion_tokens} tokens"
-        head = f"--- {label} ({tokens}, {step.finish_reason or 'no finish reason'})"
-        lines.append(click.style(head, fg="cyan"))
-        lines.append(f"ERROR: {step.error}" if step.error else step.text or "(empty)")
-    if outcome.kept:
-        lines.append(click.style("=> kept", fg="green", bold=True))
-    else:
-        reason = outcome.drop_reason or ""
-        lines.append(
-            click.style(
-                f"=> dropped: {reason} ({DROP_REASONS.get(reason, '')})", fg="red", bold=True
-            )
-        )
-    return "\n".join(lines) + "\n"
+    _warn(render.all_failed(tally))
 
 
 @main.command("preview")
@@ -406,14 +353,11 @@ def preview(config_path: Path, num: int, start: int, as_json: bool) -> None:
     inputs = _prepare(config)
 
     def show(outcome: Outcome) -> None:
-        text = (
-            json.dumps(outcome.to_dict(), ensure_ascii=False) if as_json else _show_outcome(outcome)
-        )
-        click.echo(text)
+        click.echo(render.outcome_json(outcome) if as_json else render.outcome(outcome))
 
     tally = asyncio.run(evolve_range(config, inputs, start, start + num, show))
     if not as_json:
-        click.echo(f"kept {tally.kept} of {tally.prompts}")
+        click.echo(render.preview_total(tally))
 
 
 @main.command("tiny-model")
@@ -538,17 +482,8 @@ def enqueue_cmd(
     policy = JobPolicy(retries=retries, timeout=job_timeout)
     with connect(redis_url, run.path, "enqueue") as connection:
         report = enqueue(connection, run, policy)
-    replaced = ", ".join(f"{n} {state}" for state, n in sorted(report.replaced.items()))
-    click.echo(
-        f"run {run.path} ({run.key}): {report.chunks} chunks of {run.chunk_size} over "
-        f"[{run.start}, {run.end})\n"
-        f"done {report.done}, already queued or running {report.active}, "
-        f"enqueued {report.enqueued}"
-        + (f" (replacing {replaced})" if replaced else "")
-        + f" in {report.seconds:.2f} s"
-    )
-    for problem in report.bad_shards:
-        click.echo(f"zoi: warning: bad shard set aside and queued again: {problem}", err=True)
+    click.echo(render.enqueued(run, report))
+    _warn(*render.enqueue_warnings(report))
 
 
 @main.command("worker")
@@ -693,7 +628,7 @@ def merge_cmd(
     The output does not depend on which worker did what or how often anything crashed. An
     unfinished run is refused (exit 1) with its missing index ranges unless --allow-partial.
     """
-    from .merger import describe_ranges, merge
+    from .merger import merge
     from .rundir import open_run
 
     run = open_run(run_dir)
@@ -701,51 +636,8 @@ def merge_cmd(
     check_output(output, overwrite, inputs=inputs, runs=[run.path], owner=run.path)
     report = merge(run, output, id_start, allow_partial, fmt, with_meta, dedup)  # type: ignore[arg-type]
     remember_output(run.path, output)
-    click.echo(
-        f"merged {report.merged}/{report.chunks} chunks: {report.records} records, "
-        f"{report.bytes / 1e6:.1f} MB in {report.seconds:.2f} s -> {output}"
-        + (f" ({report.duplicates} duplicate questions dropped)" if dedup else "")
-    )
-    for problem in report.problems:
-        click.echo(f"zoi: warning: {problem}", err=True)
-    if report.missing:
-        click.echo(
-            f"zoi: warning: missing base-prompt ranges {describe_ranges(report.missing)}", err=True
-        )
-
-
-def _format_seconds(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s"
-
-
-def _show_status(state: Any) -> str:
-    chunks = state.chunks
-    lines = [
-        f"run       {state.run} [{state.range[0]}, {state.range[1]})",
-        "chunks    " + ", ".join(f"{k} {v}" for k, v in chunks.items()),
-        f"prompts   {state.prompts_done} done, {state.records} records kept, "
-        f"fixer ran {state.fixer_ran}",
-    ]
-    for reason, count in state.dropped.items():
-        lines.append(f"  {reason:<18} {count:>8}  {DROP_REASONS.get(reason, '')}")
-    recent = state.recent
-    lines += [
-        f"tokens    {state.tokens['prompt']} prompt + {state.tokens['completion']} generated",
-        f"recent    {recent.records_per_s:.2f} records/s, {recent.tokens_per_s:.0f} "
-        f"tokens/s; ETA {_format_seconds(state.eta_seconds)}",
-        f"workers   {len(state.workers)}"
-        + "".join(f"\n  {w['name']} {w['state']}" for w in state.workers),
-    ]
-    if state.missing_ranges:
-        from .merger import describe_ranges
-
-        lines.append(f"to do     {describe_ranges(state.missing_ranges)}")
-    lines += [f"problem   {p}" for p in state.problems]
-    return "\n".join(lines)
+    click.echo(render.merged(report, output, dedup))
+    _warn(*render.merge_warnings(report))
 
 
 @main.command("status")
@@ -763,7 +655,7 @@ def status_cmd(run_dir: Path, redis_url: str | None, as_json: bool) -> None:
     run = open_run(run_dir)
     with connect(redis_url, run.path, "status") as connection:
         state = status(run, connection)
-    click.echo(json.dumps(state.as_dict(), ensure_ascii=False) if as_json else _show_status(state))
+    click.echo(render.status(state, as_json))
 
 
 # --- zoi run: the whole machine ---------------------------------------------------------
@@ -892,5 +784,5 @@ def run_cmd(
             line.close()
     report = merge(run, output, id_start)
     remember_output(run.path, output)
-    click.echo(_summary(progress.funnel, time.monotonic() - began))
+    click.echo(render.summary(progress.funnel, time.monotonic() - began))
     click.echo(f"wrote     {report.records} records to {output} (run directory {run.path})")
