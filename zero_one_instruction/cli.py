@@ -6,7 +6,6 @@ traceback means a bug in this tool.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import select
@@ -21,16 +20,13 @@ from typing import Any, TextIO, TypeVar
 import click
 import redis
 
-from . import __version__, render
-from .config import Config, dump_config, load_config
-from .engines.base import EngineDead, engine_class
+from . import __version__, generator, render
+from .config import dump_config, load_config
+from .engines.base import EngineDead
 from .errors import ZoiError
-from .generator import evolve_range, generate, load_inputs
 from .gpus import visible_gpus
-from .outputs import check_output, protected_inputs, remember_output
+from .outputs import check_output, remember_output
 from .pipeline import Outcome
-from .seeds import PromptSource
-from .templates import Templates
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_CONFIG = "model_config.yml"
@@ -237,8 +233,7 @@ def config_show(file: Path | None) -> None:
 def config_check(file: Path) -> None:
     """Validate FILE and everything it points to (templates, base-prompt files) without
     loading a model. Exit code 0 means the config is usable."""
-    config = load_config(file)
-    _, source = _prepare(config)
+    _, source = generator.prepare(load_config(file))
     click.echo(render.config_ok(file, source))
 
 
@@ -253,31 +248,28 @@ def _validate_range(start: int, end: int) -> None:
         raise click.BadParameter(f"must be greater than --start ({start})", param_hint="--end")
 
 
-def _prepare(config: Config) -> tuple[Templates, PromptSource]:
-    """Everything that can be checked before a model loads: templates, base prompts and the
-    engine class."""
-    inputs = load_inputs(config)
-    engine_class(config.engine)
-    return inputs
+class _ProgressBar:
+    """A progress bar on a terminal, drawn from the start of the work (after the checks) to
+    its end; nothing when stderr is a file or pipe, where a bar would only add noise to logs."""
 
+    def __init__(self) -> None:
+        self.bar: Any = None
 
-class _NoProgress:
-    def __enter__(self) -> _NoProgress:
+    def start(self, total: int) -> None:
+        if sys.stderr.isatty():
+            self.bar = click.progressbar(length=total, label="prompts", file=sys.stderr)
+            self.bar.__enter__()
+
+    def advance(self, outcome: object) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def __enter__(self) -> _ProgressBar:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def update(self, n: int) -> None:
-        return None
-
-
-def _progress(total: int) -> Any:
-    """A progress bar on a terminal; nothing when stderr is a file or pipe, where a bar
-    would only add noise to logs."""
-    if not sys.stderr.isatty():
-        return _NoProgress()
-    return click.progressbar(length=total, label="prompts", file=sys.stderr)
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
 
 
 @main.command("generate")
@@ -311,20 +303,20 @@ def generate_cmd(
     The output file appears only when the run completes.
     """
     _validate_range(start, end)
-    config = load_config(config_path)
-    protected = protected_inputs(config, config_path)
-    target = check_output(output, overwrite, protected)
-    if trace is not None and check_output(trace, overwrite, protected) == target:
-        raise ZoiError(f"{trace}: --trace must not be the output file")
-    inputs = _prepare(config)
-    began = time.monotonic()
-    with _progress(end - start) as bar:
-        tally = asyncio.run(
-            generate(config, inputs, start, end, output, id_start, trace, lambda _: bar.update(1))
+    with _ProgressBar() as bar:
+        report = generator.generate(
+            config_path,
+            start,
+            end,
+            output,
+            id_start=id_start,
+            trace=trace,
+            overwrite=overwrite,
+            on_start=bar.start,
+            on_outcome=bar.advance,
         )
-    click.echo(render.summary(tally, time.monotonic() - began, " incl. engine start"))
-    click.echo(f"wrote     {tally.kept} records to {output}")
-    _warn(render.all_failed(tally))
+    click.echo(render.generated(report))
+    _warn(render.all_failed(report.funnel))
 
 
 @main.command("preview")
@@ -349,13 +341,11 @@ def generate_cmd(
 def preview(config_path: Path, num: int, start: int, as_json: bool) -> None:
     """Run a few base prompts and show every step's text and verdict, then the outcome:
     the quick loop for tuning templates and sampling."""
-    config: Config = load_config(config_path)
-    inputs = _prepare(config)
 
     def show(outcome: Outcome) -> None:
         click.echo(render.outcome_json(outcome) if as_json else render.outcome(outcome))
 
-    tally = asyncio.run(evolve_range(config, inputs, start, start + num, show))
+    tally = generator.preview(config_path, start, start + num, show)
     if not as_json:
         click.echo(render.preview_total(tally))
 
@@ -632,8 +622,7 @@ def merge_cmd(
     from .rundir import open_run
 
     run = open_run(run_dir)
-    inputs = protected_inputs(run.config)
-    check_output(output, overwrite, inputs=inputs, runs=[run.path], owner=run.path)
+    check_output(output, run.config, run=run.path, overwrite=overwrite)
     report = merge(run, output, id_start, allow_partial, fmt, with_meta, dedup)  # type: ignore[arg-type]
     remember_output(run.path, output)
     click.echo(render.merged(report, output, dedup))
@@ -751,8 +740,7 @@ def run_cmd(
     first, last = _index_range(num_prompts, start, end)
     config = load_config(config_path)
     run_dir = run_dir or Path(f"{output}.run")
-    protected = protected_inputs(config, config_path)
-    check_output(output, overwrite, protected, runs=[run_dir], owner=run_dir)
+    check_output(output, config, config_path=config_path, run=run_dir, overwrite=overwrite)
     gpu_groups, idle = groups(select(visible_gpus(), gpus, num_gpus), tp)
     specs = plan(gpu_groups)
     line = _StatusLine()

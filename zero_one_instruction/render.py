@@ -17,6 +17,7 @@ from .pipeline import DROP_REASONS, FINAL_JUDGE, FIX_JUDGE, Outcome, Tally
 from .progress import per_second
 
 if TYPE_CHECKING:  # the queue's modules load RQ: `zoi --help` does without them
+    from .generator import GenerateReport
     from .merger import MergeReport
     from .producer import EnqueueReport
     from .rundir import Run
@@ -53,6 +54,13 @@ def all_failed(tally: Tally) -> str | None:
             "and the engine (--trace FILE shows each error)"
         )
     return None
+
+
+def generated(report: GenerateReport) -> str:
+    return (
+        summary(report.funnel, report.seconds, " incl. engine start")
+        + f"\nwrote     {report.funnel.kept} records to {report.output}"
+    )
 
 
 def config_ok(file: object, source: PromptSource) -> str:
