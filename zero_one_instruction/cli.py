@@ -24,8 +24,6 @@ from . import __version__, generator, render
 from .config import dump_config, load_config
 from .engines.base import EngineDead
 from .errors import ZoiError
-from .gpus import visible_gpus
-from .outputs import check_output, remember_output
 from .pipeline import Outcome
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -462,16 +460,14 @@ def enqueue_cmd(
     vanished ones are queued again. A run directory made for other settings is refused,
     naming the settings that differ.
     """
-    from .broker import connect
-    from .producer import JobPolicy, enqueue
-    from .rundir import create_or_open
+    from .machine import enqueue
+    from .producer import JobPolicy
 
     first, last = _index_range(num_prompts, start, end)
-    config = load_config(config_path)
-    run = create_or_open(run_dir, config, first, last, chunk_size)
     policy = JobPolicy(retries=retries, timeout=job_timeout)
-    with connect(redis_url, run.path, "enqueue") as connection:
-        report = enqueue(connection, run, policy)
+    run, report = enqueue(
+        config_path, run_dir, first, last, chunk_size=chunk_size, policy=policy, redis_url=redis_url
+    )
     click.echo(render.enqueued(run, report))
     _warn(*render.enqueue_warnings(report))
 
@@ -523,52 +519,15 @@ def enqueue_cmd(
     help="Seconds between sweeps that return abandoned chunks to the queue.",
 )
 @friendly
-def worker_cmd(
-    run_dir: Path,
-    config_path: Path | None,
-    redis_url: str | None,
-    gpus: str | None,
-    tp: int | None,
-    name: str | None,
-    burst: bool,
-    parent: int | None,
-    heartbeat: float,
-    heartbeat_ttl: int | None,
-    janitor: float,
-) -> None:
+def worker_cmd(**options: Any) -> None:
     """Hold one engine for the worker's whole life and turn queued chunks into shards.
 
     Stop it with SIGTERM or Ctrl-C: the chunks in hand finish and nothing new is taken. A
     second signal stops at once, and the chunks in hand go back to the queue.
     """
-    from .broker import connect, revive
-    from .rundir import open_run
-    from .worker import exit_with_parent, serve
+    from .machine import work
 
-    if parent is not None:
-        exit_with_parent(parent)
-    run = open_run(run_dir)
-    if config_path is not None:
-        run = run.with_hardware(load_config(config_path))
-    if gpus is not None:
-        from .gpus import cuda_environment, select
-
-        chosen = select(visible_gpus(), gpus, None)
-        os.environ.update(cuda_environment(chosen))  # before anything touches CUDA
-        tp = tp or len(chosen)
-    if tp is not None:
-        run = run.with_tensor_parallel(tp)
-    with connect(redis_url, run.path, "worker") as connection:
-        serve(
-            connection,
-            run,
-            name=name,
-            burst=burst,
-            heartbeat_interval=heartbeat,
-            heartbeat_ttl=heartbeat_ttl,
-            janitor_interval=janitor,
-            revive=None if redis_url else lambda: revive(run.path, connection),
-        )
+    work(**options)
 
 
 @main.command("merge")
@@ -603,29 +562,17 @@ def worker_cmd(
 )
 @click.option("--dedup", is_flag=True, help="Drop records whose question repeats an earlier one.")
 @friendly
-def merge_cmd(
-    run_dir: Path,
-    output: Path,
-    id_start: int,
-    allow_partial: bool,
-    overwrite: bool,
-    fmt: str,
-    with_meta: bool,
-    dedup: bool,
-) -> None:
+def merge_cmd(run_dir: Path, output: Path, overwrite: bool, **options: Any) -> None:
     """Assemble the output from the run's verified shards, in base-prompt order.
 
     The output does not depend on which worker did what or how often anything crashed. An
     unfinished run is refused (exit 1) with its missing index ranges unless --allow-partial.
     """
-    from .merger import merge
-    from .rundir import open_run
+    from .merger import MergeOptions, merge_run
 
-    run = open_run(run_dir)
-    check_output(output, run.config, run=run.path, overwrite=overwrite)
-    report = merge(run, output, id_start, allow_partial, fmt, with_meta, dedup)  # type: ignore[arg-type]
-    remember_output(run.path, output)
-    click.echo(render.merged(report, output, dedup))
+    chosen = MergeOptions(**options)
+    report = merge_run(run_dir, output, chosen, overwrite=overwrite)
+    click.echo(render.merged(report, output, chosen.dedup))
     _warn(*render.merge_warnings(report))
 
 
@@ -637,14 +584,9 @@ def merge_cmd(
 def status_cmd(run_dir: Path, redis_url: str | None, as_json: bool) -> None:
     """Show a run: chunks done, queued, running, failed and missing; records so far; the
     funnel of drops by reason; recent throughput and ETA; live workers."""
-    from .broker import connect
-    from .rundir import open_run
-    from .status import status
+    from .status import status_of
 
-    run = open_run(run_dir)
-    with connect(redis_url, run.path, "status") as connection:
-        state = status(run, connection)
-    click.echo(render.status(state, as_json))
+    click.echo(render.status(status_of(run_dir, redis_url), as_json))
 
 
 # --- zoi run: the whole machine ---------------------------------------------------------
@@ -715,14 +657,7 @@ def run_cmd(
     num_prompts: int | None,
     start: int | None,
     end: int | None,
-    run_dir: Path | None,
-    gpus: str | None,
-    num_gpus: int | None,
-    tp: int | None,
-    id_start: int,
-    chunk_size: int,
-    redis_url: str | None,
-    overwrite: bool,
+    **options: Any,
 ) -> None:
     """Generate a dataset on this machine in one command: enqueue, one worker per GPU group,
     live progress, merge.
@@ -731,46 +666,20 @@ def run_cmd(
     are not run again, and a finished run just merges. Ctrl-C stops warmly (the chunks in hand
     finish); a second Ctrl-C stops at once.
     """
-    from .broker import connect, revive
-    from .gpus import groups, select
-    from .launcher import Launcher, plan
-    from .merger import merge
-    from .rundir import create_or_open
+    from .machine import run
 
     first, last = _index_range(num_prompts, start, end)
-    config = load_config(config_path)
-    run_dir = run_dir or Path(f"{output}.run")
-    check_output(output, config, config_path=config_path, run=run_dir, overwrite=overwrite)
-    gpu_groups, idle = groups(select(visible_gpus(), gpus, num_gpus), tp)
-    specs = plan(gpu_groups)
     line = _StatusLine()
-    if not gpu_groups:
-        line.event("no GPU found: one CPU worker (needs a CPU build of vLLM or another engine)")
-    if idle:
-        line.event(f"GPUs {','.join(idle)} stay idle: they do not fill a group of {tp}")
-    run = create_or_open(run_dir, config, first, last, chunk_size)
-    began = time.monotonic()
-    with connect(redis_url, run.path, "launcher") as connection:
-        launcher = Launcher(
-            run,
-            connection,
-            redis_url,
-            specs,
-            line.event,
-            line.progress,
-            revive=None if redis_url else lambda: revive(run.path, connection),
-            output=output,
-            config_path=config_path.resolve(),  # this invocation's hardware settings
+    try:
+        report = run(
+            config_path,
+            output,
+            first,
+            last,
+            on_event=line.event,
+            on_progress=line.progress,
+            **options,
         )
-        line.event(
-            f"run {run.path}: {len(run.chunks())} chunks, workers: "
-            + ", ".join(f"{s.name} (tp {s.tp})" for s in specs)
-        )
-        try:
-            progress = launcher.execute()
-        finally:
-            line.close()
-    report = merge(run, output, id_start)
-    remember_output(run.path, output)
-    click.echo(render.summary(progress.funnel, time.monotonic() - began))
-    click.echo(f"wrote     {report.records} records to {output} (run directory {run.path})")
+    finally:
+        line.close()
+    click.echo(render.ran(report))

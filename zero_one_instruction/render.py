@@ -18,6 +18,7 @@ from .progress import per_second
 
 if TYPE_CHECKING:  # the queue's modules load RQ: `zoi --help` does without them
     from .generator import GenerateReport
+    from .machine import RunReport
     from .merger import MergeReport
     from .producer import EnqueueReport
     from .rundir import Run
@@ -60,6 +61,14 @@ def generated(report: GenerateReport) -> str:
     return (
         summary(report.funnel, report.seconds, " incl. engine start")
         + f"\nwrote     {report.funnel.kept} records to {report.output}"
+    )
+
+
+def ran(report: RunReport) -> str:
+    return (
+        summary(report.funnel, report.seconds)
+        + f"\nwrote     {report.merge.records} records to {report.output} "
+        f"(run directory {report.run})"
     )
 
 
