@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the queue's modules load RQ: `zoi --help` does without them
     from .machine import RunReport
     from .merger import MergeReport
     from .producer import EnqueueReport
+    from .realmodel import Ready
     from .rundir import Run
     from .seeds import PromptSource
     from .status import RunStatus
@@ -69,6 +70,16 @@ def ran(report: RunReport) -> str:
         summary(report.funnel, report.seconds)
         + f"\nwrote     {report.merge.records} records to {report.output} "
         f"(run directory {report.run})"
+    )
+
+
+def real_model(ready: Ready, seconds: float) -> str:
+    """The model, where it came from and how long it took (or that it was already there)."""
+    stamp = ready.stamp
+    state = "already there" if ready.cached else f"made in {seconds:.0f} s"
+    return (
+        f"{stamp['model']} ({stamp['source']}, {state}) in {ready.directory}\n"
+        f"licence: {stamp['licence']}"
     )
 
 
