@@ -59,6 +59,7 @@ class ScriptedEngine:
         if options.get("env_log"):  # what the process was given: GPUs and TP
             seen = {
                 "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "order": os.environ.get("CUDA_DEVICE_ORDER"),
                 "tp": config.tensor_parallel_size,
                 "pid": os.getpid(),
             }

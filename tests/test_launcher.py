@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from zero_one_instruction.gpus import GpuError, groups, select
+from zero_one_instruction.gpus import GpuError, cuda_environment, groups, select
 from zero_one_instruction.launcher import plan
 
 from . import queue_helpers
@@ -79,6 +79,19 @@ def test_plans_give_each_worker_its_gpus_and_tp() -> None:
     cpu = plan([])
     assert [(s.name, s.gpus, s.tp) for s in cpu] == [("cpu0", (), 1)]
     assert "CUDA_VISIBLE_DEVICES" not in cpu[0].environment({}, "redis://h")
+
+
+def test_a_gpu_group_environment_numbers_gpus_as_nvidia_smi_does() -> None:
+    """One definition for the launcher's workers and `zoi worker --gpus`: PCI bus order, the
+    order `visible_gpus` lists (CUDA's own default is fastest first)."""
+    assert cuda_environment(["4", "5"]) == {
+        "CUDA_VISIBLE_DEVICES": "4,5",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+    }
+    assert cuda_environment(()) == {}  # a CPU worker keeps what it was given
+    spec = plan([["4", "5"]])[0]
+    env = spec.environment({"CUDA_DEVICE_ORDER": "FASTEST_FIRST"}, None)
+    assert env.items() >= cuda_environment(["4", "5"]).items()
 
 
 def test_gpu_selection_errors() -> None:

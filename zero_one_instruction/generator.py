@@ -1,15 +1,25 @@
 """The single-process generator behind `zoi generate` and `zoi preview`: one engine, one range
 of base prompts, records in index order. No queue; the queue-based run builds on the same
-pipeline."""
+pipeline.
+
+`generate` and `preview` are the calls the commands make: each checks its inputs before a model
+loads, runs the engine in one event loop and returns what happened; `write_range` and
+`evolve_range` are the same work for a caller that already has a loop and its inputs.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from contextlib import ExitStack, aclosing
+from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config
-from .engines.base import load_engine
+from .config import Config, load_config
+from .engines.base import engine_class, load_engine
+from .errors import ZoiError
+from .outputs import check_output
 from .pipeline import Outcome, Pipeline, Tally
 from .records import atomic_file, dumps, original_record
 from .seeds import PromptSource, load_source
@@ -23,6 +33,62 @@ def load_inputs(config: Config) -> tuple[Templates, PromptSource]:
     a second, not an engine start."""
     templates = load_templates(config.templates, config.system_prompt)
     return templates, load_source(config.prompts, templates.seed)
+
+
+def prepare(config: Config) -> tuple[Templates, PromptSource]:
+    """Everything that can be checked before a model loads: templates, base prompts and the
+    engine class (`zoi config check` promises a usable config)."""
+    inputs = load_inputs(config)
+    engine_class(config.engine)
+    return inputs
+
+
+@dataclass(frozen=True)
+class GenerateReport:
+    """What `generate` did: every prompt's outcome added up, and the time from the engine's
+    start (included: it is what a user waits for) to the last record."""
+
+    funnel: Tally
+    seconds: float
+    output: Path
+
+
+def generate(
+    config_path: Path,
+    start: int,
+    end: int,
+    output: Path,
+    *,
+    id_start: int = 0,
+    trace: Path | None = None,
+    overwrite: bool = False,
+    on_start: Callable[[int], None] | None = None,
+    on_outcome: Progress | None = None,
+) -> GenerateReport:
+    """Evolve base prompts [start, end) of the config at `config_path` into `output`, in one
+    process, without Redis. The output (and `trace`) is checked first and appears only when
+    the run completes. `on_start(prompts)` is called once the inputs are checked, before the
+    engine loads; `on_outcome` gets each prompt's outcome in index order."""
+    config = load_config(config_path)
+    target = check_output(output, config, config_path=config_path, overwrite=overwrite)
+    traced = trace and check_output(trace, config, config_path=config_path, overwrite=overwrite)
+    if traced == target:
+        raise ZoiError(f"{trace}: --trace must not be the output file")
+    inputs = prepare(config)
+    began = time.monotonic()
+    if on_start is not None:
+        on_start(end - start)
+    funnel = asyncio.run(
+        write_range(config, inputs, start, end, output, id_start, trace, on_outcome)
+    )
+    return GenerateReport(funnel, time.monotonic() - began, output)
+
+
+def preview(config_path: Path, start: int, end: int, on_outcome: Progress) -> Tally:
+    """Run base prompts [start, end) and hand over each outcome with its every step, writing
+    nothing: the quick loop for tuning templates and sampling."""
+    config = load_config(config_path)
+    return asyncio.run(evolve_range(config, prepare(config), start, end, on_outcome))
 
 
 async def evolve_range(
@@ -47,7 +113,7 @@ async def evolve_range(
     return tally
 
 
-async def generate(
+async def write_range(
     config: Config,
     inputs: tuple[Templates, PromptSource],
     start: int,

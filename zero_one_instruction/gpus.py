@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 
 from .errors import ZoiError
 
@@ -34,6 +35,19 @@ def visible_gpus() -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def cuda_environment(group: Sequence[str]) -> dict[str, str]:
+    """The environment variables that give a worker process the GPUs `group` (ids as
+    `visible_gpus` lists them), for the launcher's workers and `zoi worker --gpus` alike.
+
+    CUDA numbers devices fastest first unless told otherwise, while nvidia-smi (and so
+    `visible_gpus`) numbers them in PCI bus order: on a machine with mixed cards, `--gpus 1`
+    would be one card to the user and another to CUDA. An empty group (a CPU worker) sets
+    nothing."""
+    if not group:
+        return {}
+    return {"CUDA_VISIBLE_DEVICES": ",".join(group), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
 
 def visible_gpu_count() -> int:

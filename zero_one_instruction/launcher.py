@@ -1,10 +1,12 @@
-"""`zoi run`: one machine's whole job in one command.
+"""The launcher: one machine's worker processes for a run, supervised until every chunk is done.
 
-The launcher creates or reopens the run and enqueues it. It starts one worker process per GPU
-group and supervises them: a worker that dies is restarted with backoff, and a janitor returns
-abandoned chunks. Progress is computed from the done markers. When every chunk is done, it
-stops the workers and merges. Rerun after Ctrl-C, a crash or a reboot, it resumes; on a
-finished run it only merges.
+It is given a run that its caller created or reopened (`machine.run`, behind `zoi run`). It
+enqueues the chunks that are not done, starts one worker process per GPU group and supervises
+them: a worker that dies is restarted with backoff, a janitor returns abandoned chunks, and
+chunks that the queue lost or that ran out of retries are queued again (a few times, then the
+run is declared stuck). Progress is computed from the done markers. When every chunk is done,
+it stops the workers and returns the progress; it does not merge, its caller does. On a run
+whose chunks are all done it returns at once, without starting a worker.
 
 Workers run in their own sessions: a Ctrl-C at the terminal reaches only the launcher, which
 then asks each worker for a warm stop (and, on a second Ctrl-C, a cold one).
@@ -26,6 +28,7 @@ import redis
 
 from . import shards
 from .errors import ZoiError
+from .gpus import cuda_environment
 from .janitor import Janitor, default_heartbeat_ttl
 from .jobs import chunk_queue, failed_chunks
 from .merger import describe_ranges, index_ranges
@@ -73,9 +76,7 @@ class WorkerSpec:
         if redis_url:
             env["ZOI_REDIS_URL"] = redis_url  # never on the command line: passwords
         env["PYTHONSAFEPATH"] = "1"  # the engine's own processes skip the working directory too
-        if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
-            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env.update(cuda_environment(self.gpus))
         return env
 
     def command(

@@ -20,11 +20,25 @@ from typing import IO, Any, Literal
 
 from . import shards
 from .errors import ZoiError
+from .outputs import check_output, remember_output
 from .records import atomic_file
-from .rundir import Chunk, Run
+from .rundir import Chunk, Run, open_run
 
 Format = Literal["original", "messages"]
 ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How a merge writes the output: ids `record_N` from `id_start`, the `fmt` of each
+    record, the source index and trace under `meta`, questions that repeat dropped; and
+    whether an unfinished run is merged (`allow_partial`) or refused."""
+
+    id_start: int = 0
+    allow_partial: bool = False
+    fmt: Format = "original"
+    with_meta: bool = False
+    dedup: bool = False
 
 
 class MergeIncomplete(ZoiError):
@@ -76,9 +90,9 @@ def describe_ranges(ranges: list[tuple[int, int]], limit: int = 8) -> str:
 class _Writer:
     """Turns shard lines into output lines in the chosen format."""
 
-    def __init__(self, fmt: Format, with_meta: bool, dedup: bool, id_start: int) -> None:
-        self.fmt, self.with_meta, self.dedup = fmt, with_meta, dedup
-        self.next_id = id_start
+    def __init__(self, options: MergeOptions) -> None:
+        self.fmt, self.with_meta, self.dedup = options.fmt, options.with_meta, options.dedup
+        self.next_id = options.id_start
         self.seen: set[bytes] = set()
         self.duplicates = 0
         self._chunk_seen: set[bytes] = set()
@@ -227,22 +241,34 @@ def _refusal(run: Run, report: MergeReport, limit: int = 8) -> MergeIncomplete:
     )
 
 
-def merge(
-    run: Run,
+def merge_run(
+    run_dir: Path,
     output: Path,
-    id_start: int = 0,
-    allow_partial: bool = False,
-    fmt: Format = "original",
-    with_meta: bool = False,
-    dedup: bool = False,
+    options: MergeOptions = MergeOptions(),
+    *,
+    overwrite: bool = False,
 ) -> MergeReport:
+    """`zoi merge`: the output of the run in `run_dir`, checked first (never an input, never
+    inside a run, an existing file only with `overwrite` or if this run wrote it) and then
+    remembered, so that merging again may replace it."""
+    run = open_run(run_dir)
+    check_output(output, run.config, run=run.path, overwrite=overwrite)
+    report = merge(run, output, options)
+    remember_output(run.path, output)
+    return report
+
+
+def merge(run: Run, output: Path, options: MergeOptions = MergeOptions()) -> MergeReport:
+    """Write the run's verified shards to `output` in base-prompt order. A chunk that is
+    missing, or whose shard no longer matches its marker, refuses the merge (MergeIncomplete)
+    unless `options.allow_partial`; then it is left out and named in the report."""
     began = time.monotonic()
     report = MergeReport(chunks=len(run.chunks()))
     ready = _plan(run, report)
-    if report.missing and not allow_partial:
+    if report.missing and not options.allow_partial:
         report.damaged += _deep_problems(run, ready)
         raise _refusal(run, report)
-    writer = _Writer(fmt, with_meta, dedup, id_start)
+    writer = _Writer(options)
     with atomic_file(output, binary=True, follow_links=True) as out:
         for chunk, marker in ready:
             offset, first_id = out.tell(), writer.next_id
@@ -256,10 +282,10 @@ def merge(
             out.truncate()
             writer.next_id = first_id
             report.damaged.append((chunk, problem))
-        if report.damaged and not allow_partial:
+        if report.damaged and not options.allow_partial:
             raise _refusal(run, report)
         report.bytes = out.tell()
-    report.records = writer.next_id - id_start
+    report.records = writer.next_id - options.id_start
     report.duplicates = writer.duplicates
     report.seconds = time.monotonic() - began
     return report

@@ -127,17 +127,22 @@ def _through_special(path: Path, hops: int = 40) -> bool:
 
 def check_output(
     path: Path,
+    config: Config,
+    *,
+    config_path: Path | None = None,
+    run: Path | None = None,
     overwrite: bool = False,
-    inputs: dict[Path, str] | None = None,
-    runs: Iterable[Path] = (),
-    owner: Path | None = None,
 ) -> Path:
     """Refuse an output that would destroy something, with one line naming it; return the file
-    the output will really be written to (a symbolic link's target).
+    the output will really be written to (a symbolic link's target). The one check behind
+    every command that writes an output, so that none of them forgets a case.
 
-    `inputs` are never replaced, even with `overwrite`; nor is anything inside `runs` or any
-    other run directory. An existing file is replaced with `overwrite`, or when the run
-    directory `owner` wrote it (a rerun of `zoi run`)."""
+    Never replaced, even with `overwrite`: a file the command reads (`config_path` and the
+    files `config` names), anything inside the run directory `run` (which may not exist yet)
+    or inside any other run directory. An existing file is replaced with `overwrite`, or when
+    `run` wrote it last time (a rerun of `zoi run` or `zoi merge`)."""
+    inputs = protected_inputs(config, config_path)
+    runs = [run] if run is not None else []
     existing = _kind(path)
     if existing == "directory":
         raise ZoiError(f"{path}: is a directory")
@@ -146,14 +151,14 @@ def check_output(
     if _through_special(path):
         raise ZoiError(f"{path}: leads into /dev or /proc; write the output to a regular file")
     target = write_target(path)
-    run = enclosing_run(target, runs)
-    if run is not None:
-        raise ZoiError(f"{path}: is inside the run directory {run}; write the output elsewhere")
+    inside = enclosing_run(target, runs)
+    if inside is not None:
+        raise ZoiError(f"{path}: is inside the run directory {inside}; write the output elsewhere")
     if not target.parent.is_dir():
         raise ZoiError(f"{path}: directory {target.parent} does not exist")
-    for source, label in (inputs or {}).items():
+    for source, label in inputs.items():
         if _same_file(target, source):
             raise ZoiError(f"{path}: is the {label} {source}; an input is never overwritten")
-    if target.exists() and not overwrite and not (owner and written_by(owner, target)):
+    if target.exists() and not overwrite and not (run and written_by(run, target)):
         raise ZoiError(f"{path}: already exists (pass --overwrite to replace it)")
     return target

@@ -12,19 +12,21 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import redis
 from rq.worker import Worker
 
 from . import shards
+from .broker import connect
 from .errors import ZoiError
 from .jobs import chunk_queue
 from .merger import index_ranges
 from .pipeline import Tally
 from .producer import job_states
 from .progress import Throughput
-from .rundir import Chunk, Run
+from .rundir import Chunk, Run, open_run
 
 RECENT = 600.0  # seconds of finished chunks that "recent" throughput averages over
 
@@ -85,6 +87,14 @@ def _workers(connection: redis.Redis, run: Run) -> list[dict[str, Any]]:
             }
         )
     return found
+
+
+def status_of(run_dir: Path, redis_url: str | None = None) -> RunStatus:
+    """`zoi status`: where the run in `run_dir` stands, with the queue read from `redis_url`
+    or, without one, from the run's embedded server (started if it is not running)."""
+    run = open_run(run_dir)
+    with connect(redis_url, run.path, "status") as connection:
+        return status(run, connection)
 
 
 def status(run: Run, connection: redis.Redis | None) -> RunStatus:

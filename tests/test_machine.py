@@ -1,0 +1,132 @@
+"""`machine.run`, `machine.work` and `machine.enqueue` called in-process, as a script would:
+the library behind `zoi run`, `zoi worker` and `zoi enqueue`, with the scripted engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from zero_one_instruction import generator, machine
+from zero_one_instruction.errors import ZoiError
+from zero_one_instruction.merger import MergeOptions, merge_run
+from zero_one_instruction.status import status_of
+
+from .queue_helpers import ROOT, scripted_config
+
+N, CHUNK = 30, 5
+
+
+@pytest.fixture
+def reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, Path]:
+    """A scripted config that logs each engine's environment, and what `generator.generate`
+    writes for [0, N). Workers started from this process find the scripted engine too."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    env_log = tmp_path / "env.log"
+    config = scripted_config(tmp_path, env_log=env_log)
+    expected = tmp_path / "reference.jsonl"
+    report = generator.generate(config, 0, N, expected)
+    assert report.output == expected and report.funnel.prompts == N
+    env_log.unlink()
+    return config, expected, env_log
+
+
+@pytest.fixture
+def signals() -> Iterator[None]:
+    """An in-process worker installs its own stop handlers: give the test runner its own back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def _engines(env_log: Path) -> list[tuple[str | None, str | None, int]]:
+    seen = [json.loads(line) for line in env_log.read_text(encoding="utf-8").splitlines()]
+    return sorted((e["cuda"], e["order"], e["tp"]) for e in seen)
+
+
+def test_run_plans_launches_merges_and_reports(
+    reference: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, expected, env_log = reference
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    out = tmp_path / "out.jsonl"
+    events: list[str] = []
+    looks: list[int] = []
+    report = machine.run(
+        config,
+        out,
+        0,
+        N,
+        tp=2,
+        chunk_size=CHUNK,
+        on_event=events.append,
+        on_progress=lambda progress: looks.append(len(progress.counted)),
+    )
+    assert out.read_bytes() == expected.read_bytes()
+    run_dir = Path(f"{out}.run")
+    assert report.run == run_dir.resolve() and report.output == out
+    assert [(w.name, w.gpus, w.tp) for w in report.workers] == [("gpu0-1", ("0", "1"), 2)]
+    assert report.funnel.prompts == N and report.merge.records == report.funnel.kept > 0
+    assert report.merge.merged == report.merge.chunks == N // CHUNK
+    assert report.seconds > 0
+    assert events[:2] == [
+        "GPUs 2 stay idle: they do not fill a group of 2",
+        f"run {report.run}: {N // CHUNK} chunks, workers: gpu0-1 (tp 2)",
+    ]
+    assert looks and looks == sorted(looks)  # progress only moves forward
+    assert _engines(env_log) == [("0,1", "PCI_BUS_ID", 2)]
+
+    env_log.unlink()
+    began = time.monotonic()
+    again = machine.run(config, out, 0, N, tp=2, chunk_size=CHUNK, on_event=events.append)
+    assert time.monotonic() - began < 10  # a finished run only merges
+    assert not env_log.exists()  # no worker was started
+    assert again.funnel == report.funnel and again.merge.records == report.merge.records
+    assert out.read_bytes() == expected.read_bytes()  # the run's own output is replaced
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("not the run's\n", encoding="utf-8")
+    with pytest.raises(ZoiError, match="already exists"):
+        machine.run(config, other, 0, N, run_dir=run_dir, chunk_size=CHUNK)
+    assert other.read_text(encoding="utf-8") == "not the run's\n"
+
+
+def test_work_serves_a_queued_run_with_its_gpus_in_pci_bus_order(
+    reference: tuple[Path, Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    signals: None,
+) -> None:
+    config, expected, env_log = reference
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
+    run_dir = tmp_path / "run"
+    run, queued = machine.enqueue(config, run_dir, 0, N, chunk_size=CHUNK)
+    assert (queued.chunks, queued.enqueued, queued.done) == (N // CHUNK, N // CHUNK, 0)
+    assert run.path == run_dir.resolve() and (run.start, run.end) == (0, N)
+
+    fast = {"heartbeat": 0.3, "heartbeat_ttl": 2, "janitor": 0.5}
+    assert machine.work(run_dir, gpus="1", burst=True, **fast)
+    assert (os.environ["CUDA_VISIBLE_DEVICES"], os.environ["CUDA_DEVICE_ORDER"]) == (
+        "1",
+        "PCI_BUS_ID",
+    )
+    assert _engines(env_log) == [("1", "PCI_BUS_ID", 1)]  # tp: the number of GPUs given
+    assert status_of(run_dir).chunks["done"] == N // CHUNK
+
+    out = tmp_path / "out.jsonl"
+    merged = merge_run(run_dir, out)
+    assert out.read_bytes() == expected.read_bytes()
+    assert merged.records == len(expected.read_bytes().splitlines())
+    _, again = machine.enqueue(config, run_dir, 0, N, chunk_size=CHUNK)
+    assert (again.done, again.enqueued) == (N // CHUNK, 0)
+    with pytest.raises(ZoiError, match="already exists"):
+        merge_run(run_dir, expected)  # not this run's file
+    assert merge_run(run_dir, out, MergeOptions(id_start=7)).records == merged.records
+    assert out.read_text(encoding="utf-8").startswith('{"id":"record_7",')  # its own file, again

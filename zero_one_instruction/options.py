@@ -1,0 +1,99 @@
+"""The command line's shared options: declared once, so the commands that share them stay in
+step, and the base-prompt range as the commands take it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_CONFIG = "model_config.yml"
+
+
+def config_option(func: F) -> F:
+    return click.option(
+        "-c",
+        "--config",
+        "config_path",
+        default=DEFAULT_CONFIG,
+        show_default=True,
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="YAML config (the original model_config.yml keys work unchanged).",
+    )(func)
+
+
+def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """Several click options as one decorator, so commands that share them stay in step."""
+
+    def apply(func: F) -> F:
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+
+    return apply
+
+
+range_options = _options(
+    click.option("--num-prompts", type=click.IntRange(min=1), help="Base prompts [0, N)."),
+    click.option("--start", type=click.IntRange(min=0), help="First base-prompt index."),
+    click.option("--end", type=click.IntRange(min=1), help="End of the range (exclusive)."),
+)
+chunk_size_option = click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Base prompts per queue job (and per shard).",
+)
+id_start_option = click.option(
+    "--id-start",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="First id N of record_N.",
+)
+
+
+_RUN_HELP = "Run directory: run.json, the shards, and the embedded Redis's data."
+
+
+def run_option(func: F) -> F:
+    return click.option(
+        "--run", "run_dir", required=True, type=click.Path(path_type=Path), help=_RUN_HELP
+    )(func)
+
+
+def redis_option(func: F) -> F:
+    return click.option(
+        "--redis-url",
+        envvar="ZOI_REDIS_URL",
+        help="redis://[:password@]host:port/db, rediss://... or unix://path (also "
+        "ZOI_REDIS_URL). Without it, the run's own embedded Valkey server is used.",
+    )(func)
+
+
+overwrite_option = click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace OUTPUT if it exists and is not the file this run wrote last time.",
+)
+
+
+def validate_range(start: int, end: int) -> None:
+    if end <= start:
+        raise click.BadParameter(f"must be greater than --start ({start})", param_hint="--end")
+
+
+def index_range(num_prompts: int | None, start: int | None, end: int | None) -> tuple[int, int]:
+    """The base-prompt range [start, end) from `--num-prompts N` or `--start/--end`."""
+    if num_prompts is not None:
+        if start is not None or end is not None:
+            raise click.UsageError("give --num-prompts or --start/--end, not both")
+        return 0, num_prompts
+    if start is None or end is None:
+        raise click.UsageError("give --num-prompts N, or both --start and --end")
+    validate_range(start, end)
+    return start, end

@@ -1,0 +1,191 @@
+"""What the commands print: the reports of the library calls as the terminal text `zoi` shows.
+
+Pure functions from a report to text; `cli.py` decides where the text goes (stdout, or stderr
+behind `zoi: warning: `). Keeping the words here lets the library return figures, and a
+script that calls the library render them the same way or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import click
+
+from .merger import describe_ranges
+from .pipeline import DROP_REASONS, FINAL_JUDGE, FIX_JUDGE, Outcome, Tally
+from .progress import per_second
+
+if TYPE_CHECKING:  # the queue's modules load RQ: `zoi --help` does without them
+    from .generator import GenerateReport
+    from .machine import RunReport
+    from .merger import MergeReport
+    from .producer import EnqueueReport
+    from .realmodel import Ready
+    from .rundir import Run
+    from .seeds import PromptSource
+    from .status import RunStatus
+
+
+def summary(tally: Tally, seconds: float, timing: str = "") -> str:
+    """The funnel and its pace; `timing` says what `seconds` includes."""
+    lines = [
+        f"prompts   {tally.prompts}",
+        f"kept      {tally.kept} ({tally.kept_percent:.1f}%)",
+        f"dropped   {sum(tally.dropped.values())}",
+    ]
+    width = max((len(r) for r in tally.dropped), default=0)
+    for reason, count in sorted(tally.dropped.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {reason:<{width}}  {count:>6}  {DROP_REASONS.get(reason, '')}")
+    lines += [
+        f"fixer ran {tally.fixer_ran}",
+        f"tokens    {tally.prompt_tokens} prompt + {tally.completion_tokens} generated",
+        f"time      {seconds:.1f} s ({per_second(tally.kept, seconds):.2f} records/s, "
+        f"{per_second(tally.tokens, seconds):.0f} tokens/s{timing})",
+    ]
+    return "\n".join(lines)
+
+
+def all_failed(tally: Tally) -> str | None:
+    """A warning when every prompt failed at a request: then the summary alone looks like a
+    bad template, while the cause is almost always the engine or its limits."""
+    failed = sum(n for reason, n in tally.dropped.items() if reason.endswith("_failed"))
+    if tally.prompts and failed == tally.prompts:
+        return (
+            "every prompt failed at a request; check max_tokens, max_model_len "
+            "and the engine (--trace FILE shows each error)"
+        )
+    return None
+
+
+def generated(report: GenerateReport) -> str:
+    return (
+        summary(report.funnel, report.seconds, " incl. engine start")
+        + f"\nwrote     {report.funnel.kept} records to {report.output}"
+    )
+
+
+def ran(report: RunReport) -> str:
+    return (
+        summary(report.funnel, report.seconds)
+        + f"\nwrote     {report.merge.records} records to {report.output} "
+        f"(run directory {report.run})"
+    )
+
+
+def real_model(ready: Ready, seconds: float) -> str:
+    """The model, where it came from and how long it took (or that it was already there)."""
+    stamp = ready.stamp
+    state = "already there" if ready.cached else f"made in {seconds:.0f} s"
+    return (
+        f"{stamp['model']} ({stamp['source']}, {state}) in {ready.directory}\n"
+        f"licence: {stamp['licence']}"
+    )
+
+
+def config_ok(file: object, source: PromptSource) -> str:
+    return f"{file}: ok ({len(source)} base prompts from {source.description})"
+
+
+_JUDGE_LABELS = {0: "judge", FIX_JUDGE: "judge after fix", FINAL_JUDGE: "final judge"}
+
+
+def outcome(outcome: Outcome) -> str:
+    """One base prompt's way through the pipeline, step by step, for `zoi preview`."""
+    lines = [click.style(f"=== base prompt {outcome.index}", bold=True), outcome.base_prompt]
+    for step in outcome.steps:
+        if step.step == "judge":
+            label = _JUDGE_LABELS[step.attempt]
+        elif step.step == "depth":
+            label = f"depth {step.attempt + 1}"
+        else:
+            label = step.step
+        tokens = f"{step.prompt_tokens}+{step.completion_tokens} tokens"
+        head = f"--- {label} ({tokens}, {step.finish_reason or 'no finish reason'})"
+        lines.append(click.style(head, fg="cyan"))
+        lines.append(f"ERROR: {step.error}" if step.error else step.text or "(empty)")
+    if outcome.kept:
+        lines.append(click.style("=> kept", fg="green", bold=True))
+    else:
+        reason = outcome.drop_reason or ""
+        lines.append(
+            click.style(
+                f"=> dropped: {reason} ({DROP_REASONS.get(reason, '')})", fg="red", bold=True
+            )
+        )
+    return "\n".join(lines) + "\n"
+
+
+def outcome_json(outcome: Outcome) -> str:
+    return json.dumps(outcome.to_dict(), ensure_ascii=False)
+
+
+def preview_total(tally: Tally) -> str:
+    return f"kept {tally.kept} of {tally.prompts}"
+
+
+def enqueued(run: Run, report: EnqueueReport) -> str:
+    replaced = ", ".join(f"{n} {state}" for state, n in sorted(report.replaced.items()))
+    return (
+        f"run {run.path} ({run.key}): {report.chunks} chunks of {run.chunk_size} over "
+        f"[{run.start}, {run.end})\n"
+        f"done {report.done}, already queued or running {report.active}, "
+        f"enqueued {report.enqueued}"
+        + (f" (replacing {replaced})" if replaced else "")
+        + f" in {report.seconds:.2f} s"
+    )
+
+
+def enqueue_warnings(report: EnqueueReport) -> list[str]:
+    return [f"bad shard set aside and queued again: {problem}" for problem in report.bad_shards]
+
+
+def merged(report: MergeReport, output: object, dedup: bool) -> str:
+    return (
+        f"merged {report.merged}/{report.chunks} chunks: {report.records} records, "
+        f"{report.bytes / 1e6:.1f} MB in {report.seconds:.2f} s -> {output}"
+        + (f" ({report.duplicates} duplicate questions dropped)" if dedup else "")
+    )
+
+
+def merge_warnings(report: MergeReport) -> list[str]:
+    """What the merge left out: damaged chunks by name, then the missing index ranges."""
+    warnings = list(report.problems)
+    if report.missing:
+        warnings.append(f"missing base-prompt ranges {describe_ranges(report.missing)}")
+    return warnings
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s"
+
+
+def status(state: RunStatus, as_json: bool = False) -> str:
+    """`zoi status`: a page for people, or one JSON object for scripts."""
+    if as_json:
+        return json.dumps(state.as_dict(), ensure_ascii=False)
+    chunks = state.chunks
+    lines = [
+        f"run       {state.run} [{state.range[0]}, {state.range[1]})",
+        "chunks    " + ", ".join(f"{k} {v}" for k, v in chunks.items()),
+        f"prompts   {state.prompts_done} done, {state.records} records kept, "
+        f"fixer ran {state.fixer_ran}",
+    ]
+    for reason, count in state.dropped.items():
+        lines.append(f"  {reason:<18} {count:>8}  {DROP_REASONS.get(reason, '')}")
+    recent = state.recent
+    lines += [
+        f"tokens    {state.tokens['prompt']} prompt + {state.tokens['completion']} generated",
+        f"recent    {recent.records_per_s:.2f} records/s, {recent.tokens_per_s:.0f} "
+        f"tokens/s; ETA {duration(state.eta_seconds)}",
+        f"workers   {len(state.workers)}"
+        + "".join(f"\n  {w['name']} {w['state']}" for w in state.workers),
+    ]
+    if state.missing_ranges:
+        lines.append(f"to do     {describe_ranges(state.missing_ranges)}")
+    lines += [f"problem   {p}" for p in state.problems]
+    return "\n".join(lines)
