@@ -6,6 +6,11 @@ to get them. Only this module does that, so an RQ upgrade has one place to check
 tests/test_rqinternals.py pins each touch to the installed RQ (the pyproject pin is
 `rq>=3.0,<4`; these were read from RQ 3.0.0):
 
+- the worker's stop protocol (`_shutdown`, `_stop_requested`, `StopRequested`): a worker that
+  runs chunks in threads must take a warm stop without being interrupted while it hands a
+  chunk to its thread, and must leave RQ's loop when its engine died;
+- a job's callback names (`_success_callback_name` and the others): a chunk job runs no
+  callback, and says which one it ignored;
 - job hash fields (`status`, `worker_name`, `meta`, `data` of `rq:job:<id>`): the producer and
   `zoi status` read thousands of statuses in one pipeline, where fetching each job would
   deserialize it and RQ's registry counts would run cleanups;
@@ -19,12 +24,63 @@ tests/test_rqinternals.py pins each touch to the installed RQ (the pyproject pin
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import redis
+from rq.exceptions import StopRequested
 from rq.job import Job, JobStatus
 from rq.queue import Queue
+from rq.worker import SimpleWorker
 
 RQ_CHECKED = "3.0.0"  # the RQ release these touches were read from
 STATUS_BATCH = 1000  # job statuses read per pipeline
+
+
+# --- the worker's stop protocol ------------------------------------------------------------
+class StoppableWorker(SimpleWorker):
+    """A SimpleWorker whose warm stop its subclass shapes through public names.
+
+    RQ's signal handler `request_stop` calls the private `_shutdown`, which stops at once
+    (raises `StopRequested` out of the handler) unless the worker is BUSY, and otherwise sets
+    `_stop_requested`, which the work loop reads before each dequeue. A worker that runs jobs
+    in threads is not BUSY while it dequeues with jobs in hand, and must not be interrupted
+    while it hands a job to its thread: `stop_at_once` decides instead."""
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a stop was asked for: RQ's loop takes no further job."""
+        return self._stop_requested
+
+    def ask_to_stop(self) -> None:
+        """Take no further job: RQ's loop breaks before its next dequeue."""
+        self._stop_requested = True
+
+    def leave_loop(self) -> NoReturn:
+        """Leave RQ's work loop now, from inside it (a hook such as `execute_job`): the loop
+        catches `StopRequested`, breaks and tears the worker down."""
+        raise StopRequested()
+
+    def stop_at_once(self) -> bool:
+        """Whether a warm stop may leave the loop from the signal handler, right now."""
+        return True
+
+    def _shutdown(self) -> None:
+        """RQ's warm-stop step: always remember the stop, and leave at once if allowed."""
+        self.ask_to_stop()
+        self.set_shutdown_requested_date()
+        if self.stop_at_once():
+            self.leave_loop()
+
+
+# --- a job's callbacks ---------------------------------------------------------------------
+def callback_names(job: Job) -> dict[str, str | None]:
+    """The dotted names of the callbacks a job carries, by kind, never imported: RQ's public
+    properties import them."""
+    return {
+        "success": job._success_callback_name,
+        "failure": job._failure_callback_name,
+        "stopped": job._stopped_callback_name,
+    }
 
 
 # --- job hashes ------------------------------------------------------------------------------
