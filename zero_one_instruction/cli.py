@@ -24,7 +24,7 @@ import redis
 
 from . import __version__
 from .config import Config, dump_config, load_config
-from .engines.base import EngineDead, engine_class
+from .engines import EngineDead, engine_class
 from .errors import ZoiError
 from .generator import evolve_range, generate, load_inputs
 from .gpus import visible_gpus

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any
 
-from .engines.base import EngineDead, load_engine
+from .engines import EngineDead, load_engine
 from .pipeline import Outcome, Pipeline
 from .rundir import Chunk, Run
 

@@ -9,7 +9,7 @@ from contextlib import ExitStack, aclosing
 from pathlib import Path
 
 from .config import Config
-from .engines.base import load_engine
+from .engines import load_engine
 from .pipeline import Outcome, Pipeline, Tally
 from .records import atomic_file, dumps, original_record
 from .seeds import PromptSource, load_source
