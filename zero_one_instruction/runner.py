@@ -85,7 +85,7 @@ class ChunkRunner:
         Idempotent: a chunk whose marker is valid returns at once, so a duplicate delivery
         costs nothing and never writes a second copy.
         """
-        run, host = self.run, self.host
+        run = self.run
         try:
             chunk = _own_chunk(run, run_key, start, end)
             _check_job_id(run, chunk, job)
@@ -99,25 +99,33 @@ class ChunkRunner:
         if existing.problem:
             log.warning("chunk %s: setting aside a bad shard (%s)", chunk.id, existing.problem)
             shards.set_aside(run.shards, chunk)
+        return self._evolve(chunk, started, job.timeout)
+
+    def _evolve(
+        self, chunk: Chunk, started: threading.Event, timeout: float | None
+    ) -> dict[str, Any]:
+        """Evolve the chunk on the engine and commit its shard, unless every record failed
+        alike."""
         began, wall = time.monotonic(), datetime.now(timezone.utc)
-        future = host.submit(host.evolve_chunk(chunk, started))
-        outcomes = _wait(future, job.timeout)
+        outcomes = _wait(self.host.submit(self.host.evolve_chunk(chunk, started)), timeout)
         failure = uniform_failure(outcomes)
         if failure is not None:
             raise ChunkFailed(f"chunk {chunk.id}: {failure}; nothing was committed")
-        seconds = time.monotonic() - began
-        info = {
+        info = self._info(time.monotonic() - began, wall)
+        marker = shards.write_chunk(self.run, chunk, outcomes, self.host.system_prompt, info)
+        _log_chunk(self.run, marker)
+        return {"chunk": chunk.id, "kept": marker["funnel"]["kept"], "seconds": info["seconds"]}
+
+    def _info(self, seconds: float, began: datetime) -> dict[str, Any]:
+        """Who did the chunk, where and when: the marker keeps it."""
+        return {
             "worker": self.worker_name,
             "host": socket.gethostname(),
-            "model": run.config.model_name,
-            "started_at": wall.isoformat(timespec="milliseconds"),
+            "model": self.run.config.model_name,
+            "started_at": began.isoformat(timespec="milliseconds"),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "seconds": round(seconds, 3),
         }
-        marker = shards.write_chunk(run, chunk, outcomes, host.system_prompt, info)
-        _log_chunk(run, marker)
-        funnel = marker["funnel"]
-        return {"chunk": chunk.id, "kept": funnel["kept"], "seconds": info["seconds"]}
 
 
 def _own_chunk(run: Run, run_key: Any, start: Any, end: Any) -> Chunk:
