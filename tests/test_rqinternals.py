@@ -88,7 +88,9 @@ def test_installed_rq_is_within_the_pin_these_internals_were_read_from() -> None
         )
 
 
-@pytest.mark.parametrize(("owner", "name", "params", "user"), HOOKS, ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    ("owner", "name", "params", "user"), HOOKS, ids=[f"{o.__name__}.{n}" for o, n, _, _ in HOOKS]
+)
 def test_rq_hooks_keep_their_signatures(
     owner: type, name: str, params: list[str], user: str
 ) -> None:
@@ -99,6 +101,12 @@ def test_rq_hooks_keep_their_signatures(
         f"RQ {rq.__version__} changed {owner.__name__}.{name}{inspect.signature(member)}; "
         f"zoi expects ({', '.join(params)}): {user}"
     )
+
+
+def test_rq_work_loop_takes_the_keywords_the_worker_passes() -> None:
+    params = inspect.signature(SimpleWorker.work).parameters
+    for name in ("burst", "logging_level", "with_scheduler"):
+        assert name in params, f"RQ {rq.__version__}: SimpleWorker.work has no {name}="
 
 
 def test_job_members_chunk_job_overrides_are_properties() -> None:
