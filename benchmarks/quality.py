@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from zero_one_instruction.config import Prompts, load_config
-from zero_one_instruction.engines.base import load_engine
+from zero_one_instruction.engines import load_engine
 from zero_one_instruction.generator import load_inputs
 from zero_one_instruction.pipeline import FIRST_JUDGE, JUDGE_CHOICES, NO, YES, Pipeline
 from zero_one_instruction.realmodel import read_stamp

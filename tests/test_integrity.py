@@ -311,7 +311,7 @@ def _failed(step: str, error: str) -> Outcome:
     ],
 )
 def test_only_a_uniform_request_failure_fails_a_chunk(outcomes: list[Outcome], alike: bool) -> None:
-    from zero_one_instruction.worker import uniform_failure  # here: main had none to import
+    from zero_one_instruction.runner import uniform_failure  # here: main had none to import
 
     assert (uniform_failure(outcomes) is not None) == alike
 

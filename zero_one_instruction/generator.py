@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, load_config
-from .engines.base import engine_class, load_engine
+from .engines import engine_class, load_engine
 from .errors import ZoiError
 from .outputs import check_output
 from .pipeline import Outcome, Pipeline, Tally

@@ -17,6 +17,8 @@ from redis.exceptions import LockError
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 
+from . import rqinternals
+
 log = logging.getLogger(__name__)
 MAX_ABANDONED = 10
 
@@ -38,20 +40,6 @@ def _fetch(queue: Queue, job_id: str) -> Job | None:
         return None
 
 
-# Atomically take a job off the intermediate list, and put it back on the queue only if it
-# never started: otherwise its registry entry (and the registry cleanup) accounts for it.
-_REQUEUE_STRANDED = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
-  if redis.call('HGET', KEYS[3], 'status') == 'queued'
-     and redis.call('HEXISTS', KEYS[3], 'data') == 1 then
-    redis.call('LPUSH', KEYS[2], ARGV[1])
-    return 1
-  end
-end
-return 0
-"""
-
-
 class Janitor:
     def __init__(
         self, queue: Queue, ttl: float, ours: Callable[[], list[str]] = lambda: []
@@ -60,7 +48,6 @@ class Janitor:
         caller is running itself, never stranded."""
         self.queue, self.ttl, self.ours = queue, ttl, ours
         self._first_seen: dict[str, float] = {}
-        self._requeue = queue.connection.register_script(_REQUEUE_STRANDED)
 
     def sweep(self) -> None:
         """One sweep, by one janitor at a time: RQ's registry cleanup reads a job and then
@@ -83,10 +70,8 @@ class Janitor:
         retry: a killed or preempted worker is not the chunk's fault, and a few crashes
         would otherwise exhaust its retries. A chunk abandoned more than MAX_ABANDONED times
         is left to RQ's own cleanup, which spends its retries and finally fails it."""
-        queue, registry = self.queue, self.queue.started_job_registry
-        connection = queue.connection
-        for entry in connection.zrangebyscore(registry.key, 0, time.time()):
-            job_id = entry.decode().split(":", 1)[0]
+        queue = self.queue
+        for entry, job_id in rqinternals.expired_executions(queue, time.time()):
             job = _fetch(queue, job_id)
             if job is None or job.get_status(refresh=False) != JobStatus.STARTED:
                 continue  # RQ's cleanup drops such leftovers
@@ -94,12 +79,7 @@ class Janitor:
             if abandoned > MAX_ABANDONED:
                 continue
             job.meta["abandoned"] = abandoned
-            with connection.pipeline() as pipe:
-                pipe.zrem(registry.key, entry)
-                job.set_status(JobStatus.QUEUED, pipeline=pipe)
-                pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
-                pipe.lpush(queue.key, job_id)
-                pipe.execute()
+            rqinternals.requeue_started(queue, job, entry)
             log.warning("chunk job %s: its worker died; queued again (%d)", job_id, abandoned)
 
     def _sweep_intermediate(self) -> None:
@@ -107,15 +87,14 @@ class Janitor:
         intermediate list. One that stays a whole TTL, neither started nor ours, goes back to
         the front of the queue if it never started."""
         queue, now = self.queue, time.monotonic()
-        present = set(queue.intermediate_queue.get_job_ids())
+        present = rqinternals.intermediate_job_ids(queue)
         started = set(queue.started_job_registry.get_job_ids(cleanup=False))
         suspects = present - started - set(self.ours())
         self._first_seen = {j: self._first_seen.get(j, now) for j in suspects}
         for job_id, since in list(self._first_seen.items()):
             if now - since < self.ttl:
                 continue
-            keys = [queue.intermediate_queue_key, queue.key, Job.key_for(job_id)]
-            moved = self._requeue(keys=keys, args=[job_id])
+            moved = rqinternals.requeue_stranded(queue, job_id)
             log.warning(
                 "job %s was stranded after dequeue; %s",
                 job_id,
@@ -127,23 +106,15 @@ class Janitor:
         """Treat a worker known to be dead (its name starts with `name_prefix`) as abandoned
         now, rather than after its heartbeat TTL: its chunks go back to the queue (through
         their retries) at once."""
-        registry = self.queue.started_job_registry
-        entries = self.queue.connection.zrange(registry.key, 0, -1)
-        dead = []
-        for entry in entries:
-            job_id = entry.decode().split(":", 1)[0]
-            owner = self.queue.connection.hget(Job.key_for(job_id), "worker_name")
-            if owner is not None and owner.decode().startswith(name_prefix):
-                dead.append(entry)
-        if dead:
-            self.queue.connection.zadd(registry.key, dict.fromkeys(dead, 0))
+        released = rqinternals.expire_worker_executions(self.queue, name_prefix)
+        if released:
             self.sweep()
-        return len(dead)
+        return released
 
     def busy(self) -> bool:
         """Whether any chunk is running or stranded: a burst worker must not leave yet."""
         queue = self.queue
         return bool(
             queue.started_job_registry.get_job_count(cleanup=False)
-            or queue.connection.llen(queue.intermediate_queue_key)
+            or rqinternals.intermediate_count(queue)
         )

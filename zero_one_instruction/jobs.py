@@ -6,11 +6,16 @@ write to Redis can ask for chunks to be computed, but cannot make a GPU node run
 they make it send anything: RQ 3 stores webhooks (URLs to call when a job ends) in the job's
 hash, and a chunk job drops them unread. A refused job is refused on every attempt, so it is
 never retried.
+
+What a chunk job does is not found by its name: the worker binds its chunk runner to each job
+it takes (`ChunkJob.bind`), with everything the runner needs, and RQ calls it. The name is a
+label that a job must carry to be run at all.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -18,8 +23,10 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from . import rqinternals
 from .rundir import Chunk, Run
 
+# The label every chunk job carries, queues of earlier versions included; never imported.
 CHUNK_FUNCTION = "zero_one_instruction.worker.run_chunk"
 CHUNK_ARGS = ("run_key", "start", "end")
 log = logging.getLogger(__name__)
@@ -32,6 +39,14 @@ class RefusedJob(PermissionError):
 class ChunkJob(Job):
     """An RQ job that can only be the chunk job, and never runs callbacks or webhooks."""
 
+    runner: Callable[..., Any] | None = None
+
+    def bind(self, runner: Callable[..., Any]) -> None:
+        """What runs this job: a callable that takes the job's arguments (run key, start,
+        end) and has everything else bound, the worker's run and engine and this job's own
+        signals. RQ performs the job by calling it."""
+        self.runner = runner
+
     @property
     def func(self) -> Any:
         if self.func_name != CHUNK_FUNCTION or self.instance is not None:
@@ -40,9 +55,9 @@ class ChunkJob(Job):
         args = self.args
         if self.kwargs or not isinstance(args, (list, tuple)) or len(args) != len(CHUNK_ARGS):
             raise RefusedJob(f"job {self.id}: the chunk job takes exactly {CHUNK_ARGS}; refused")
-        from .worker import run_chunk
-
-        return run_chunk
+        if self.runner is None:
+            raise RuntimeError(f"job {self.id}: chunk jobs run only inside `zoi worker`")
+        return self.runner
 
     def perform(self) -> Any:
         try:
@@ -63,21 +78,22 @@ class ChunkJob(Job):
         """Never sends: a webhook is whatever URL a queue writer put into the job."""
         return None
 
-    def _no_callback(self, name: str | None) -> None:
+    def _no_callback(self, kind: str) -> None:
+        name = rqinternals.callback_names(self)[kind]
         if name:
             log.error("ignored callback %r of job %s: chunk jobs run no callbacks", name, self.id)
 
     @property
     def success_callback(self) -> None:
-        self._no_callback(self._success_callback_name)
+        self._no_callback("success")
 
     @property
     def failure_callback(self) -> None:
-        self._no_callback(self._failure_callback_name)
+        self._no_callback("failure")
 
     @property
     def stopped_callback(self) -> None:
-        self._no_callback(self._stopped_callback_name)
+        self._no_callback("stopped")
 
 
 def chunk_queue(connection: redis.Redis, run: Run) -> Queue:

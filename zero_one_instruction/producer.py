@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 import redis
 from redis.exceptions import LockError
 from rq import Retry
-from rq.job import Job
 from rq.queue import Queue
 
-from . import shards
+from . import rqinternals, shards
 from .errors import ZoiError
 from .jobs import CHUNK_FUNCTION, ChunkJob, chunk_args, chunk_queue
 from .rundir import Chunk, Run
@@ -52,13 +51,7 @@ class EnqueueReport:
 def job_states(connection: redis.Redis, run: Run, chunks: list[Chunk]) -> list[str | None]:
     """Each chunk's job status as RQ stores it, `None` when there is no job. Read-only: unlike
     RQ's registry counts, this never runs cleanups."""
-    states: list[str | None] = []
-    for offset in range(0, len(chunks), BATCH):
-        with connection.pipeline(transaction=False) as pipe:
-            for chunk in chunks[offset : offset + BATCH]:
-                pipe.hget(Job.key_for(run.job_id(chunk)), "status")
-            states += [s.decode() if s else None for s in pipe.execute()]
-    return states
+    return rqinternals.job_statuses(connection, [run.job_id(chunk) for chunk in chunks])
 
 
 @contextmanager
@@ -83,7 +76,7 @@ def _clear(queue: Queue, job_ids: list[str]) -> None:
                 job_id, connection=queue.connection, serializer=queue.serializer
             ).delete()
         except Exception:  # a half-written or foreign hash: remove the key itself
-            queue.connection.delete(Job.key_for(job_id))
+            rqinternals.delete_job_hash(queue.connection, job_id)
 
 
 def _push(queue: Queue, run: Run, chunks: list[Chunk], policy: JobPolicy) -> None:

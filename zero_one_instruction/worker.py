@@ -2,11 +2,12 @@
 
 Three kinds of threads share the process:
 
-- The engine loop thread runs one asyncio loop. The engine lives on it, and every record of
-  every chunk is evolved there. A global limit on records in flight keeps the engine's batch
-  full, and it is shared by all chunks.
-- A job thread per chunk runs RQ's own `perform_job` (status, retries, registries) around
-  `run_chunk`. `run_chunk` hands the chunk to the loop and writes the shard when it is done.
+- The engine loop thread runs one asyncio loop (`enginehost`). The engine lives on it, and
+  every record of every chunk is evolved there. A global limit on records in flight keeps the
+  engine's batch full, and it is shared by all chunks.
+- A job thread per chunk runs RQ's own `perform_job` (status, retries, registries) around the
+  chunk runner (`runner`), bound to the job. The runner hands the chunk to the loop and
+  writes the shard when it is done.
 - The main thread is RQ's work loop. It takes the next chunk as soon as every record of the
   current one has started, so the next chunk's records fill the engine while the current
   chunk's last records finish. The chunk boundary no longer leaves the engine idle.
@@ -18,10 +19,7 @@ janitor, which returns chunks of dead workers to the queue.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import ctypes
-import json
 import logging
 import math
 import os
@@ -31,34 +29,28 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import Any
 
 import redis
-from rq.exceptions import StopRequested
 from rq.executions import Execution
-from rq.job import Job, get_current_job
+from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty
-from rq.worker import SimpleWorker
 
 from . import shards
-from .engines.base import EngineDead, load_engine
+from .enginehost import EngineHost
+from .engines.base import EngineDead
 from .errors import ZoiError
 from .janitor import Janitor, default_heartbeat_ttl
-from .jobs import ChunkJob, RefusedJob, chunk_queue, failed_chunks
+from .jobs import ChunkJob, chunk_queue, failed_chunks
 from .merger import describe_ranges, index_ranges
-from .pipeline import Outcome, Pipeline
-from .rundir import Chunk, Run
+from .rqinternals import StoppableWorker
+from .rundir import Run
+from .runner import ChunkRunner
 
 log = logging.getLogger(__name__)
-
-
-class WrongRun(RefusedJob):
-    """A chunk job of another run, or of no chunk of this run, reached this worker's queue."""
 
 
 class WorkerStopped(ZoiError):
@@ -67,222 +59,8 @@ class WorkerStopped(ZoiError):
     exit_code = 1
 
 
-class ChunkTimeout(RuntimeError):
-    """A chunk ran past its job timeout."""
-
-
-class ChunkFailed(RuntimeError):
-    """Every record of a chunk failed at a request in the same way: the engine or its
-    settings are broken (an unusable chat template, say), not the prompts. Committing the
-    chunk would record a permanent hole as done; failing it gets it retried and reported."""
-
-
-def _request_failure(outcome: Outcome) -> tuple[str, str | None] | None:
-    """The reason and error of a record dropped because a request failed, else None."""
-    if outcome.drop_reason is None or not outcome.drop_reason.endswith("_failed"):
-        return None
-    return outcome.drop_reason, outcome.steps[-1].error if outcome.steps else None
-
-
-def uniform_failure(outcomes: list[Outcome]) -> str | None:
-    """Why every record of these failed alike, or None. One record's failure is that
-    record's (the engine contract: a RequestError drops one record), so it takes two."""
-    causes = [_request_failure(o) for o in outcomes]
-    if len(causes) < 2 or None in causes or len(set(causes)) != 1:
-        return None
-    reason, error = causes[0] or ("", None)
-    return f"all {len(outcomes)} records failed alike ({reason}: {error})"
-
-
-class EngineHost:
-    """The engine, its event loop thread, and the chunks being evolved on it."""
-
-    def __init__(self, run: Run) -> None:
-        self.run = run
-        self.dead: BaseException | None = None
-        self.dead_chunks: list[Chunk] = []  # in flight when the engine died: a suspect may be
-        # among them, and the supervisor's message names them
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="engine-loop", daemon=True
-        )
-        self._thread.start()
-        self._futures: set[concurrent.futures.Future[Any]] = set()
-        templates = run.templates
-        self.system_prompt = templates.output_system_prompt
-        source = run.source()
-        try:
-            self.engine = self.call(self._start())
-        except BaseException:
-            self._stop_loop()
-            raise
-        self.pipeline = Pipeline(run.config, templates, source, self.engine)
-
-    async def _start(self) -> Any:
-        self._slots = asyncio.Semaphore(self.run.config.concurrency())
-        return load_engine(self.run.engine_config())
-
-    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        self._futures.add(future)
-        future.add_done_callback(self._futures.discard)
-        return future
-
-    async def evolve_chunk(self, chunk: Chunk, started: threading.Event) -> list[Outcome]:
-        """All records of a chunk, each started as soon as a slot frees up. `started` is set
-        once the last record has a slot: the worker may then take the next chunk."""
-        try:
-            indices = range(chunk.start, chunk.end)
-            return await self.pipeline.evolve_sharing(indices, self._slots, started.set)
-        except EngineDead as exc:
-            self.dead = exc
-            self.dead_chunks.append(chunk)
-            raise
-
-    def cancel_all(self) -> None:
-        """Abandon every chunk in flight (cold stop): their jobs fail and are retried."""
-        for future in list(self._futures):
-            future.cancel()
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=30)
-
-    def close(self) -> None:
-        async def close_engine() -> None:
-            self.engine.close()
-
-        try:
-            self.call(close_engine())
-        finally:
-            self._stop_loop()
-
-
-@dataclass
-class _Context:
-    """What `run_chunk` needs from the worker process that runs it."""
-
-    run: Run
-    host: EngineHost
-    worker_name: str
-
-
-_context: _Context | None = None
-_job = threading.local()
-
-
-def run_chunk(run_key: str, start: int, end: int) -> dict[str, Any]:
-    """The chunk job: evolve prompts [start, end) and commit their shard.
-
-    Idempotent: a chunk whose marker is valid returns at once, so a duplicate delivery costs
-    nothing and never writes a second copy.
-    """
-    context = _context
-    if context is None:
-        raise RuntimeError("run_chunk runs only inside `zoi worker`")
-    started: threading.Event = getattr(_job, "started", threading.Event())
-    run, host = context.run, context.host
-    try:
-        chunk = _own_chunk(run, run_key, start, end)
-        _check_job_id(run, chunk)
-    except WrongRun:
-        started.set()
-        raise
-    existing = shards.check(run, chunk)
-    if existing.done:
-        started.set()
-        return {"chunk": chunk.id, "already_done": True}
-    if existing.problem:
-        log.warning("chunk %s: setting aside a bad shard (%s)", chunk.id, existing.problem)
-        shards.set_aside(run.shards, chunk)
-    began, wall = time.monotonic(), datetime.now(timezone.utc)
-    future = host.submit(host.evolve_chunk(chunk, started))
-    outcomes = _wait(future, getattr(_job, "timeout", None))
-    failure = uniform_failure(outcomes)
-    if failure is not None:
-        raise ChunkFailed(f"chunk {chunk.id}: {failure}; nothing was committed")
-    seconds = time.monotonic() - began
-    info = {
-        "worker": context.worker_name,
-        "host": socket.gethostname(),
-        "model": run.config.model_name,
-        "started_at": wall.isoformat(timespec="milliseconds"),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-        "seconds": round(seconds, 3),
-    }
-    marker = shards.write_chunk(run, chunk, outcomes, host.system_prompt, info)
-    _log_chunk(run, marker)
-    funnel = marker["funnel"]
-    return {"chunk": chunk.id, "kept": funnel["kept"], "seconds": info["seconds"]}
-
-
-def _own_chunk(run: Run, run_key: Any, start: Any, end: Any) -> Chunk:
-    """The job's chunk, if it is one of this run's: a job is data that anyone who can write
-    to the queue can forge, and a range outside the run's grid must never become a shard."""
-    if run_key != run.key:
-        raise WrongRun(f"chunk of run {run_key!r} reached the worker of run {run.key}; refused")
-    if type(start) is not int or type(end) is not int or not run.owns(Chunk(start, end)):
-        raise WrongRun(
-            f"[{start!r}, {end!r}) is not a chunk of run {run.key} ([{run.start}, {run.end}) "
-            f"in chunks of {run.chunk_size}); refused"
-        )
-    return Chunk(start, end)
-
-
-def _check_job_id(run: Run, chunk: Chunk) -> None:
-    """The job must carry its chunk's id: the producer, the launcher and `zoi status` follow a
-    chunk by its job id, and a job named for one chunk that computes another would mark the
-    first as finished while its shard is missing."""
-    job = get_current_job()
-    if job is not None and run.chunk_of_job(job.id) != chunk:
-        raise WrongRun(
-            f"job {job.id} asks for chunk {chunk.id}, whose job is {run.job_id(chunk)}; refused"
-        )
-
-
-def _log_chunk(run: Run, marker: dict[str, Any]) -> None:
-    """One structured line per finished chunk in RUN/logs/chunks.jsonl (a single append, so
-    lines of concurrent workers never interleave)."""
-    funnel, seconds = marker["funnel"], max(marker["seconds"], 1e-9)
-    line = {
-        "time": marker["finished_at"],
-        "chunk": marker["chunk"],
-        "worker": marker["worker"],
-        "prompts": funnel["prompts"],
-        "records": funnel["kept"],
-        "dropped": funnel["dropped"],
-        "seconds": marker["seconds"],
-        "tokens_per_s": round(funnel["completion_tokens"] / seconds, 1),
-    }
-    log.info(
-        "chunk %s: %d/%d kept in %.1f s",
-        marker["chunk"],
-        funnel["kept"],
-        funnel["prompts"],
-        seconds,
-    )
-    logs = run.path / "logs"
-    logs.mkdir(exist_ok=True)
-    fd = os.open(logs / "chunks.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8"))
-    finally:
-        os.close(fd)
-
-
-def _wait(future: concurrent.futures.Future[Any], timeout: float | None) -> Any:
-    try:
-        return future.result(timeout=timeout if timeout and timeout > 0 else None)
-    except concurrent.futures.TimeoutError:
-        future.cancel()
-        raise ChunkTimeout(f"chunk exceeded its {timeout} s timeout") from None
-
-
 class _NoDeathPenalty(BaseDeathPenalty):
-    """Chunks run in job threads, where RQ's SIGALRM timeout cannot work; `run_chunk`
+    """Chunks run in job threads, where RQ's SIGALRM timeout cannot work; the chunk runner
     enforces the job timeout itself."""
 
     def setup_death_penalty(self) -> None:
@@ -292,7 +70,7 @@ class _NoDeathPenalty(BaseDeathPenalty):
         return None
 
 
-class ChunkWorker(SimpleWorker):
+class ChunkWorker(StoppableWorker):
     """An RQ SimpleWorker that keeps its engine, overlaps chunks, and sends heartbeats."""
 
     death_penalty_class = _NoDeathPenalty
@@ -300,14 +78,15 @@ class ChunkWorker(SimpleWorker):
     def __init__(
         self,
         queues: list[Queue],
-        host: EngineHost,
+        runner: ChunkRunner,
         heartbeat_interval: float = 10.0,
         heartbeat_ttl: int = 60,
         janitor_interval: float = 15.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(queues, job_class=ChunkJob, serializer=JSONSerializer, **kwargs)
-        self.host = host
+        self.runner = runner
+        self.host = runner.host
         self.heartbeat_interval = heartbeat_interval
         # RQ stores heartbeat deadlines in whole seconds, so a deadline can be up to a second
         # early: the TTL must cover the interval plus that rounding, or a live chunk looks dead.
@@ -343,18 +122,18 @@ class ChunkWorker(SimpleWorker):
         finally:
             self._in_execute = False
         while not started.wait(0.2):
-            if not thread.is_alive() or self._stop_requested:
+            if not thread.is_alive() or self.stop_requested:
                 break
         if self.host.dead is not None:
-            self._stop_requested = True
-            raise StopRequested()
-        if self._stop_requested:
-            raise StopRequested()
+            self.ask_to_stop()
+        if self.stop_requested:
+            self.leave_loop()
 
     def _perform(
-        self, job: Job, queue: Queue, execution: Execution, started: threading.Event
+        self, job: ChunkJob, queue: Queue, execution: Execution, started: threading.Event
     ) -> None:
-        _job.started, _job.timeout = started, job.timeout
+        """RQ's `perform_job` around the chunk runner, bound to this job."""
+        job.bind(self.runner.for_job(job, started))
         try:
             self.perform_job(job, queue, execution)
         finally:
@@ -379,12 +158,10 @@ class ChunkWorker(SimpleWorker):
                 return
 
     # --- stopping ------------------------------------------------------------------------
-    def _shutdown(self) -> None:
-        """Warm stop: take no new chunk; the chunks in hand finish (see `teardown`)."""
-        self._stop_requested = True
-        self.set_shutdown_requested_date()
-        if not self._in_execute:
-            raise StopRequested()
+    def stop_at_once(self) -> bool:
+        """Warm stop: take no new chunk; the chunks in hand finish (see `teardown`). It
+        leaves the loop at once unless a chunk is being handed to its thread."""
+        return not self._in_execute
 
     def teardown(self) -> None:
         self._join_active()
@@ -514,28 +291,26 @@ def serve(
     is empty). Returns whether any chunk ran. Raises `EngineDead` if the engine died.
     `revive` is called when Redis cannot be reached: it restarts the run's embedded server,
     whose append-only file still holds the queue."""
-    global _context
     host = EngineHost(run)
+    unique_name = worker_name(name)
     worker = ChunkWorker(
         [chunk_queue(connection, run)],
-        host,
+        ChunkRunner(run, host, unique_name),
         heartbeat_interval=heartbeat_interval,
         heartbeat_ttl=heartbeat_ttl or default_heartbeat_ttl(heartbeat_interval),
         janitor_interval=janitor_interval,
         connection=connection,
-        name=worker_name(name),
+        name=unique_name,
     )
     worker.revive = revive
-    _context = _Context(run, host, worker.name)
     try:
         worked = _work(worker, burst)
     finally:
-        _context = None
         host.close()
     if host.dead is not None:
         held = describe_ranges(index_ranges(host.dead_chunks), 5)
         raise EngineDead(f"the engine died: {host.dead} (chunks in hand: {held})")
-    if not (worker.drained or worker._stop_requested):
+    if not (worker.drained or worker.stop_requested):
         # RQ's loop ends quietly on an unexpected error; a supervisor must see a failure.
         raise WorkerStopped("the worker loop ended unexpectedly; its log has the cause")
     if worker.drained:
@@ -549,7 +324,7 @@ def _work(worker: ChunkWorker, burst: bool, attempts: int = 5) -> bool:
     worked = False
     for _ in range(attempts):
         worked = worker.work(burst=burst, logging_level="WARNING", with_scheduler=False) or worked
-        if worker.drained or worker._stop_requested or worker.host.dead is not None:
+        if worker.drained or worker.stop_requested or worker.host.dead is not None:
             return worked
         if worker.revive is None or not _reachable(worker.connection):
             return worked

@@ -12,14 +12,8 @@ then retried, rather than silently dropping every remaining record.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
-
-from ..errors import ConfigError
-
-if TYPE_CHECKING:
-    from ..config import Config
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 Step = Literal["width", "judge", "fix", "depth", "flatten", "answer"]
 
@@ -68,28 +62,3 @@ class Engine(Protocol):
     async def complete(self, request: Request) -> Completion: ...
 
     def close(self) -> None: ...
-
-
-def engine_class(spec: str) -> type:
-    """`vllm` or `package.module:ClassName` -> the class, with import errors as config errors."""
-    if spec == "vllm":
-        from .vllm import VLLMEngine
-
-        return VLLMEngine
-    module_name, _, class_name = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except (ImportError, ValueError, TypeError) as exc:
-        raise ConfigError(f"engine: cannot import module {module_name!r} ({exc})") from None
-    cls = getattr(module, class_name, None)
-    if not isinstance(cls, type):
-        raise ConfigError(f"engine: {module_name!r} has no class {class_name!r}")
-    for method in ("complete", "close"):
-        if not callable(getattr(cls, method, None)):
-            raise ConfigError(f"engine: {spec} has no {method}() method (see docs/engines.md)")
-    return cls
-
-
-def load_engine(config: Config) -> Engine:
-    """Build the engine the config names. This is where a model gets loaded: call it once."""
-    return engine_class(config.engine)(config)

@@ -1,0 +1,85 @@
+"""The engine host: one engine for the worker's whole life, on its own event loop thread.
+
+The engine lives on one asyncio loop, and every record of every chunk is evolved there. A
+global limit on records in flight keeps the engine's batch full, and it is shared by all
+chunks, so the next chunk's records take the slots the current chunk's last records free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine
+from typing import Any
+
+from .engines import EngineDead, load_engine
+from .pipeline import Outcome, Pipeline
+from .rundir import Chunk, Run
+
+
+class EngineHost:
+    """The engine, its event loop thread, and the chunks being evolved on it."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.dead: BaseException | None = None
+        self.dead_chunks: list[Chunk] = []  # in flight when the engine died: a suspect may be
+        # among them, and the supervisor's message names them
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="engine-loop", daemon=True
+        )
+        self._thread.start()
+        self._futures: set[concurrent.futures.Future[Any]] = set()
+        templates = run.templates
+        self.system_prompt = templates.output_system_prompt
+        source = run.source()
+        try:
+            self.engine = self.call(self._start())
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.pipeline = Pipeline(run.config, templates, source, self.engine)
+
+    async def _start(self) -> Any:
+        self._slots = asyncio.Semaphore(self.run.config.concurrency())
+        return load_engine(self.run.engine_config())
+
+    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        self._futures.add(future)
+        future.add_done_callback(self._futures.discard)
+        return future
+
+    async def evolve_chunk(self, chunk: Chunk, started: threading.Event) -> list[Outcome]:
+        """All records of a chunk, each started as soon as a slot frees up. `started` is set
+        once the last record has a slot: the worker may then take the next chunk."""
+        try:
+            indices = range(chunk.start, chunk.end)
+            return await self.pipeline.evolve_sharing(indices, self._slots, started.set)
+        except EngineDead as exc:
+            self.dead = exc
+            self.dead_chunks.append(chunk)
+            raise
+
+    def cancel_all(self) -> None:
+        """Abandon every chunk in flight (cold stop): their jobs fail and are retried."""
+        for future in list(self._futures):
+            future.cancel()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+
+    def close(self) -> None:
+        async def close_engine() -> None:
+            self.engine.close()
+
+        try:
+            self.call(close_engine())
+        finally:
+            self._stop_loop()
