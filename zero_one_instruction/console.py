@@ -113,7 +113,7 @@ def friendly(func: F) -> F:
         except redis.ResponseError as exc:
             if _verbose():
                 raise
-            from .broker import refusal
+            from .brokererrors import refusal
 
             error = refusal(exc)
             _fail(str(error) if error else f"Redis refused a command: {exc}", 1)

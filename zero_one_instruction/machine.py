@@ -20,8 +20,9 @@ from pathlib import Path
 
 import redis
 
-from .broker import connect, revive
+from .broker import connect
 from .config import load_config
+from .embeddedredis import revive
 from .gpus import cuda_environment, groups, select, visible_gpus
 from .launcher import Launcher, WorkerSpec, plan
 from .merger import MergeOptions, MergeReport, merge
