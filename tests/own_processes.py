@@ -69,6 +69,16 @@ def stop_wrapper(wrapper: subprocess.Popen[Any], timeout: float = 300) -> None:
             wrapper.communicate()
 
 
+def run_checked(
+    command: list[str], grace: float, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """`run_tracked`, asserting the command exited 0 and left none of its engines behind."""
+    done, left = run_tracked(command, grace, timeout)
+    assert left == [], f"engine processes outlived {Path(command[0]).name} {command[1]}: {left}"
+    assert done.returncode == 0, (command, done.stdout, done.stderr[-3000:])
+    return done
+
+
 def run_tracked(
     command: list[str], grace: float, timeout: float
 ) -> tuple[subprocess.CompletedProcess[str], list[str]]:

@@ -28,7 +28,7 @@ import yaml
 
 from zero_one_instruction.pipeline import JUDGE_CHOICES
 
-from .own_processes import engine_processes, leftovers, run_tracked, stop_wrapper, tracked
+from .own_processes import engine_processes, leftovers, run_checked, stop_wrapper, tracked
 from .queue_helpers import run_args, wait_until, workers_of
 
 # Generous: one engine start is 30-70 s here and a 3-prompt run a few minutes, more on a
@@ -43,10 +43,7 @@ ENGINE_GRACE = 30.0  # seconds an engine process may take to end after its comma
 
 def zoi(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
     """`zoi ARGS`, checked to exit 0 and to leave none of its own engine processes behind."""
-    done, left = run_tracked([ZOI, *args], ENGINE_GRACE, timeout)
-    assert left == [], f"engine processes outlived zoi {args[0]}: {left}"
-    assert done.returncode == 0, (args, done.stdout, done.stderr[-3000:])
-    return done
+    return run_checked([ZOI, *args], ENGINE_GRACE, timeout)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import yaml
 
-from .own_processes import engine_processes, leftovers, run_tracked, tracked
+from .own_processes import engine_processes, leftovers, run_checked, tracked
 
 pytestmark = [
     pytest.mark.vllm,
@@ -28,10 +28,7 @@ PROMPTS = 24
 def zoi(*args: str, grace: float = 0.0) -> subprocess.CompletedProcess[str]:
     """`zoi ARGS`, checked to exit 0 and to leave none of its engine processes alive after
     `grace` seconds. Only its own processes count (see `own_processes`), never a neighbour's."""
-    done, left = run_tracked([ZOI, *args], grace, 600)
-    assert left == [], f"engine processes outlived zoi {args[0]}: {left}"
-    assert done.returncode == 0, (args, done.stdout, done.stderr[-3000:])
-    return done
+    return run_checked([ZOI, *args], grace, 600)
 
 
 @pytest.fixture(scope="module")
