@@ -1,0 +1,197 @@
+"""The merger, in-process: one output in base-prompt order from the verified shards, a
+refusal of an unfinished run unless `allow_partial`, and what each MergeOptions changes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from zero_one_instruction import shards
+from zero_one_instruction.errors import ZoiError
+from zero_one_instruction.merger import MergeIncomplete, MergeOptions, merge_run
+from zero_one_instruction.rundir import Run
+
+from .unit_runs import SYSTEM, finish, finish_all, flip_a_byte, make_run, outcome
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Run:
+    return make_run(tmp_path, end=6, chunk_size=2)
+
+
+def _read(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+
+def _merged(run: Run, options: MergeOptions | None = None) -> list[dict[str, Any]]:
+    """The records `merge_run` writes with `options`, into the run's one output file."""
+    out = run.path.parent / "out.jsonl"
+    merge_run(run.path, out, options or MergeOptions(), overwrite=True)
+    return _read(out)
+
+
+def test_ids_follow_the_base_prompt_order_whatever_order_chunks_finished_in(run: Run) -> None:
+    for chunk in reversed(run.chunks()):
+        finish(run, chunk, dropped=frozenset({1}))
+    out = run.path.parent / "out.jsonl"
+    report = merge_run(run.path, out)
+    records = _read(out)
+    assert [(r["id"], r["input"]) for r in records] == [
+        ("record_0", "質問0"),
+        ("record_1", "質問2"),
+        ("record_2", "質問3"),
+        ("record_3", "質問4"),
+        ("record_4", "質問5"),
+    ]
+    assert records[0] == {
+        "id": "record_0",
+        "input": "質問0",
+        "output": "回答0",
+        "conversation": [
+            {"from": "system", "value": SYSTEM},
+            {"from": "human", "value": "質問0"},
+            {"from": "gpt", "value": "回答0"},
+        ],
+    }
+    assert (report.chunks, report.merged, report.records, report.duplicates) == (3, 3, 5, 0)
+    assert report.bytes == out.stat().st_size and report.missing == [] and report.problems == []
+
+
+def test_id_start_shifts_every_id(run: Run) -> None:
+    finish_all(run)
+    ids = [r["id"] for r in _merged(run, MergeOptions(id_start=100))]
+    assert ids == [f"record_{n}" for n in range(100, 106)]
+
+
+def test_a_missing_chunk_refuses_the_merge_and_writes_nothing(run: Run) -> None:
+    first, _, third = run.chunks()
+    finish(run, first)
+    finish(run, third)
+    out = run.path.parent / "out.jsonl"
+    with pytest.raises(MergeIncomplete, match=r"missing base-prompt ranges \[2, 4\) \(") as refused:
+        merge_run(run.path, out)
+    assert refused.value.exit_code == 1 and "--allow-partial" in str(refused.value)
+    assert not out.exists()
+
+
+def test_allow_partial_merges_what_is_there_and_names_the_holes(run: Run) -> None:
+    first, _, third = run.chunks()
+    finish(run, first)
+    finish(run, third)
+    out = run.path.parent / "out.jsonl"
+    report = merge_run(run.path, out, MergeOptions(allow_partial=True))
+    records = _read(out)
+    assert [(r["id"], r["input"]) for r in records] == [
+        ("record_0", "質問0"),
+        ("record_1", "質問1"),
+        ("record_2", "質問4"),
+        ("record_3", "質問5"),
+    ]
+    assert (report.merged, report.records, report.missing) == (2, 4, [(2, 4)])
+
+
+def test_a_damaged_shard_refuses_the_merge_naming_it(run: Run) -> None:
+    finish_all(run)
+    second = run.chunks()[1]
+    shards.marker_path(run.shards, run.chunks()[0]).unlink()
+    flip_a_byte(shards.path_of(run.shards, second, "records"))
+    with pytest.raises(MergeIncomplete) as refused:
+        _merged(run)
+    message = str(refused.value)
+    assert "missing base-prompt ranges [0, 2);" in message
+    assert f"damaged shards [2, 4) ({second.id}.jsonl does not match its checksum)" in message
+
+
+@pytest.mark.parametrize(
+    "options",
+    [MergeOptions(allow_partial=True), MergeOptions(allow_partial=True, with_meta=True)],
+    ids=["spliced", "parsed"],
+)
+@pytest.mark.parametrize("bad", [1, 2], ids=["middle", "last"])
+def test_a_shard_found_damaged_while_copying_is_cut_back_out(
+    run: Run, options: MergeOptions, bad: int
+) -> None:
+    """Same size, other bytes: only the copy's checksum finds it, after its lines were
+    written; the output and the ids must be as if the chunk had never been there."""
+    finish_all(run)
+    damaged = run.chunks()[bad]
+    flip_a_byte(shards.path_of(run.shards, damaged, "records"))
+    out = run.path.parent / "out.jsonl"
+    report = merge_run(run.path, out, options)
+    records = _read(out)
+    assert [r["id"] for r in records] == [f"record_{n}" for n in range(4)]
+    kept = [n for n in range(6) if n not in (damaged.start, damaged.start + 1)]
+    assert [r["input"] for r in records] == [f"質問{n}" for n in kept]
+    assert report.problems == [f"chunk {damaged.id}: {damaged.id}.jsonl does not match its marker"]
+    assert (report.merged, report.records) == (2, 4)
+    assert report.missing == [(damaged.start, damaged.end)]
+    assert report.bytes == out.stat().st_size
+
+
+def test_messages_format_gives_role_and_content_only(run: Run) -> None:
+    finish_all(run)
+    first = _merged(run, MergeOptions(fmt="messages"))[0]
+    assert first == {
+        "id": "record_0",
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "質問0"},
+            {"role": "assistant", "content": "回答0"},
+        ],
+    }
+
+
+def test_with_meta_adds_each_records_source_index_and_trace(run: Run) -> None:
+    finish(run, run.chunks()[0], dropped=frozenset({0}))
+    finish(run, run.chunks()[1])
+    finish(run, run.chunks()[2])
+    records = _merged(run, MergeOptions(with_meta=True))
+    assert [(r["input"], r["meta"]["index"]) for r in records] == [
+        (f"質問{n}", n) for n in range(1, 6)
+    ]
+    meta = records[0]["meta"]
+    assert set(meta) == {"index", "fixer_ran", "steps", "kept"}  # the rest is the record
+    assert meta["steps"][0]["step"] == "width" and meta["kept"] is True
+    assert set(records[0]) == {"id", "input", "output", "conversation", "meta"}
+
+
+def test_dedup_drops_questions_seen_before_across_chunks(run: Run) -> None:
+    for chunk in run.chunks():
+        first, second = range(chunk.start, chunk.end)
+        outcomes = [outcome(first, question="同じ質問"), outcome(second)]
+        shards.write_chunk(run, chunk, outcomes, SYSTEM, {})
+    out = run.path.parent / "out.jsonl"
+    report = merge_run(run.path, out, MergeOptions(dedup=True))
+    records = _read(out)
+    assert [(r["id"], r["input"]) for r in records] == [
+        ("record_0", "同じ質問"),
+        ("record_1", "質問1"),
+        ("record_2", "質問3"),
+        ("record_3", "質問5"),
+    ]
+    assert (report.records, report.duplicates) == (4, 2)
+    assert len(_merged(run)) == 6  # without dedup every record stays
+
+
+def test_parsed_and_spliced_outputs_are_the_same_bytes(run: Run) -> None:
+    """`dedup` over distinct questions parses every line; the default splices the id in. The
+    output must not depend on which path wrote it."""
+    finish_all(run, dropped=frozenset({3}))
+    spliced, parsed = run.path.parent / "spliced.jsonl", run.path.parent / "parsed.jsonl"
+    merge_run(run.path, spliced)
+    report = merge_run(run.path, parsed, MergeOptions(dedup=True))
+    assert report.duplicates == 0
+    assert parsed.read_bytes() == spliced.read_bytes()
+
+
+def test_an_existing_file_the_run_did_not_write_is_refused(run: Run) -> None:
+    finish_all(run)
+    other = run.path.parent / "other.jsonl"
+    other.write_text("keep me\n", encoding="utf-8")
+    with pytest.raises(ZoiError, match="already exists"):
+        merge_run(run.path, other)
+    assert other.read_text(encoding="utf-8") == "keep me\n"
+    assert merge_run(run.path, other, overwrite=True).records == 6
