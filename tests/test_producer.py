@@ -15,7 +15,7 @@ from zero_one_instruction.jobs import CHUNK_FUNCTION, ChunkJob, chunk_queue
 from zero_one_instruction.producer import JobPolicy, enqueue, job_states
 from zero_one_instruction.rundir import Run
 
-from .unit_runs import broker, finish, make_run
+from .unit_runs import broker, finish, leave_queue_as, make_run
 
 
 @pytest.fixture
@@ -31,22 +31,6 @@ def connection(run: Run) -> Iterator[redis.Redis]:
 
 def _queued(connection: redis.Redis, run: Run) -> list[str]:
     return chunk_queue(connection, run).get_job_ids()
-
-
-def _leave_queue_as(connection: redis.Redis, run: Run, index: int, status: JobStatus) -> str:
-    """Take a chunk's job off the queue with `status` and into its registry, as a worker
-    that ran it leaves it."""
-    queue = chunk_queue(connection, run)
-    job_id = run.job_id(run.chunks()[index])
-    job = ChunkJob.fetch(job_id, connection=connection, serializer=queue.serializer)
-    queue.remove(job_id)
-    job.set_status(status)
-    registry = {
-        JobStatus.FAILED: queue.failed_job_registry,
-        JobStatus.FINISHED: queue.finished_job_registry,
-    }[status]
-    registry.add(job, ttl=600)
-    return job_id
 
 
 def test_enqueue_queues_every_chunk_under_its_job_id(connection: redis.Redis, run: Run) -> None:
@@ -89,9 +73,9 @@ def test_failed_and_finished_without_a_shard_are_replaced(
     """A job RQ holds must be cleared before its chunk is queued again; a finished one whose
     shard is done is left as it is."""
     enqueue(connection, run)
-    failed = _leave_queue_as(connection, run, 0, JobStatus.FAILED)
-    lost = _leave_queue_as(connection, run, 1, JobStatus.FINISHED)
-    done = _leave_queue_as(connection, run, 2, JobStatus.FINISHED)
+    failed = leave_queue_as(connection, run, 0, JobStatus.FAILED)
+    lost = leave_queue_as(connection, run, 1, JobStatus.FINISHED)
+    done = leave_queue_as(connection, run, 2, JobStatus.FINISHED)
     finish(run, run.chunks()[2])
     report = enqueue(connection, run)
     assert report.replaced == {"failed": 1, "finished": 1}
@@ -106,7 +90,7 @@ def test_failed_and_finished_without_a_shard_are_replaced(
 
 def test_a_vanished_job_is_queued_again(connection: redis.Redis, run: Run) -> None:
     enqueue(connection, run)
-    gone = _leave_queue_as(connection, run, 3, JobStatus.FINISHED)
+    gone = leave_queue_as(connection, run, 3, JobStatus.FINISHED)
     connection.delete(f"rq:job:{gone}")
     report = enqueue(connection, run)
     assert (report.enqueued, report.active, report.replaced) == (1, 3, {})

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from rq.job import JobStatus
 
 from zero_one_instruction import shards
-from zero_one_instruction.embeddedredis import embedded, release
+from zero_one_instruction.embeddedredis import embedded, release, url_path
+from zero_one_instruction.jobs import ChunkJob, chunk_queue
 from zero_one_instruction.pipeline import Outcome, StepTrace
 from zero_one_instruction.rundir import Chunk, Run, create_or_open
 
@@ -62,9 +64,30 @@ def flip_a_byte(path: Path, at: int = 5) -> None:
 
 @contextmanager
 def broker(run: Run) -> Iterator[redis.Redis]:
-    """The run's embedded Redis for one test, shut down after it."""
+    """The run's embedded Redis for one test, shut down after it, unless a command called
+    in-process (the last client of this process to leave) has shut it down already."""
     client = embedded(run.path, "test")
     try:
         yield client
     finally:
-        release(client, run.path)
+        if Path(url_path(client)).exists():
+            release(client, run.path)
+        else:
+            client.close()
+
+
+def leave_queue_as(connection: redis.Redis, run: Run, index: int, status: JobStatus) -> str:
+    """Take chunk `index`'s queued job off the queue with `status`, and into the registry a
+    worker would leave a failed or finished job in; its job id."""
+    queue = chunk_queue(connection, run)
+    job_id = run.job_id(run.chunks()[index])
+    job = ChunkJob.fetch(job_id, connection=connection, serializer=queue.serializer)
+    queue.remove(job_id)
+    job.set_status(status)
+    registry = {
+        JobStatus.FAILED: queue.failed_job_registry,
+        JobStatus.FINISHED: queue.finished_job_registry,
+    }.get(status)
+    if registry is not None:
+        registry.add(job, ttl=600)
+    return job_id
