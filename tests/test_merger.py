@@ -11,7 +11,7 @@ import pytest
 
 from zero_one_instruction import shards
 from zero_one_instruction.errors import ZoiError
-from zero_one_instruction.merger import MergeIncomplete, MergeOptions, merge_run
+from zero_one_instruction.merger import MergeIncomplete, MergeOptions, MergeReport, merge_run
 from zero_one_instruction.rundir import Run
 
 from .unit_runs import SYSTEM, finish, finish_all, flip_a_byte, make_run, outcome
@@ -26,26 +26,32 @@ def _read(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
 
 
-def _merged(run: Run, options: MergeOptions | None = None) -> list[dict[str, Any]]:
-    """The records `merge_run` writes with `options`, into the run's one output file."""
+def _merge(
+    run: Run, options: MergeOptions | None = None
+) -> tuple[MergeReport, list[dict[str, Any]]]:
+    """What `merge_run` reports and writes with `options`, into the run's one output file."""
     out = run.path.parent / "out.jsonl"
-    merge_run(run.path, out, options or MergeOptions(), overwrite=True)
-    return _read(out)
+    report = merge_run(run.path, out, options or MergeOptions(), overwrite=True)
+    return report, _read(out)
+
+
+def _merged(run: Run, options: MergeOptions | None = None) -> list[dict[str, Any]]:
+    return _merge(run, options)[1]
+
+
+def _numbered(records: list[dict[str, Any]]) -> str:
+    """The records as `id input, ...`: the two things order and numbering are about."""
+    return ", ".join(f"{r['id']} {r['input']}" for r in records)
 
 
 def test_ids_follow_the_base_prompt_order_whatever_order_chunks_finished_in(run: Run) -> None:
     for chunk in reversed(run.chunks()):
         finish(run, chunk, dropped=frozenset({1}))
-    out = run.path.parent / "out.jsonl"
-    report = merge_run(run.path, out)
-    records = _read(out)
-    assert [(r["id"], r["input"]) for r in records] == [
-        ("record_0", "質問0"),
-        ("record_1", "質問2"),
-        ("record_2", "質問3"),
-        ("record_3", "質問4"),
-        ("record_4", "質問5"),
-    ]
+    report, records = _merge(run)
+    assert (
+        _numbered(records)
+        == "record_0 質問0, record_1 質問2, record_2 質問3, record_3 質問4, record_4 質問5"
+    )
     assert records[0] == {
         "id": "record_0",
         "input": "質問0",
@@ -57,7 +63,8 @@ def test_ids_follow_the_base_prompt_order_whatever_order_chunks_finished_in(run:
         ],
     }
     assert (report.chunks, report.merged, report.records, report.duplicates) == (3, 3, 5, 0)
-    assert report.bytes == out.stat().st_size and report.missing == [] and report.problems == []
+    assert report.bytes == (run.path.parent / "out.jsonl").stat().st_size
+    assert report.missing == [] and report.problems == []
 
 
 def test_id_start_shifts_every_id(run: Run) -> None:
@@ -81,15 +88,8 @@ def test_allow_partial_merges_what_is_there_and_names_the_holes(run: Run) -> Non
     first, _, third = run.chunks()
     finish(run, first)
     finish(run, third)
-    out = run.path.parent / "out.jsonl"
-    report = merge_run(run.path, out, MergeOptions(allow_partial=True))
-    records = _read(out)
-    assert [(r["id"], r["input"]) for r in records] == [
-        ("record_0", "質問0"),
-        ("record_1", "質問1"),
-        ("record_2", "質問4"),
-        ("record_3", "質問5"),
-    ]
+    report, records = _merge(run, MergeOptions(allow_partial=True))
+    assert _numbered(records) == "record_0 質問0, record_1 質問1, record_2 質問4, record_3 質問5"
     assert (report.merged, report.records, report.missing) == (2, 4, [(2, 4)])
 
 
@@ -119,16 +119,13 @@ def test_a_shard_found_damaged_while_copying_is_cut_back_out(
     finish_all(run)
     damaged = run.chunks()[bad]
     flip_a_byte(shards.path_of(run.shards, damaged, "records"))
-    out = run.path.parent / "out.jsonl"
-    report = merge_run(run.path, out, options)
-    records = _read(out)
-    assert [r["id"] for r in records] == [f"record_{n}" for n in range(4)]
+    report, records = _merge(run, options)
     kept = [n for n in range(6) if n not in (damaged.start, damaged.start + 1)]
-    assert [r["input"] for r in records] == [f"質問{n}" for n in kept]
+    assert _numbered(records) == ", ".join(f"record_{i} 質問{n}" for i, n in enumerate(kept))
     assert report.problems == [f"chunk {damaged.id}: {damaged.id}.jsonl does not match its marker"]
     assert (report.merged, report.records) == (2, 4)
     assert report.missing == [(damaged.start, damaged.end)]
-    assert report.bytes == out.stat().st_size
+    assert report.bytes == (run.path.parent / "out.jsonl").stat().st_size
 
 
 def test_messages_format_gives_role_and_content_only(run: Run) -> None:
@@ -163,15 +160,8 @@ def test_dedup_drops_questions_seen_before_across_chunks(run: Run) -> None:
         first, second = range(chunk.start, chunk.end)
         outcomes = [outcome(first, question="同じ質問"), outcome(second)]
         shards.write_chunk(run, chunk, outcomes, SYSTEM, {})
-    out = run.path.parent / "out.jsonl"
-    report = merge_run(run.path, out, MergeOptions(dedup=True))
-    records = _read(out)
-    assert [(r["id"], r["input"]) for r in records] == [
-        ("record_0", "同じ質問"),
-        ("record_1", "質問1"),
-        ("record_2", "質問3"),
-        ("record_3", "質問5"),
-    ]
+    report, records = _merge(run, MergeOptions(dedup=True))
+    assert _numbered(records) == "record_0 同じ質問, record_1 質問1, record_2 質問3, record_3 質問5"
     assert (report.records, report.duplicates) == (4, 2)
     assert len(_merged(run)) == 6  # without dedup every record stays
 

@@ -52,21 +52,26 @@ def mixed(run: Run, connection: redis.Redis) -> Run:
     return run
 
 
+def _counts(done: int, queued: int, running: int, failed: int, missing: int) -> dict[str, int]:
+    """What status reports for the six chunks of `mixed`: the foreign shard is always bad."""
+    return {
+        "total": 6,
+        "done": done,
+        "queued": queued,
+        "running": running,
+        "failed": failed,
+        "missing": missing,
+        "bad": 1,
+    }
+
+
 def _problem_of_the_foreign_shard(run: Run) -> list[str]:
     return [f"chunk {run.chunks()[5].id}: shard of another run (9999999999999999), not of this one"]
 
 
 def test_each_chunk_is_counted_once_by_its_state(mixed: Run, connection: redis.Redis) -> None:
     found = status(mixed, connection)
-    assert found.chunks == {
-        "total": 6,
-        "done": 1,
-        "queued": 1,
-        "running": 1,
-        "failed": 1,
-        "missing": 1,
-        "bad": 1,
-    }
+    assert found.chunks == _counts(done=1, queued=1, running=1, failed=1, missing=1)
     assert found.missing_ranges == [(0, 4), (6, 12)]
     assert found.problems == _problem_of_the_foreign_shard(mixed)
     assert (found.run, found.fingerprint) == (str(mixed.path), mixed.fingerprint)
@@ -86,15 +91,7 @@ def test_the_funnel_comes_from_the_trusted_markers_only(
 
 def test_without_redis_every_chunk_not_done_is_missing(mixed: Run) -> None:
     found = status(mixed, None)
-    assert found.chunks == {
-        "total": 6,
-        "done": 1,
-        "queued": 0,
-        "running": 0,
-        "failed": 0,
-        "missing": 4,
-        "bad": 1,
-    }
+    assert found.chunks == _counts(done=1, queued=0, running=0, failed=0, missing=4)
     assert found.problems == _problem_of_the_foreign_shard(mixed)
 
 
