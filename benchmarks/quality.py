@@ -37,7 +37,7 @@ from zero_one_instruction.engines import load_engine
 from zero_one_instruction.generator import load_inputs
 from zero_one_instruction.modelstamp import read_stamp
 from zero_one_instruction.pipeline import FIRST_JUDGE, JUDGE_CHOICES, NO, YES, Pipeline
-from zero_one_instruction.seeds import _builtin_list, load_source
+from zero_one_instruction.prompt_sources import _builtin_list, load_source
 from zero_one_instruction.templates import Templates, load_templates
 
 from .common import ROOT, SCRIPTED, machine, table, zoi

@@ -25,7 +25,7 @@ from zero_one_instruction.config import Config
 from zero_one_instruction.engines.base import EngineDead, Message, Request, RequestError
 from zero_one_instruction.generator import load_inputs
 from zero_one_instruction.pipeline import Outcome, Pipeline
-from zero_one_instruction.seeds import PromptSource
+from zero_one_instruction.prompt_sources import PromptSource
 
 pytestmark = [
     pytest.mark.vllm,

@@ -21,8 +21,8 @@ from .engines import engine_class, load_engine
 from .errors import ZoiError
 from .outputs import check_output
 from .pipeline import Outcome, Pipeline, Tally
+from .prompt_sources import PromptSource, load_source
 from .records import atomic_file, dumps, original_record
-from .seeds import PromptSource, load_source
 from .templates import Templates, load_templates
 
 Progress = Callable[[Outcome], None]

@@ -20,8 +20,8 @@ from typing import Any
 
 from .config import Config
 from .engines.base import Engine, Message, Request, RequestError, Step
+from .prompt_sources import PromptSource
 from .records import lone_surrogate, writable
-from .seeds import PromptSource
 from .templates import JUDGE_REPLIES, Templates
 
 JUDGE_CHOICES = JUDGE_REPLIES  # the judge's examples are checked against the same two words

@@ -21,9 +21,9 @@ if TYPE_CHECKING:  # the queue's modules load RQ: `zoi --help` does without them
     from .machine import RunReport
     from .merger import MergeReport
     from .producer import EnqueueReport
+    from .prompt_sources import PromptSource
     from .realmodel import Ready
     from .rundir import Run
-    from .seeds import PromptSource
     from .status import RunStatus
 
 

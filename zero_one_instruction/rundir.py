@@ -19,8 +19,8 @@ from typing import Any
 
 from .config import Config, check_engine_arguments
 from .errors import ZoiError
+from .prompt_sources import PromptSource, load_source
 from .records import temporary_name
-from .seeds import PromptSource, load_source
 from .templates import Templates, load_templates, templates_from_dict
 
 RUN_FILE = "run.json"

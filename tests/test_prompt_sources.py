@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from zero_one_instruction.config import Prompts, load_config
+from zero_one_instruction.prompt_sources import _builtin_list, load_source
 from zero_one_instruction.rundir import Run, RunError, create_or_open
-from zero_one_instruction.seeds import _builtin_list, load_source
 from zero_one_instruction.templates import load_templates
 
 from .clitools import assert_one_line_error, zoi
