@@ -130,7 +130,7 @@ BAD_SOURCES = [
 
 
 @pytest.mark.parametrize(("name", "content", "fragment"), BAD_SOURCES)
-def test_bad_seed_file_gives_one_line_and_exit_2(
+def test_bad_prompt_file_gives_one_line_and_exit_2(
     tmp_path: Path, name: str, content: bytes | None, fragment: str
 ) -> None:
     if content is not None:
