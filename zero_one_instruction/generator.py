@@ -25,7 +25,8 @@ from .prompt_sources import PromptSource, load_source
 from .records import atomic_file, dumps, original_record
 from .templates import Templates, load_templates
 
-Progress = Callable[[Outcome], None]
+# The caller's hook for each outcome, in index order (a progress bar, the preview printer).
+OnOutcome = Callable[[Outcome], None]
 
 
 def load_inputs(config: Config) -> tuple[Templates, PromptSource]:
@@ -63,7 +64,7 @@ def generate(
     trace: Path | None = None,
     overwrite: bool = False,
     on_start: Callable[[int], None] | None = None,
-    on_outcome: Progress | None = None,
+    on_outcome: OnOutcome | None = None,
 ) -> GenerateReport:
     """Evolve base prompts [start, end) of the config at `config_path` into `output`, in one
     process, without Redis. The output (and `trace`) is checked first and appears only when
@@ -84,7 +85,7 @@ def generate(
     return GenerateReport(funnel, time.monotonic() - began, output)
 
 
-def preview(config_path: Path, start: int, end: int, on_outcome: Progress) -> Tally:
+def preview(config_path: Path, start: int, end: int, on_outcome: OnOutcome) -> Tally:
     """Run base prompts [start, end) and hand over each outcome with its every step, writing
     nothing: the quick loop for tuning templates and sampling."""
     config = load_config(config_path)
@@ -96,7 +97,7 @@ async def evolve_range(
     inputs: tuple[Templates, PromptSource],
     start: int,
     end: int,
-    on_outcome: Progress,
+    on_outcome: OnOutcome,
 ) -> Tally:
     """Run prompts [start, end) through a fresh engine, handing each outcome over in order."""
     templates, source = inputs
@@ -121,7 +122,7 @@ async def write_range(
     output: Path,
     id_start: int = 0,
     trace: Path | None = None,
-    progress: Progress | None = None,
+    on_outcome: OnOutcome | None = None,
 ) -> Tally:
     """Write kept records to `output` (ids `record_<id_start>`...) and, if asked, every
     outcome with its full trace to `trace`. Both files appear only if the run completes."""
@@ -141,7 +142,7 @@ async def write_range(
                 next_id += 1
             if trace_out is not None:
                 trace_out.write(dumps(outcome.to_dict()))
-            if progress is not None:
-                progress(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
 
         return await evolve_range(config, inputs, start, end, write)
