@@ -51,8 +51,8 @@ def make(slots: int) -> tuple[Pipeline, SimEngine]:
         max_model_len=8192,
     )
     engine = SimEngine(config)
-    templates, source = load_inputs(config)
-    return Pipeline(config, templates, source, engine), engine
+    inputs = load_inputs(config)
+    return Pipeline(config, inputs.templates, inputs.source, engine), engine
 
 
 async def zoi_overlap(pipeline: Pipeline, chunks: list[range]) -> None:

@@ -321,10 +321,10 @@ def run_set(
 async def _verdicts(config_file: Path, texts: list[str]) -> list[str]:
     """The first judge's verdict on each text, through the run's own engine and requests."""
     config = load_config(config_file)
-    templates, source = load_inputs(config)
+    inputs = load_inputs(config)
     engine = load_engine(config)
     try:
-        pipeline = Pipeline(config, templates, source, engine)
+        pipeline = Pipeline(config, inputs.templates, inputs.source, engine)
         requests = [
             pipeline.request(i, "judge", FIRST_JUDGE, JUDGE_CHOICES, {"prompt": text})
             for i, text in enumerate(texts)

@@ -29,14 +29,23 @@ from .templates import Templates, load_templates
 OnOutcome = Callable[[Outcome], None]
 
 
-def load_inputs(config: Config) -> tuple[Templates, PromptSource]:
+@dataclass(frozen=True)
+class Inputs:
+    """What a config makes the pipeline read, loaded together: the base prompts of a cross
+    product are written by one of the templates."""
+
+    templates: Templates
+    source: PromptSource
+
+
+def load_inputs(config: Config) -> Inputs:
     """Templates and base prompts, validated before any model is loaded: a typo should cost
     a second, not an engine start."""
     templates = load_templates(config.templates, config.system_prompt)
-    return templates, load_source(config.prompts, templates.seed)
+    return Inputs(templates, load_source(config.prompts, templates.seed))
 
 
-def prepare(config: Config) -> tuple[Templates, PromptSource]:
+def prepare(config: Config) -> Inputs:
     """Everything that can be checked before a model loads: templates, base prompts and the
     engine class (`zoi config check` promises a usable config)."""
     inputs = load_inputs(config)
@@ -94,17 +103,16 @@ def preview(config_path: Path, start: int, end: int, on_outcome: OnOutcome) -> T
 
 async def evolve_range(
     config: Config,
-    inputs: tuple[Templates, PromptSource],
+    inputs: Inputs,
     start: int,
     end: int,
     on_outcome: OnOutcome,
 ) -> Tally:
     """Run prompts [start, end) through a fresh engine, handing each outcome over in order."""
-    templates, source = inputs
     tally = Tally()
     engine = load_engine(config)
     try:
-        pipeline = Pipeline(config, templates, source, engine)
+        pipeline = Pipeline(config, inputs.templates, inputs.source, engine)
         async with aclosing(pipeline.run(range(start, end))) as outcomes:
             async for outcome in outcomes:
                 tally.add(outcome)
@@ -116,7 +124,7 @@ async def evolve_range(
 
 async def write_range(
     config: Config,
-    inputs: tuple[Templates, PromptSource],
+    inputs: Inputs,
     start: int,
     end: int,
     output: Path,
@@ -126,7 +134,7 @@ async def write_range(
 ) -> Tally:
     """Write kept records to `output` (ids `record_<id_start>`...) and, if asked, every
     outcome with its full trace to `trace`. Both files appear only if the run completes."""
-    system = inputs[0].output_system_prompt
+    system = inputs.templates.output_system_prompt
     next_id = id_start
     with ExitStack() as stack:
         out = stack.enter_context(atomic_file(output, follow_links=True))
