@@ -221,9 +221,9 @@ def builtin_indices(count: int, tasks: int, domains: int) -> list[int]:
 
 
 def builtin_prompts(count: int, templates_file: Path | None) -> list[dict[str, Any]]:
-    """The built-in base prompts the run's seed template would give, with their indices."""
+    """The built-in base prompts the run's base_prompt template would give, with their indices."""
     templates = load_templates(templates_file)
-    source = load_source(Prompts(source="builtin"), templates.seed)
+    source = load_source(Prompts(source="builtin"), templates.base_prompt)
     tasks, domains = len(_builtin_list("tasks_ja.txt")), len(_builtin_list("domains_ja.txt"))
     return [
         {"index": i, "prompt": source.prompt(i)} for i in builtin_indices(count, tasks, domains)

@@ -16,11 +16,11 @@ from zero_one_instruction.templates import load_templates
 from .clitools import assert_one_line_error, zoi
 from .queue_helpers import scripted_config
 
-SEED = load_templates().seed
+BASE_PROMPT = load_templates().base_prompt
 
 
 def source(**settings: object):
-    return load_source(Prompts.model_validate(settings), SEED)
+    return load_source(Prompts.model_validate(settings), BASE_PROMPT)
 
 
 def test_builtin_source_is_a_varied_cross_product() -> None:

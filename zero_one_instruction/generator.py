@@ -42,7 +42,7 @@ def load_inputs(config: Config) -> Inputs:
     """Templates and base prompts, validated before any model is loaded: a typo should cost
     a second, not an engine start."""
     templates = load_templates(config.templates, config.system_prompt)
-    return Inputs(templates, load_source(config.prompts, templates.seed))
+    return Inputs(templates, load_source(config.prompts, templates.base_prompt))
 
 
 def prepare(config: Config) -> Inputs:

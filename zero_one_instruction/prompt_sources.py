@@ -137,11 +137,11 @@ def cross_product(
     return PromptSource(label, seq, _hash("cross", [payload]))
 
 
-def load_source(settings: Prompts, seed_template: StepTemplate) -> PromptSource:
+def load_source(settings: Prompts, base_prompt_template: StepTemplate) -> PromptSource:
     """Build the source the config names; every failure is a one-line `PromptSourceError`."""
     if settings.source == "builtin":
         tasks, domains = _builtin_list("tasks_ja.txt"), _builtin_list("domains_ja.txt")
-        return cross_product(tasks, domains, seed_template, "built-in tasks x domains")
+        return cross_product(tasks, domains, base_prompt_template, "built-in tasks x domains")
     if settings.source == "tasks_domains":
         if settings.tasks_file is None or settings.domains_file is None:
             raise PromptSourceError(
@@ -149,7 +149,7 @@ def load_source(settings: Prompts, seed_template: StepTemplate) -> PromptSource:
             )
         tasks, domains = read_lines(settings.tasks_file), read_lines(settings.domains_file)
         label = f"{settings.tasks_file.name} x {settings.domains_file.name}"
-        return cross_product(tasks, domains, seed_template, label)
+        return cross_product(tasks, domains, base_prompt_template, label)
     if settings.file is None:
         raise PromptSourceError("prompts: source 'file' needs file")
     path = settings.file
