@@ -36,7 +36,7 @@ from zero_one_instruction.config import Prompts, load_config
 from zero_one_instruction.engines import load_engine
 from zero_one_instruction.generator import load_inputs
 from zero_one_instruction.modelstamp import read_stamp
-from zero_one_instruction.pipeline import FIRST_JUDGE, JUDGE_CHOICES, NO, YES, Pipeline
+from zero_one_instruction.pipeline import JUDGE_CHOICES, NO, YES, JudgeKind, Pipeline
 from zero_one_instruction.prompt_sources import _builtin_list, load_source
 from zero_one_instruction.templates import Templates, load_templates
 
@@ -73,7 +73,12 @@ ANSWER_OPENER = re.compile(
     re.MULTILINE,
 )
 
-JUDGES = {0: "judge (width)", 1: "judge (after fix)", 2: "judge (final)"}
+# A trace records a judge's kind as its `attempt` number.
+JUDGES = {
+    JudgeKind.FIRST: "judge (width)",
+    JudgeKind.AFTER_FIX: "judge (after fix)",
+    JudgeKind.FINAL: "judge (final)",
+}
 STAGES = [
     "width",
     "judge (width)",
@@ -149,7 +154,7 @@ def looks_like_answer(text: str) -> bool:
 
 
 def stage(step: dict[str, Any]) -> str:
-    """The funnel stage of one step trace: judges are told apart by their attempt."""
+    """The funnel stage of one step trace: judges are told apart by their kind."""
     return JUDGES.get(step["attempt"], "judge") if step["step"] == "judge" else step["step"]
 
 
@@ -326,7 +331,7 @@ async def _verdicts(config_file: Path, texts: list[str]) -> list[str]:
     try:
         pipeline = Pipeline(config, inputs.templates, inputs.source, engine)
         requests = [
-            pipeline.request(i, "judge", FIRST_JUDGE, JUDGE_CHOICES, {"prompt": text})
+            pipeline.request(i, "judge", JUDGE_CHOICES, {"prompt": text}, judge=JudgeKind.FIRST)
             for i, text in enumerate(texts)
         ]
         completions = await asyncio.gather(*(engine.complete(r) for r in requests))
