@@ -24,7 +24,7 @@ from typing import Any
 
 from zero_one_instruction.config import Config
 from zero_one_instruction.generator import load_inputs
-from zero_one_instruction.pipeline import JUDGE_CHOICES, YES, Pipeline
+from zero_one_instruction.pipeline import JUDGE_CHOICES, YES, JudgeKind, Pipeline
 
 from .common import command_line
 from .sim_engine import SimEngine
@@ -51,8 +51,8 @@ def make(slots: int) -> tuple[Pipeline, SimEngine]:
         max_model_len=8192,
     )
     engine = SimEngine(config)
-    templates, source = load_inputs(config)
-    return Pipeline(config, templates, source, engine), engine
+    inputs = load_inputs(config)
+    return Pipeline(config, inputs.templates, inputs.source, engine), engine
 
 
 async def zoi_overlap(pipeline: Pipeline, chunks: list[range]) -> None:
@@ -72,12 +72,17 @@ async def zoi_chunk_by_chunk(pipeline: Pipeline, chunks: list[range]) -> None:
 
 
 async def _batch_step(
-    pipeline: Pipeline, items: dict[int, str], step: Any, attempt: int, judge: bool = False
+    pipeline: Pipeline,
+    items: dict[int, str],
+    step: Any,
+    judge: JudgeKind | None = None,
+    depth: int | None = None,
 ) -> dict[int, str]:
-    choices = JUDGE_CHOICES if judge else None
+    choices = JUDGE_CHOICES if judge is not None else None
+    values = {"refusal_marker": "不可能"}
     key = "prompt" if step != "answer" else "question"
     requests = {
-        i: pipeline.request(i, step, attempt, choices, {key: text, "refusal_marker": "不可能"})
+        i: pipeline.request(i, step, choices, {key: text, **values}, judge=judge, depth=depth)
         for i, text in items.items()
     }
     done = await asyncio.gather(*(pipeline.engine.complete(r) for r in requests.values()))
@@ -90,22 +95,20 @@ async def original(pipeline: Pipeline, chunks: list[range]) -> None:
     depth_steps = pipeline.config.pipeline.depth_steps
     for offset in range(0, len(indices), ORIGINAL_BATCH):
         group = indices[offset : offset + ORIGINAL_BATCH]
-        items = await _batch_step(
-            pipeline, {i: pipeline.source.prompt(i) for i in group}, "width", 0
-        )
-        verdicts = await _batch_step(pipeline, items, "judge", 0, judge=True)
+        items = await _batch_step(pipeline, {i: pipeline.source.prompt(i) for i in group}, "width")
+        verdicts = await _batch_step(pipeline, items, "judge", JudgeKind.FIRST)
         rejected = {i: t for i, t in items.items() if verdicts[i] != YES}
         if rejected:
-            fixed = await _batch_step(pipeline, rejected, "fix", 0)
-            again = await _batch_step(pipeline, fixed, "judge", 1, judge=True)
+            fixed = await _batch_step(pipeline, rejected, "fix")
+            again = await _batch_step(pipeline, fixed, "judge", JudgeKind.AFTER_FIX)
             items = {i: t for i, t in items.items() if verdicts[i] == YES}
             items.update({i: t for i, t in fixed.items() if again[i] == YES})
-        for step in range(depth_steps):
-            items = await _batch_step(pipeline, items, "depth", step)
-        items = await _batch_step(pipeline, items, "flatten", 0)
-        final = await _batch_step(pipeline, items, "judge", 2, judge=True)
+        for depth in range(depth_steps):
+            items = await _batch_step(pipeline, items, "depth", depth=depth)
+        items = await _batch_step(pipeline, items, "flatten")
+        final = await _batch_step(pipeline, items, "judge", JudgeKind.FINAL)
         items = {i: t for i, t in items.items() if final[i] == YES}
-        await _batch_step(pipeline, items, "answer", 0)
+        await _batch_step(pipeline, items, "answer")
 
 
 POLICIES: dict[str, Callable[[Pipeline, list[range]], Awaitable[None]]] = {

@@ -36,8 +36,8 @@ from zero_one_instruction.config import Prompts, load_config
 from zero_one_instruction.engines import load_engine
 from zero_one_instruction.generator import load_inputs
 from zero_one_instruction.modelstamp import read_stamp
-from zero_one_instruction.pipeline import FIRST_JUDGE, JUDGE_CHOICES, NO, YES, Pipeline
-from zero_one_instruction.seeds import _builtin_list, load_source
+from zero_one_instruction.pipeline import JUDGE_CHOICES, NO, YES, JudgeKind, Pipeline
+from zero_one_instruction.prompt_sources import _builtin_list, load_source
 from zero_one_instruction.templates import Templates, load_templates
 
 from .common import ROOT, SCRIPTED, machine, table, zoi
@@ -73,7 +73,12 @@ ANSWER_OPENER = re.compile(
     re.MULTILINE,
 )
 
-JUDGES = {0: "judge (width)", 1: "judge (after fix)", 2: "judge (final)"}
+# A trace records a judge's kind as its `attempt` number.
+JUDGES = {
+    JudgeKind.FIRST: "judge (width)",
+    JudgeKind.AFTER_FIX: "judge (after fix)",
+    JudgeKind.FINAL: "judge (final)",
+}
 STAGES = [
     "width",
     "judge (width)",
@@ -149,7 +154,7 @@ def looks_like_answer(text: str) -> bool:
 
 
 def stage(step: dict[str, Any]) -> str:
-    """The funnel stage of one step trace: judges are told apart by their attempt."""
+    """The funnel stage of one step trace: judges are told apart by their kind."""
     return JUDGES.get(step["attempt"], "judge") if step["step"] == "judge" else step["step"]
 
 
@@ -221,9 +226,9 @@ def builtin_indices(count: int, tasks: int, domains: int) -> list[int]:
 
 
 def builtin_prompts(count: int, templates_file: Path | None) -> list[dict[str, Any]]:
-    """The built-in base prompts the run's seed template would give, with their indices."""
+    """The built-in base prompts the run's base_prompt template would give, with their indices."""
     templates = load_templates(templates_file)
-    source = load_source(Prompts(source="builtin"), templates.seed)
+    source = load_source(Prompts(source="builtin"), templates.base_prompt)
     tasks, domains = len(_builtin_list("tasks_ja.txt")), len(_builtin_list("domains_ja.txt"))
     return [
         {"index": i, "prompt": source.prompt(i)} for i in builtin_indices(count, tasks, domains)
@@ -321,12 +326,12 @@ def run_set(
 async def _verdicts(config_file: Path, texts: list[str]) -> list[str]:
     """The first judge's verdict on each text, through the run's own engine and requests."""
     config = load_config(config_file)
-    templates, source = load_inputs(config)
+    inputs = load_inputs(config)
     engine = load_engine(config)
     try:
-        pipeline = Pipeline(config, templates, source, engine)
+        pipeline = Pipeline(config, inputs.templates, inputs.source, engine)
         requests = [
-            pipeline.request(i, "judge", FIRST_JUDGE, JUDGE_CHOICES, {"prompt": text})
+            pipeline.request(i, "judge", JUDGE_CHOICES, {"prompt": text}, judge=JudgeKind.FIRST)
             for i, text in enumerate(texts)
         ]
         completions = await asyncio.gather(*(engine.complete(r) for r in requests))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from zero_one_instruction.pipeline import Pipeline
-from zero_one_instruction.seeds import PromptSource
+from zero_one_instruction.prompt_sources import PromptSource
 from zero_one_instruction.templates import load_templates
 
 from .scripted_engine import ScriptedEngine, scripted_config

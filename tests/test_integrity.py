@@ -296,7 +296,7 @@ def test_a_chunk_whose_every_record_failed_alike_is_not_committed(tmp_path: Path
 
 
 def _failed(step: str, error: str) -> Outcome:
-    return Outcome(0, "p", drop_reason=f"{step}_failed", steps=[StepTrace(step, 0, error=error)])
+    return Outcome(0, "p", drop_reason=f"{step}_failed", steps=[StepTrace(step, error=error)])
 
 
 @pytest.mark.parametrize(

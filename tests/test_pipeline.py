@@ -13,11 +13,10 @@ import pytest
 from zero_one_instruction.engines.base import EngineDead
 from zero_one_instruction.pipeline import (
     DROP_REASONS,
-    FINAL_JUDGE,
-    FIRST_JUDGE,
-    FIX_JUDGE,
     JUDGE_CHOICES,
+    JudgeKind,
     Outcome,
+    StepTrace,
     Tally,
     request_seed,
 )
@@ -32,8 +31,18 @@ def evolve(case: str, **overrides: object) -> Outcome:
     return asyncio.run(pipeline.evolve(0))
 
 
-def steps(outcome: Outcome) -> list[tuple[str, int]]:
-    return [(s.step, s.attempt) for s in outcome.steps]
+# The steps of a prompt whose width text the first judge rejects, up to the fixer's judge.
+REJECTED_THEN_FIXED = [
+    ("width", None),
+    ("judge", JudgeKind.FIRST),
+    ("fix", None),
+    ("judge", JudgeKind.AFTER_FIX),
+]
+
+
+def steps(outcome: Outcome) -> list[tuple[str, JudgeKind | int | None]]:
+    """Each step with its judge kind or depth index, where it has one."""
+    return [(s.step, s.judge if s.judge is not None else s.depth) for s in outcome.steps]
 
 
 def rules(case: str, **responses: str) -> dict[str, object]:
@@ -46,12 +55,12 @@ def test_happy_path_walks_every_step_in_order() -> None:
     outcome = evolve("ok")
     assert outcome.kept
     assert steps(outcome) == [
-        ("width", 0),
-        ("judge", FIRST_JUDGE),
+        ("width", None),
+        ("judge", JudgeKind.FIRST),
         ("depth", 0),
-        ("flatten", 0),
-        ("judge", FINAL_JUDGE),
-        ("answer", 0),
+        ("flatten", None),
+        ("judge", JudgeKind.FINAL),
+        ("answer", None),
     ]
     assert outcome.question == outcome.steps[3].text.strip()
     assert outcome.question.startswith("flatten|case=ok")
@@ -67,7 +76,7 @@ def test_rejected_width_is_fixed_then_accepted() -> None:
     fix_request = next(r for r in engine.requests if r.step == "fix")
     assert "width|case=fixme" in fix_request.messages[-1].content  # the rejected width text
     assert outcome.kept and outcome.fixer_ran
-    assert steps(outcome)[:4] == [("width", 0), ("judge", 0), ("fix", 0), ("judge", FIX_JUDGE)]
+    assert steps(outcome)[:4] == REJECTED_THEN_FIXED
     assert [s.verdict for s in outcome.steps if s.step == "judge"] == [False, True, True]
     assert outcome.question.startswith("flatten|")
 
@@ -76,21 +85,21 @@ def test_rejected_width_fixed_and_rejected_again_is_dropped() -> None:
     outcome = evolve("bad", **rules("bad", judge__width="いいえ", judge__fix="いいえ"))
     assert outcome.drop_reason == "fix_rejected"
     assert outcome.fixer_ran
-    assert steps(outcome) == [("width", 0), ("judge", 0), ("fix", 0), ("judge", FIX_JUDGE)]
+    assert steps(outcome) == REJECTED_THEN_FIXED
     assert outcome.question is None and outcome.answer is None
 
 
 def test_rejected_width_without_fixer_is_dropped() -> None:
     outcome = evolve("nofix", pipeline={"fixer": False}, **rules("nofix", judge__width="いいえ"))
     assert outcome.drop_reason == "judge_rejected"
-    assert steps(outcome) == [("width", 0), ("judge", 0)]
+    assert steps(outcome) == [("width", None), ("judge", JudgeKind.FIRST)]
 
 
 def test_empty_width_goes_to_fixer_with_the_base_prompt() -> None:
     pipeline, engine = make_pipeline(["case=blank"], **rules("blank", width="!empty"))
     outcome = asyncio.run(pipeline.evolve(0))
     assert outcome.kept and outcome.fixer_ran
-    assert steps(outcome)[:3] == [("width", 0), ("fix", 0), ("judge", FIX_JUDGE)]
+    assert steps(outcome)[:3] == [("width", None), ("fix", None), ("judge", JudgeKind.AFTER_FIX)]
     fix_request = next(r for r in engine.requests if r.step == "fix")
     assert "case=blank" in fix_request.messages[-1].content
 
@@ -156,7 +165,7 @@ def test_depth_steps(depth_steps: int) -> None:
     pipeline, engine = make_pipeline(["case=d"], pipeline={"depth_steps": depth_steps})
     outcome = asyncio.run(pipeline.evolve(0))
     assert outcome.kept
-    depth = [s.attempt for s in outcome.steps if s.step == "depth"]
+    depth = [s.depth for s in outcome.steps if s.step == "depth"]
     assert depth == list(range(depth_steps))
     flatten_input = next(r for r in engine.requests if r.step == "flatten").messages[-1].content
     assert ("depth|case=d" if depth_steps else "width|case=d") in flatten_input
@@ -168,7 +177,7 @@ def test_depth_steps(depth_steps: int) -> None:
 def test_final_judge_rejection() -> None:
     outcome = evolve("late", **rules("late", judge__flatten="いいえ"))
     assert outcome.drop_reason == "final_rejected"
-    assert steps(outcome)[-1] == ("judge", FINAL_JUDGE)
+    assert steps(outcome)[-1] == ("judge", JudgeKind.FINAL)
 
 
 def test_answer_with_refusal_marker_is_dropped() -> None:
@@ -279,10 +288,31 @@ def test_seeds_are_derived_per_request() -> None:
     asyncio.run(pipeline.evolve(1))
     seeds = [r.seed for r in engine.requests]
     assert len(set(seeds)) == len(seeds)
-    assert engine.requests[0].seed == request_seed(7, 0, "width", 0)
-    assert request_seed(7, 0, "width", 0) == request_seed(7, 0, "width", 0)
-    assert request_seed(8, 0, "width", 0) != request_seed(7, 0, "width", 0)
+    assert engine.requests[0].seed == request_seed(7, 0, "width")
+    assert request_seed(7, 0, "width") == request_seed(7, 0, "width")
+    assert request_seed(8, 0, "width") != request_seed(7, 0, "width")
     assert all(0 <= s < 2**31 for s in seeds)
+
+
+def test_request_seeds_are_those_of_the_attempt_numbers_they_replaced() -> None:
+    """Seeds were keyed by one number, `attempt`, before the judge kind and the depth index
+    had names; other seeds would change every record of a run made before."""
+    assert request_seed(7, 0, "width") == 1789629207
+    assert request_seed(7, 3, "judge", JudgeKind.AFTER_FIX) == 2076587295
+    assert request_seed(7, 3, "judge", JudgeKind.FINAL) == 1585708529
+    assert request_seed(7, 3, "depth", depth=1) == 6723688
+
+
+def test_a_trace_keeps_its_attempt_number() -> None:
+    """Traces (and the rejects and meta files of shards) have one field, `attempt`, for the
+    judge kind and the depth index: readers of older traces read new ones alike."""
+    judge = StepTrace("judge", judge=JudgeKind.AFTER_FIX, text="はい").to_dict()
+    depth = StepTrace("depth", depth=2).to_dict()
+    assert list(judge)[:3] == ["step", "attempt", "text"]
+    assert (judge["attempt"], depth["attempt"]) == (1, 2)
+    assert "judge" not in judge and "depth" not in depth
+    outcome = Outcome(0, "p", steps=[StepTrace("width")]).to_dict()
+    assert outcome["steps"][0]["attempt"] == 0
 
 
 def test_same_seed_same_outcomes_different_seed_different() -> None:

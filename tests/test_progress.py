@@ -16,7 +16,7 @@ from .scripted_engine import scripted_config
 
 
 def _outcome(index: int, drop: str | None = None, fixer: bool = False) -> Outcome:
-    step = StepTrace("width", 0, "text", prompt_tokens=10 + index, completion_tokens=index)
+    step = StepTrace("width", text="text", prompt_tokens=10 + index, completion_tokens=index)
     answer = None if drop else f"a{index}"
     return Outcome(index, "", f"q{index}", answer, drop, fixer, [step])
 

@@ -50,7 +50,11 @@ def test_system_prompt_from_config_wins() -> None:
         ("answer: {system: '{refusal_marker}', user: 'no question'}\n", "lacks placeholder"),
         ("depthh: '{prompt}'\n", "unknown template 'depthh'"),
         ("fix: [a, b]\n", "template 'fix' must be a string"),
-        ("seed: {system: '{task}', user: '{domain}{task}'}\n", "takes no system"),
+        ("base_prompt: {system: '{task}', user: '{domain}{task}'}\n", "takes no system"),
+        (
+            "seed: '{domain}{task}'\nbase_prompt: '{task}{domain}'\n",
+            "the old name of 'base_prompt'",
+        ),
         ("flatten: {user: ''}\n", "has no user message"),
         ("output_system_prompt: '{prompt}'\n", "cannot contain placeholders"),
         ("width: [unclosed\n", "invalid YAML"),
@@ -201,7 +205,22 @@ def test_judge_examples_reply_only_the_judge_words(tmp_path: Path) -> None:
 
 def test_the_base_prompt_takes_no_examples(tmp_path: Path) -> None:
     path = write(
-        tmp_path, "seed:\n  user: '{domain}{task}'\n  examples: [{domain: a, task: b, reply: c}]\n"
+        tmp_path,
+        "base_prompt:\n  user: '{domain}{task}'\n  examples: [{domain: a, task: b, reply: c}]\n",
     )
-    with pytest.raises(TemplateError, match="'seed' is a base prompt and takes no examples"):
+    with pytest.raises(TemplateError, match="'base_prompt' writes the base prompt, not a chat"):
         load_templates(path)
+
+
+def test_a_file_with_the_old_name_seed_still_sets_the_base_prompt(tmp_path: Path) -> None:
+    templates = load_templates(write(tmp_path, "seed: '{domain}について「{task}」'\n"))
+    assert templates.base_prompt.user == "{domain}について「{task}」"
+    assert templates.width == load_templates().width
+
+
+def test_the_base_prompt_is_frozen_under_its_old_name() -> None:
+    """run.json and the fingerprint were made with the key `seed`: a new key would give every
+    run made before the rename another fingerprint, and resuming it would be refused."""
+    frozen = load_templates().as_dict()
+    assert "seed" in frozen and "base_prompt" not in frozen
+    assert frozen["seed"] == load_templates().base_prompt.as_dict()

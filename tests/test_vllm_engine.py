@@ -25,7 +25,7 @@ from zero_one_instruction.config import Config
 from zero_one_instruction.engines.base import EngineDead, Message, Request, RequestError
 from zero_one_instruction.generator import load_inputs
 from zero_one_instruction.pipeline import Outcome, Pipeline
-from zero_one_instruction.seeds import PromptSource
+from zero_one_instruction.prompt_sources import PromptSource
 
 pytestmark = [
     pytest.mark.vllm,
@@ -82,8 +82,8 @@ def request(content: str, seed: int = 1, **fields: Any) -> Request:
 
 def test_pipeline_produces_records_through_vllm(tiny_model: Path, engine: Any, run: Run) -> None:
     config = tiny_config(tiny_model)
-    templates, source = load_inputs(config)
-    pipeline = Pipeline(config, templates, source, engine)
+    inputs = load_inputs(config)
+    pipeline = Pipeline(config, inputs.templates, inputs.source, engine)
 
     async def collect() -> list[Outcome]:
         return [o async for o in pipeline.run(range(8))]
@@ -167,7 +167,7 @@ def test_prompt_longer_than_max_model_len_fails_only_its_record(
     with pytest.raises(RequestError, match="maximum context length"):
         run(engine.complete(request("長い" * 2000)))
     config = tiny_config(tiny_model)
-    templates, _ = load_inputs(config)
+    templates = load_inputs(config).templates
     prompts = ["短い質問です。", "とても長い質問です。" * 400, "別の短い質問です。"]
     pipeline = Pipeline(config, templates, PromptSource("t", prompts, "h"), engine)
 

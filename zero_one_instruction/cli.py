@@ -61,8 +61,8 @@ def config_show(file: Path | None) -> None:
 def config_check(file: Path) -> None:
     """Validate FILE and everything it points to (templates, base-prompt files) without
     loading a model. Exit code 0 means the config is usable."""
-    _, source = generator.prepare(load_config(file))
-    click.echo(render.config_ok(file, source))
+    inputs = generator.prepare(load_config(file))
+    click.echo(render.config_ok(file, inputs.source))
 
 
 @main.command("generate")

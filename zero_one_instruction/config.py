@@ -70,7 +70,10 @@ class Sampling(_Strict):
         return merged
 
 
-class Pipeline(_Strict):
+class PipelineSettings(_Strict):
+    """The `pipeline:` section: how a base prompt is evolved (not `pipeline.Pipeline`, the
+    flow that reads these)."""
+
     depth_steps: int = Field(default=1, ge=0, le=20)
     fixer: bool = True
     min_answer_chars: int = Field(default=10, ge=0)
@@ -144,7 +147,7 @@ class Config(_Strict):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     sampling: Sampling = Sampling()
-    pipeline: Pipeline = Pipeline()
+    pipeline: PipelineSettings = PipelineSettings()
     prompts: Prompts = Prompts()
     templates: LaxPath | None = None
     system_prompt: str | None = Field(default=None, pattern=r"\S")

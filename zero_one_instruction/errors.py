@@ -22,7 +22,7 @@ class ConfigError(ZoiError):
     """The configuration file cannot be used."""
 
 
-class SeedError(ZoiError):
+class PromptSourceError(ZoiError):
     """A base-prompt source cannot be read."""
 
 

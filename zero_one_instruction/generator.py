@@ -21,21 +21,31 @@ from .engines import engine_class, load_engine
 from .errors import ZoiError
 from .outputs import check_output
 from .pipeline import Outcome, Pipeline, Tally
+from .prompt_sources import PromptSource, load_source
 from .records import atomic_file, dumps, original_record
-from .seeds import PromptSource, load_source
 from .templates import Templates, load_templates
 
-Progress = Callable[[Outcome], None]
+# The caller's hook for each outcome, in index order (a progress bar, the preview printer).
+OnOutcome = Callable[[Outcome], None]
 
 
-def load_inputs(config: Config) -> tuple[Templates, PromptSource]:
+@dataclass(frozen=True)
+class Inputs:
+    """What a config makes the pipeline read, loaded together: the base prompts of a cross
+    product are written by one of the templates."""
+
+    templates: Templates
+    source: PromptSource
+
+
+def load_inputs(config: Config) -> Inputs:
     """Templates and base prompts, validated before any model is loaded: a typo should cost
     a second, not an engine start."""
     templates = load_templates(config.templates, config.system_prompt)
-    return templates, load_source(config.prompts, templates.seed)
+    return Inputs(templates, load_source(config.prompts, templates.base_prompt))
 
 
-def prepare(config: Config) -> tuple[Templates, PromptSource]:
+def prepare(config: Config) -> Inputs:
     """Everything that can be checked before a model loads: templates, base prompts and the
     engine class (`zoi config check` promises a usable config)."""
     inputs = load_inputs(config)
@@ -63,7 +73,7 @@ def generate(
     trace: Path | None = None,
     overwrite: bool = False,
     on_start: Callable[[int], None] | None = None,
-    on_outcome: Progress | None = None,
+    on_outcome: OnOutcome | None = None,
 ) -> GenerateReport:
     """Evolve base prompts [start, end) of the config at `config_path` into `output`, in one
     process, without Redis. The output (and `trace`) is checked first and appears only when
@@ -84,7 +94,7 @@ def generate(
     return GenerateReport(funnel, time.monotonic() - began, output)
 
 
-def preview(config_path: Path, start: int, end: int, on_outcome: Progress) -> Tally:
+def preview(config_path: Path, start: int, end: int, on_outcome: OnOutcome) -> Tally:
     """Run base prompts [start, end) and hand over each outcome with its every step, writing
     nothing: the quick loop for tuning templates and sampling."""
     config = load_config(config_path)
@@ -93,17 +103,16 @@ def preview(config_path: Path, start: int, end: int, on_outcome: Progress) -> Ta
 
 async def evolve_range(
     config: Config,
-    inputs: tuple[Templates, PromptSource],
+    inputs: Inputs,
     start: int,
     end: int,
-    on_outcome: Progress,
+    on_outcome: OnOutcome,
 ) -> Tally:
     """Run prompts [start, end) through a fresh engine, handing each outcome over in order."""
-    templates, source = inputs
     tally = Tally()
     engine = load_engine(config)
     try:
-        pipeline = Pipeline(config, templates, source, engine)
+        pipeline = Pipeline(config, inputs.templates, inputs.source, engine)
         async with aclosing(pipeline.run(range(start, end))) as outcomes:
             async for outcome in outcomes:
                 tally.add(outcome)
@@ -115,17 +124,17 @@ async def evolve_range(
 
 async def write_range(
     config: Config,
-    inputs: tuple[Templates, PromptSource],
+    inputs: Inputs,
     start: int,
     end: int,
     output: Path,
     id_start: int = 0,
     trace: Path | None = None,
-    progress: Progress | None = None,
+    on_outcome: OnOutcome | None = None,
 ) -> Tally:
     """Write kept records to `output` (ids `record_<id_start>`...) and, if asked, every
     outcome with its full trace to `trace`. Both files appear only if the run completes."""
-    system = inputs[0].output_system_prompt
+    system = inputs.templates.output_system_prompt
     next_id = id_start
     with ExitStack() as stack:
         out = stack.enter_context(atomic_file(output, follow_links=True))
@@ -141,7 +150,7 @@ async def write_range(
                 next_id += 1
             if trace_out is not None:
                 trace_out.write(dumps(outcome.to_dict()))
-            if progress is not None:
-                progress(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
 
         return await evolve_range(config, inputs, start, end, write)

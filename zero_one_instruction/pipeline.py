@@ -16,19 +16,27 @@ import hashlib
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from enum import IntEnum
 from typing import Any
 
 from .config import Config
 from .engines.base import Engine, Message, Request, RequestError, Step
+from .prompt_sources import PromptSource
 from .records import lone_surrogate, writable
-from .seeds import PromptSource
 from .templates import JUDGE_REPLIES, Templates
 
 JUDGE_CHOICES = JUDGE_REPLIES  # the judge's examples are checked against the same two words
 YES, NO = JUDGE_CHOICES
 
-# Which judgement a judge request is, by its attempt number.
-FIRST_JUDGE, FIX_JUDGE, FINAL_JUDGE = 0, 1, 2
+
+class JudgeKind(IntEnum):
+    """Which of a prompt's judgements a judge request is: each gets its own seed, and the
+    preview labels them. The values are the numbers traces have always recorded."""
+
+    FIRST = 0
+    AFTER_FIX = 1
+    FINAL = 2
+
 
 DROP_REASONS: dict[str, str] = {
     "width_failed": "the width request failed",
@@ -53,23 +61,44 @@ DROP_REASONS: dict[str, str] = {
 }
 
 
-def request_seed(run_seed: int, index: int, step: str, attempt: int) -> int:
+def request_number(judge: JudgeKind | None, depth: int | None) -> int:
+    """The one number that tells a prompt's requests of one step apart: the judge kind or
+    the depth index, else 0. Request seeds are derived from it and traces record it as
+    `attempt`, as they did before the two had names, so seeds and traces stay as they were."""
+    if judge is not None:
+        return int(judge)
+    return depth or 0
+
+
+def request_seed(
+    run_seed: int, index: int, step: str, judge: JudgeKind | None = None, depth: int | None = None
+) -> int:
     """A seed per request, stable across reruns and machines, and distinct between requests
     (vLLM gives requests with equal seeds identical random streams)."""
-    key = f"{run_seed}/{index}/{step}/{attempt}".encode()
+    key = f"{run_seed}/{index}/{step}/{request_number(judge, depth)}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 33
 
 
 @dataclass
 class StepTrace:
+    """One request of one prompt; `judge` is set on judge steps, `depth` on depth steps."""
+
     step: Step
-    attempt: int
+    judge: JudgeKind | None = None
+    depth: int | None = None
     text: str | None = None
     verdict: bool | None = None
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The trace's JSON form, which has one number, `attempt`, for the judge kind and the
+        depth index: traces written before and after the two had names read alike."""
+        data = asdict(self)
+        del data["judge"], data["depth"]
+        return {"step": data.pop("step"), "attempt": request_number(self.judge, self.depth), **data}
 
 
 @dataclass
@@ -95,7 +124,8 @@ class Outcome:
         return sum(s.completion_tokens for s in self.steps)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "kept": self.kept}
+        steps = [step.to_dict() for step in self.steps]
+        return {**asdict(self), "steps": steps, "kept": self.kept}
 
 
 # The funnel's counts besides `dropped`: what a done marker must hold for a Tally to be read back.
@@ -196,21 +226,21 @@ class Pipeline:
         return outcome
 
     async def _evolve(self, o: Outcome) -> tuple[str, str]:
-        prompt = await self._generate(o, "width", 0, prompt=o.base_prompt, allow_empty=True)
-        if not prompt or not await self._judge(o, prompt, FIRST_JUDGE):
+        prompt = await self._generate(o, "width", prompt=o.base_prompt, allow_empty=True)
+        if not prompt or not await self._judge(o, prompt, JudgeKind.FIRST):
             if not self.settings.fixer:
                 raise _Dropped("judge_rejected" if prompt else "width_empty")
             o.fixer_ran = True
-            prompt = await self._generate(o, "fix", 0, prompt=prompt or o.base_prompt)
-            if not await self._judge(o, prompt, FIX_JUDGE):
+            prompt = await self._generate(o, "fix", prompt=prompt or o.base_prompt)
+            if not await self._judge(o, prompt, JudgeKind.AFTER_FIX):
                 raise _Dropped("fix_rejected")
-        for step in range(self.settings.depth_steps):
-            prompt = await self._generate(o, "depth", step, prompt=prompt)
-        question = await self._generate(o, "flatten", 0, prompt=prompt)
-        if not await self._judge(o, question, FINAL_JUDGE):
+        for depth in range(self.settings.depth_steps):
+            prompt = await self._generate(o, "depth", depth=depth, prompt=prompt)
+        question = await self._generate(o, "flatten", prompt=prompt)
+        if not await self._judge(o, question, JudgeKind.FINAL):
             raise _Dropped("final_rejected")
         answer = await self._generate(
-            o, "answer", 0, question=question, refusal_marker=self.settings.refusal_marker
+            o, "answer", question=question, refusal_marker=self.settings.refusal_marker
         )
         self._filter_answer(o, answer)
         return question, answer
@@ -224,15 +254,20 @@ class Pipeline:
             raise _Dropped("answer_truncated")
 
     async def _generate(
-        self, o: Outcome, step: Step, attempt: int, allow_empty: bool = False, **values: str
+        self,
+        o: Outcome,
+        step: Step,
+        allow_empty: bool = False,
+        depth: int | None = None,
+        **values: str,
     ) -> str:
-        text = await self._ask(o, step, attempt, None, values)
+        text = await self._ask(o, step, None, values, depth=depth)
         if not text and not allow_empty:
             raise _Dropped(f"{step}_empty")
         return text
 
-    async def _judge(self, o: Outcome, prompt: str, attempt: int) -> bool:
-        verdict = await self._ask(o, "judge", attempt, JUDGE_CHOICES, {"prompt": prompt})
+    async def _judge(self, o: Outcome, prompt: str, kind: JudgeKind) -> bool:
+        verdict = await self._ask(o, "judge", JUDGE_CHOICES, {"prompt": prompt}, judge=kind)
         if verdict not in JUDGE_CHOICES:
             o.steps[-1].error = f"not one of the choices: {verdict!r}"
             raise _Dropped("judge_invalid")
@@ -243,12 +278,13 @@ class Pipeline:
         self,
         o: Outcome,
         step: Step,
-        attempt: int,
         choices: tuple[str, ...] | None,
         values: dict[str, str],
+        judge: JudgeKind | None = None,
+        depth: int | None = None,
     ) -> str:
-        request = self.request(o.index, step, attempt, choices, values)
-        trace = StepTrace(step=step, attempt=attempt)
+        request = self.request(o.index, step, choices, values, judge=judge, depth=depth)
+        trace = StepTrace(step=step, judge=judge, depth=depth)
         o.steps.append(trace)
         try:
             completion = await self.engine.complete(request)
@@ -266,9 +302,11 @@ class Pipeline:
         self,
         index: int,
         step: Step,
-        attempt: int,
         choices: tuple[str, ...] | None,
         values: dict[str, str],
+        *,
+        judge: JudgeKind | None = None,
+        depth: int | None = None,
     ) -> Request:
         override = getattr(self.config.sampling, step)
         messages = self.templates.step(step).messages(**values)
@@ -283,7 +321,7 @@ class Pipeline:
             max_tokens=pick("max_tokens"),
             temperature=pick("temperature"),
             top_p=pick("top_p"),
-            seed=request_seed(self.config.seed, index, step, attempt),
+            seed=request_seed(self.config.seed, index, step, judge, depth),
             choices=choices,
             repetition_penalty=pick("repetition_penalty"),
         )

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 from .merger import describe_ranges
-from .pipeline import DROP_REASONS, FINAL_JUDGE, FIX_JUDGE, Outcome, Tally
+from .pipeline import DROP_REASONS, JudgeKind, Outcome, Tally
 from .progress import per_second
 
 if TYPE_CHECKING:  # the queue's modules load RQ: `zoi --help` does without them
@@ -21,9 +21,9 @@ if TYPE_CHECKING:  # the queue's modules load RQ: `zoi --help` does without them
     from .machine import RunReport
     from .merger import MergeReport
     from .producer import EnqueueReport
+    from .prompt_sources import PromptSource
     from .realmodel import Ready
     from .rundir import Run
-    from .seeds import PromptSource
     from .status import RunStatus
 
 
@@ -87,17 +87,21 @@ def config_ok(file: object, source: PromptSource) -> str:
     return f"{file}: ok ({len(source)} base prompts from {source.description})"
 
 
-_JUDGE_LABELS = {0: "judge", FIX_JUDGE: "judge after fix", FINAL_JUDGE: "final judge"}
+_JUDGE_LABELS = {
+    JudgeKind.FIRST: "judge",
+    JudgeKind.AFTER_FIX: "judge after fix",
+    JudgeKind.FINAL: "final judge",
+}
 
 
 def outcome(outcome: Outcome) -> str:
     """One base prompt's way through the pipeline, step by step, for `zoi preview`."""
     lines = [click.style(f"=== base prompt {outcome.index}", bold=True), outcome.base_prompt]
     for step in outcome.steps:
-        if step.step == "judge":
-            label = _JUDGE_LABELS[step.attempt]
-        elif step.step == "depth":
-            label = f"depth {step.attempt + 1}"
+        if step.judge is not None:
+            label = _JUDGE_LABELS[step.judge]
+        elif step.depth is not None:
+            label = f"depth {step.depth + 1}"
         else:
             label = step.step
         tokens = f"{step.prompt_tokens}+{step.completion_tokens} tokens"

@@ -19,8 +19,8 @@ from typing import Any
 
 from .config import Config, check_engine_arguments
 from .errors import ZoiError
+from .prompt_sources import PromptSource, load_source
 from .records import temporary_name
-from .seeds import PromptSource, load_source
 from .templates import Templates, load_templates, templates_from_dict
 
 RUN_FILE = "run.json"
@@ -184,7 +184,7 @@ class Run:
 
     def source(self) -> PromptSource:
         """The base prompts, checked against the content the run was created with."""
-        source = load_source(self.config.prompts, self.templates.seed)
+        source = load_source(self.config.prompts, self.templates.base_prompt)
         frozen = self.spec["prompts"]
         if (source.content_hash, len(source)) != (frozen["content_hash"], frozen["count"]):
             raise RunError(
@@ -210,7 +210,7 @@ class Run:
     def with_hardware(self, config: Config) -> Run:
         """This run with another machine's hardware settings, if `config` shapes the same data."""
         templates = load_templates(config.templates, config.system_prompt)
-        source = load_source(config.prompts, templates.seed)
+        source = load_source(config.prompts, templates.base_prompt)
         spec = data_spec(config, templates, source, self.start, self.end, self.chunk_size)
         _check_same(self.path, self.spec, spec)
         return Run(self.path, config, self.spec, self.fingerprint)
@@ -277,7 +277,7 @@ def create_or_open(path: Path, config: Config, start: int, end: int, chunk_size:
     out-of-memory, say)."""
     check_chunk_count(start, end, chunk_size)
     templates = load_templates(config.templates, config.system_prompt)
-    source = load_source(config.prompts, templates.seed)
+    source = load_source(config.prompts, templates.base_prompt)
     spec = data_spec(config, templates, source, start, end, chunk_size)
     if (path / RUN_FILE).exists():
         return _reopen(path, config, spec)

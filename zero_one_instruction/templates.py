@@ -36,7 +36,7 @@ class TemplateSyntaxError(ValueError):
 
 # template name -> (required placeholders, optional placeholders)
 PLACEHOLDERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    "seed": (frozenset({"domain", "task"}), frozenset()),
+    "base_prompt": (frozenset({"domain", "task"}), frozenset()),
     "width": (frozenset({"prompt"}), frozenset()),
     "judge": (frozenset({"prompt"}), frozenset()),
     "fix": (frozenset({"prompt"}), frozenset()),
@@ -45,6 +45,12 @@ PLACEHOLDERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "answer": (frozenset({"question"}), frozenset({"refusal_marker"})),
 }
 KEYS = ("output_system_prompt", *PLACEHOLDERS)
+# Names a template had before: a user's file may still use them. `base_prompt` was `seed`,
+# which now only ever means the random seed.
+OLD_NAMES = {"seed": "base_prompt"}
+# The names the templates are frozen under (run.json, the run fingerprint): the old ones, so
+# that every run made before the rename keeps its fingerprint and can still be resumed.
+FROZEN_NAMES = {new: old for old, new in OLD_NAMES.items()}
 # What a judge example may reply: the judge is constrained to these two words.
 JUDGE_REPLIES = ("はい", "いいえ")
 
@@ -154,7 +160,7 @@ class StepTemplate:
 @dataclass(frozen=True)
 class Templates:
     output_system_prompt: str
-    seed: StepTemplate
+    base_prompt: StepTemplate
     width: StepTemplate
     judge: StepTemplate
     fix: StepTemplate
@@ -166,10 +172,10 @@ class Templates:
         return getattr(self, name)
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain data, for the run fingerprint and `zoi config show`."""
+        """Plain data under the frozen names, for the run fingerprint and run.json."""
         out: dict[str, Any] = {"output_system_prompt": self.output_system_prompt}
         for name in PLACEHOLDERS:
-            out[name] = self.step(name).as_dict()
+            out[FROZEN_NAMES.get(name, name)] = self.step(name).as_dict()
         return out
 
 
@@ -185,10 +191,23 @@ def _read_yaml(path: Path | None) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise TemplateError(f"{source}: expected a mapping of template names")
+    data = _renamed(data, source)
     unknown = sorted(set(data) - set(KEYS))
     if unknown:
         raise TemplateError(f"{source}: unknown template {unknown[0]!r} (known: {', '.join(KEYS)})")
     return data
+
+
+def _renamed(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A file written before a template was renamed keeps working under the new name; one that
+    gives both names is refused, since either choice would silently drop the other's text."""
+    out = dict(data)
+    for old, new in OLD_NAMES.items():
+        if old in out and new in out:
+            raise TemplateError(f"{source}: template {old!r} is the old name of {new!r}; keep one")
+        if old in out:
+            out[new] = out.pop(old)
+    return out
 
 
 def _example(name: str, number: int, raw: Any, used: set[str], source: str) -> Example:
@@ -214,8 +233,11 @@ def _example(name: str, number: int, raw: Any, used: set[str], source: str) -> E
 def _examples(name: str, raw: Any, used: set[str], source: str) -> tuple[Example, ...]:
     if raw is None:
         return ()
-    if name == "seed":
-        raise TemplateError(f"{source}: template 'seed' is a base prompt and takes no examples")
+    if name == "base_prompt":
+        raise TemplateError(
+            f"{source}: template 'base_prompt' writes the base prompt, not a chat: "
+            "it takes no examples"
+        )
     if not isinstance(raw, list):
         raise TemplateError(f"{source}: template {name!r}: examples must be a list")
     return tuple(_example(name, n, item, used, source) for n, item in enumerate(raw, start=1))
@@ -233,8 +255,11 @@ def _step(name: str, raw: Any, source: str) -> StepTemplate:
         raise TemplateError(f"{source}: template {name!r} has no user message")
     if system is not None and not isinstance(system, str):
         raise TemplateError(f"{source}: template {name!r}: system must be a string")
-    if name == "seed" and system is not None:
-        raise TemplateError(f"{source}: template 'seed' is a base prompt and takes no system")
+    if name == "base_prompt" and system is not None:
+        raise TemplateError(
+            f"{source}: template 'base_prompt' writes the base prompt, not a chat: "
+            "it takes no system"
+        )
     required, optional = PLACEHOLDERS[name]
     in_user = _checked(user, source, name)  # examples fill the user message only
     found = in_user | _checked(system or "", source, name)
@@ -277,5 +302,7 @@ def templates_from_dict(data: dict[str, Any], source: str) -> Templates:
     """Rebuild frozen templates (`Templates.as_dict()`, as a run directory keeps them)."""
     if not isinstance(data, dict) or not isinstance(data.get("output_system_prompt"), str):
         raise TemplateError(f"{source}: frozen templates are malformed")
-    steps = {name: _step(name, data.get(name), source) for name in PLACEHOLDERS}
+    steps = {
+        name: _step(name, data.get(FROZEN_NAMES.get(name, name)), source) for name in PLACEHOLDERS
+    }
     return Templates(output_system_prompt=data["output_system_prompt"], **steps)

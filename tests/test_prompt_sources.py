@@ -9,18 +9,18 @@ import pytest
 from pydantic import ValidationError
 
 from zero_one_instruction.config import Prompts, load_config
+from zero_one_instruction.prompt_sources import _builtin_list, load_source
 from zero_one_instruction.rundir import Run, RunError, create_or_open
-from zero_one_instruction.seeds import _builtin_list, load_source
 from zero_one_instruction.templates import load_templates
 
 from .clitools import assert_one_line_error, zoi
 from .queue_helpers import scripted_config
 
-SEED = load_templates().seed
+BASE_PROMPT = load_templates().base_prompt
 
 
 def source(**settings: object):
-    return load_source(Prompts.model_validate(settings), SEED)
+    return load_source(Prompts.model_validate(settings), BASE_PROMPT)
 
 
 def test_builtin_source_is_a_varied_cross_product() -> None:
@@ -130,7 +130,7 @@ BAD_SOURCES = [
 
 
 @pytest.mark.parametrize(("name", "content", "fragment"), BAD_SOURCES)
-def test_bad_seed_file_gives_one_line_and_exit_2(
+def test_bad_prompt_file_gives_one_line_and_exit_2(
     tmp_path: Path, name: str, content: bytes | None, fragment: str
 ) -> None:
     if content is not None:

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from .config import Prompts
-from .errors import SeedError
+from .errors import PromptSourceError
 from .records import lone_surrogate
 from .templates import StepTemplate, render
 
@@ -51,14 +51,14 @@ def _decode(path: Path) -> str:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise SeedError(f"{path}: base-prompt file not found") from None
+        raise PromptSourceError(f"{path}: base-prompt file not found") from None
     except OSError as exc:
-        raise SeedError(f"{path}: cannot read base-prompt file ({exc.strerror})") from None
+        raise PromptSourceError(f"{path}: cannot read base-prompt file ({exc.strerror})") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise SeedError(f"{path} line {line}: not valid UTF-8 text") from None
+        raise PromptSourceError(f"{path} line {line}: not valid UTF-8 text") from None
 
 
 def _lines(text: str) -> list[str]:
@@ -73,7 +73,7 @@ def read_lines(path: Path) -> list[str]:
     lines = [line.strip() for line in _lines(_decode(path))]
     items = [line for line in lines if line]
     if not items:
-        raise SeedError(f"{path}: file has no non-blank lines")
+        raise PromptSourceError(f"{path}: file has no non-blank lines")
     return items
 
 
@@ -82,7 +82,7 @@ def _check_text(path: Path, number: int, field: str, value: str) -> None:
     encode: refuse it here, naming the line, rather than fail later with an exception name."""
     position = lone_surrogate(value)
     if position is not None:
-        raise SeedError(
+        raise PromptSourceError(
             f"{path} line {number}: field {field!r} holds a lone surrogate "
             f"(U+{ord(value[position]):04X}, half of a character); not valid Unicode text"
         )
@@ -96,16 +96,16 @@ def read_jsonl(path: Path, field: str) -> list[str]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise SeedError(f"{path} line {number}: invalid JSON ({exc.msg})") from None
+            raise PromptSourceError(f"{path} line {number}: invalid JSON ({exc.msg})") from None
         except RecursionError:  # the decoder recurses per level: a line of 10,000 '['s
-            raise SeedError(f"{path} line {number}: JSON nested too deeply") from None
+            raise PromptSourceError(f"{path} line {number}: JSON nested too deeply") from None
         value = obj.get(field) if isinstance(obj, dict) else None
         if not isinstance(value, str) or not value.strip():
-            raise SeedError(f"{path} line {number}: no non-empty string field {field!r}")
+            raise PromptSourceError(f"{path} line {number}: no non-empty string field {field!r}")
         _check_text(path, number, field, value)
         items.append(value.strip())
     if not items:
-        raise SeedError(f"{path}: file has no records")
+        raise PromptSourceError(f"{path}: file has no records")
     return items
 
 
@@ -137,19 +137,21 @@ def cross_product(
     return PromptSource(label, seq, _hash("cross", [payload]))
 
 
-def load_source(settings: Prompts, seed_template: StepTemplate) -> PromptSource:
-    """Build the source the config names; every failure is a one-line `SeedError`."""
+def load_source(settings: Prompts, base_prompt_template: StepTemplate) -> PromptSource:
+    """Build the source the config names; every failure is a one-line `PromptSourceError`."""
     if settings.source == "builtin":
         tasks, domains = _builtin_list("tasks_ja.txt"), _builtin_list("domains_ja.txt")
-        return cross_product(tasks, domains, seed_template, "built-in tasks x domains")
+        return cross_product(tasks, domains, base_prompt_template, "built-in tasks x domains")
     if settings.source == "tasks_domains":
         if settings.tasks_file is None or settings.domains_file is None:
-            raise SeedError("prompts: source 'tasks_domains' needs tasks_file and domains_file")
+            raise PromptSourceError(
+                "prompts: source 'tasks_domains' needs tasks_file and domains_file"
+            )
         tasks, domains = read_lines(settings.tasks_file), read_lines(settings.domains_file)
         label = f"{settings.tasks_file.name} x {settings.domains_file.name}"
-        return cross_product(tasks, domains, seed_template, label)
+        return cross_product(tasks, domains, base_prompt_template, label)
     if settings.file is None:
-        raise SeedError("prompts: source 'file' needs file")
+        raise PromptSourceError("prompts: source 'file' needs file")
     path = settings.file
     if path.suffix.lower() == ".jsonl":
         items = read_jsonl(path, settings.field)
