@@ -42,7 +42,7 @@ _PHRASE_LOOP = re.compile(r"(.{8,200}?)\1{2,}", re.DOTALL)
 _SENTENCE_END = re.compile(r"(?<=[。！？!?])|\n")
 MIN_REPEATED_UNIT = 10
 LOOP_REPEATS = 3
-RESTATE_SIMILARITY = 0.6
+RESTATE_SHARE = 0.6
 RESTATE_MIN_CHARS = 10
 
 
@@ -212,13 +212,14 @@ def _compact(text: str) -> str:
 
 def restates(question: str, answer: str, n: int = 3) -> bool:
     """Whether the answer opens by repeating the question, which the answer template asks the
-    model not to do: the question is in the answer word for word, or the answer's opening
-    shares most of the question's character trigrams."""
+    model not to do: the question is in the answer word for word, or most of the question's
+    character trigrams are in the answer's opening (a little longer than the question, as a
+    restatement often adds a word or two)."""
     q, a = _compact(question), _compact(answer)
     if len(q) < RESTATE_MIN_CHARS:
         return False
     if q in a:
         return True
     q_grams = set(char_ngrams(q, n))
-    opening = set(char_ngrams(a[: len(q)], n))
-    return len(q_grams & opening) / len(q_grams | opening) >= RESTATE_SIMILARITY
+    opening = set(char_ngrams(a[: len(q) + len(q) // 4], n))
+    return len(q_grams & opening) / len(q_grams) >= RESTATE_SHARE
