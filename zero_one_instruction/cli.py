@@ -388,3 +388,27 @@ def run_cmd(
     finally:
         line.close()
     click.echo(render.ran(report))
+
+
+@main.command("report")
+@click.argument("file", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--run",
+    "run_dir",
+    type=click.Path(path_type=Path),
+    help="Report on this run directory's verified shards (drops and traces included).",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write every figure to this JSON file.",
+)
+@friendly
+def report_cmd(file: Path | None, run_dir: Path | None, json_path: Path | None) -> None:
+    """What the data is like: lengths, exact and near duplicates, diversity, language and
+    flags (leaked template scaffolding, looping or restating answers), for a merged FILE.jsonl
+    or, with --run, a run directory (then also the funnel from its traces)."""
+    from .report import make_report
+
+    click.echo(render.data_report(make_report(file, run_dir, json_path)))

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the queue's modules load RQ: `zoi --help` does without them
     from .producer import EnqueueReport
     from .prompt_sources import PromptSource
     from .realmodel import Ready
+    from .report import DataReport
     from .rundir import Run
     from .status import RunStatus
 
@@ -192,4 +193,34 @@ def status(state: RunStatus, as_json: bool = False) -> str:
     if state.missing_ranges:
         lines.append(f"to do     {describe_ranges(state.missing_ranges)}")
     lines += [f"problem   {p}" for p in state.problems]
+    return "\n".join(lines)
+
+
+def data_report(report: DataReport) -> str:
+    """The headline figures of `zoi report`; the JSON (and the page) hold the rest."""
+    figures = report.figures
+    records = figures["records"]
+    lines = [f"records   {records} ({figures['source']['kind']} {figures['source']['path']})"]
+    funnel = figures.get("funnel")
+    if funnel:
+        lines.append(f"prompts   {funnel['prompts']} ({funnel['kept']} kept)")
+    duplicates, language, flags = figures["duplicates"], figures["language"], figures["flags"]
+    counts = {
+        "exact duplicate questions": duplicates["exact_duplicate_questions"],
+        "near-duplicate questions": duplicates["near_duplicate_questions"],
+        "non-Japanese answers": language["non_japanese_answers"],
+        "leaked scaffolding": flags["leaked_questions"],
+        "looping answers": flags["looping_answers"],
+        "restating answers": flags["restating_answers"],
+    }
+    width = max(len(name) for name in counts)
+    for name, count in counts.items():
+        share = f" ({100 * count / records:.1f}%)" if records else ""
+        lines.append(f"  {name:<{width}}  {count:>6}{share}")
+    source = figures["source"]
+    if source["kind"] == "run" and source["read"] < source["chunks"]:
+        covered = f"{source['read']} of {source['chunks']} chunks"
+        lines.append(f"covers    {covered} (the rest not done or damaged)")
+    if report.json_path is not None:
+        lines.append(f"wrote     {report.json_path}")
     return "\n".join(lines)

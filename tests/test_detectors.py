@@ -1,0 +1,99 @@
+"""The detectors the report counts with and the pipeline's filters will call: each finds what
+it is for and stays quiet on ordinary Japanese text."""
+
+from __future__ import annotations
+
+import pytest
+
+from zero_one_instruction.detectors import (
+    leaked,
+    looping,
+    other_language,
+    restates,
+    scaffolding,
+    script_share,
+)
+from zero_one_instruction.templates import load_templates
+
+JAPANESE = "東京は日本の首都です。江戸時代から政治の中心で、明治維新の後に首都になりました。"
+
+
+@pytest.fixture(scope="module")
+def labels() -> tuple[str, ...]:
+    return scaffolding(load_templates())
+
+
+def test_script_share_counts_letters_by_script_and_leaves_code_out() -> None:
+    share = script_share("ひらがなカタカナ漢字abc 123、。```\nprint('x' * 100)\n```")
+    assert share.counts["hiragana"] == 4 and share.counts["katakana"] == 4
+    assert share.counts["kanji"] == 2 and share.counts["latin"] == 3
+    assert share.japanese == pytest.approx(10 / 13)
+
+
+@pytest.mark.parametrize(
+    ("text", "language"),
+    [
+        ("This answer is written in English from start to finish.", "latin"),
+        ("请介绍一下日本的传统节日。日本有很多传统节日，比如新年和盂兰盆节。", "chinese"),
+        ("한국어로 작성된 답변입니다. 일본어가 아닙니다.", "hangul"),
+        (JAPANESE, None),
+        ("Pythonのlistとtupleの違いは、変更できるかどうかです。", None),
+        (
+            "次のコードを使います。\n```python\n" + "values = [x for x in range(10)]\n" * 5 + "```",
+            None,
+        ),
+        ("東京都", None),  # a few kanji are not Chinese
+        ("12345", None),  # no letters: nothing to call another language
+    ],
+)
+def test_other_language(text: str, language: str | None) -> None:
+    assert other_language(text) == language
+
+
+def test_scaffolding_comes_from_the_templates_in_use(labels: tuple[str, ...]) -> None:
+    assert {"テーマ:", "タスク:", "新しい依頼文:", "手本の依頼文:", "元の文章:"} <= set(labels)
+    templates = load_templates()
+    width = templates.width
+    own = type(width)(
+        name="width", user="お題の文章:\n{prompt}\n\n別の依頼を書いて。", system=width.system
+    )
+    custom = scaffolding(type(templates)(**{**templates.__dict__, "width": own}))
+    assert "お題の文章:" in custom and "別の依頼を書いて。" in custom
+    assert "手本の依頼文:" not in custom
+
+
+@pytest.mark.parametrize(
+    ("question", "found"),
+    [
+        ("テーマ: 鉄道\n時刻表の読み方を教えてください。", "テーマ:"),
+        ("新しい依頼文：梅雨の洗濯物を早く乾かす工夫を教えてください。", "新しい依頼文:"),
+        ("手本の依頼文:\n将棋の囲いについて説明してください。", "手本の依頼文:"),
+        ("将棋の囲いの種類と、それぞれの長所を説明してください。", None),
+        ("次の会話のテーマを一言で答えてください。", None),  # the word alone is no label
+    ],
+)
+def test_leaked(labels: tuple[str, ...], question: str, found: str | None) -> None:
+    assert leaked(question, labels) == found
+
+
+@pytest.mark.parametrize(
+    ("answer", "loops"),
+    [
+        ("はじめに説明します。\n" + "同じ説明をもう一度繰り返します。\n" * 3, True),
+        ("結論です。" + "この点が重要なポイントです。" * 3, True),
+        ("答えは" + "とてもとても大切な" * 3 + "ことです。", True),
+        (JAPANESE, False),
+        ("- はい\n- はい\n- はい\n- いいえ", False),  # short list items are no loop
+        ("```python\n" + "    total = total + value\n" * 4 + "```\n合計を求めます。", False),
+    ],
+)
+def test_looping(answer: str, loops: bool) -> None:
+    assert (looping(answer) is not None) == loops
+
+
+def test_restates() -> None:
+    question = "日本の首都はどこですか。その歴史も教えてください。"
+    assert restates(question, question + "\n東京です。江戸時代から政治の中心でした。")
+    assert restates(question, "日本の首都はどこですか、その歴史も教えて下さい。東京です。")
+    assert not restates(question, "東京です。江戸時代から政治の中心で、明治に首都となりました。")
+    assert not restates("短い質問", "短い質問への答えです。")  # too short to tell

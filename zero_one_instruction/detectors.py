@@ -1,0 +1,225 @@
+"""Small pure checks on one question or answer: script share, scaffolding leaks, loops,
+restated questions.
+
+`zoi report` counts what they find, and the pipeline's filters (`language`, `leakage`,
+`repetition`) are meant to call the same functions, so that a figure in the report and a drop
+reason in the funnel always mean the same thing. Each check takes text and returns a finding or
+`None`; none of them keeps state, so they can run in any worker.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .templates import JUDGE_REPLIES
+
+if TYPE_CHECKING:
+    from .templates import Templates
+
+JUDGE_NO = JUDGE_REPLIES[1]  # the judge's reply that marks an example as a text to avoid
+# The scripts counted, in the order the report shows them.
+SCRIPTS = ("hiragana", "katakana", "kanji", "latin", "hangul", "other")
+JAPANESE_SCRIPTS = ("hiragana", "katakana", "kanji")
+# Below this share of Japanese letters, a text is "mostly another language".
+MIN_JAPANESE_SHARE = 0.5
+# Chinese is all kanji: a text of this many letters or more whose kana are below the share
+# under it is Chinese, however high its "Japanese" share.
+CHINESE_MIN_LETTERS = 20
+CHINESE_MAX_KANA_SHARE = 0.05
+_CODE = re.compile(r"```.*?(?:```|\Z)|`[^`\n]*`", re.DOTALL)
+_COLON_LABEL = re.compile(r"「([^「」\n]{1,20}[:：])」")
+_LINE_LABEL = re.compile(r"^\s*([^\s{}:：]{1,20}[:：])\s*$", re.MULTILINE)
+_HEADING = re.compile(r"^\s*([^\s{}:：]{1,20}[:：])", re.MULTILINE)
+_PLACEHOLDER = re.compile(r"\{[A-Za-z_]\w*\}")
+# A phrase of at least 8 characters said three times in a row: "はいはいはい" is too short to
+# count, a sentence caught in a loop is not.
+_PHRASE_LOOP = re.compile(r"(.{8,200}?)\1{2,}", re.DOTALL)
+_SENTENCE_END = re.compile(r"(?<=[。！？!?])|\n")
+MIN_REPEATED_UNIT = 10
+LOOP_REPEATS = 3
+RESTATE_SHARE = 0.6
+RESTATE_MIN_CHARS = 10
+
+
+def normalized(text: str) -> str:
+    """NFKC, so full-width and half-width forms (`：` and `:`, `Ａ` and `A`) compare equal:
+    models write both, and a label or a duplicate must not hide behind the other form."""
+    return unicodedata.normalize("NFKC", text)
+
+
+def char_ngrams(text: str, n: int) -> Iterator[str]:
+    """The overlapping character n-grams of `text`, or the text itself when it is shorter:
+    a two-character question still has one shingle, so it can still be compared."""
+    if len(text) <= n:
+        if text:
+            yield text
+        return
+    for i in range(len(text) - n + 1):
+        yield text[i : i + n]
+
+
+def without_code(text: str) -> str:
+    """`text` without fenced or inline code: code is written in Latin letters in a Japanese
+    answer too, and must count neither as another language nor as a loop."""
+    return _CODE.sub(" ", text)
+
+
+def script_of(char: str) -> str | None:
+    """The script a character is written in, or None for digits, punctuation, spaces and
+    symbols, which belong to no language."""
+    code = ord(char)
+    if 0x3041 <= code <= 0x309F:
+        return "hiragana"
+    if 0x30A1 <= code <= 0x30FF or 0x31F0 <= code <= 0x31FF or 0xFF66 <= code <= 0xFF9D:
+        return "katakana" if code != 0x30FB else None  # ・ is punctuation
+    if 0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF or code in (0x3005, 0x3006):
+        return "kanji"  # 々 and 〆 are written as kanji
+    if 0xAC00 <= code <= 0xD7AF or 0x1100 <= code <= 0x11FF or 0x3130 <= code <= 0x318F:
+        return "hangul"
+    if not char.isalpha():
+        return None
+    return "latin" if char.isascii() or "LATIN" in unicodedata.name(char, "") else "other"
+
+
+@dataclass(frozen=True)
+class ScriptShare:
+    """How many letters of a text are in each script (code left out)."""
+
+    counts: dict[str, int]
+
+    @property
+    def letters(self) -> int:
+        return sum(self.counts.values())
+
+    def share(self, *scripts: str) -> float:
+        """The share of the letters in `scripts`; a text without letters is not another
+        language, so it counts as all Japanese."""
+        if not self.letters:
+            return 1.0 if set(scripts) & set(JAPANESE_SCRIPTS) else 0.0
+        return sum(self.counts.get(s, 0) for s in scripts) / self.letters
+
+    @property
+    def japanese(self) -> float:
+        return self.share(*JAPANESE_SCRIPTS)
+
+
+def script_share(text: str) -> ScriptShare:
+    """The letters of `text` by script, fenced and inline code left out."""
+    counts: Counter[str] = Counter()
+    for char in without_code(text):
+        script = script_of(char)
+        if script is not None:
+            counts[script] += 1
+    return ScriptShare({script: counts[script] for script in SCRIPTS})
+
+
+def other_language(text: str, min_share: float = MIN_JAPANESE_SHARE) -> str | None:
+    """Why `text` is mostly not Japanese ("chinese", "latin", ...), or None if it is Japanese.
+
+    Kanji alone do not make Japanese: Chinese is written in them too. Japanese prose is a third
+    or more kana, so a long text with almost none is taken for Chinese."""
+    share = script_share(text)
+    kana = share.share("hiragana", "katakana")
+    chinese = share.letters >= CHINESE_MIN_LETTERS and kana < CHINESE_MAX_KANA_SHARE
+    if chinese and share.share("kanji") >= min_share:
+        return "chinese"
+    if share.japanese >= min_share:
+        return None
+    others = {s: share.counts[s] for s in SCRIPTS if s not in JAPANESE_SCRIPTS}
+    return max(others, key=lambda s: others[s])
+
+
+def _labels_in(text: str) -> Iterator[str]:
+    """A template's labels: 「テーマ:」 quoted in its instructions, and the lines that only
+    name the material that follows ("手本の依頼文:")."""
+    for pattern in (_COLON_LABEL, _LINE_LABEL):
+        for match in pattern.finditer(text):
+            yield normalized(match.group(1))
+
+
+def _bad_examples(templates: Templates) -> Iterator[str]:
+    """The texts the templates show as wrong: the judge's examples answered いいえ and every
+    text the fixer is shown to repair. Their headings ("タスク:") are scaffolding too."""
+    for example in templates.judge.examples:
+        if example.reply != JUDGE_NO:
+            continue
+        yield from (value for _, value in example.values)
+    for example in templates.fix.examples:
+        yield from (value for _, value in example.values)
+
+
+def scaffolding(templates: Templates) -> tuple[str, ...]:
+    """What of the templates must never reach a question: their labels and headings, the
+    headings of the texts they show as wrong, and the one-line requests of the user messages
+    (a model that copies its instructions copies these). Taken from the templates in use, so
+    a user's own templates are checked for their own scaffolding, not the shipped ones'."""
+    found: dict[str, None] = {}
+    steps = ("width", "judge", "fix", "depth", "flatten")
+    for name in steps:
+        step = templates.step(name)
+        for text in (step.system or "", step.user):
+            found.update(dict.fromkeys(_labels_in(text)))
+        for line in step.user.splitlines():
+            line = normalized(line.strip())
+            if line and not _PLACEHOLDER.search(line):
+                found[line] = None
+    for text in _bad_examples(templates):
+        found.update(dict.fromkeys(normalized(m.group(1)) for m in _HEADING.finditer(text)))
+    return tuple(found)
+
+
+def leaked(question: str, labels: Iterable[str]) -> str | None:
+    """The first piece of template scaffolding found in `question`, or None."""
+    text = normalized(question)
+    return next((label for label in labels if label in text), None)
+
+
+def _repeated_unit(units: Iterable[str]) -> str | None:
+    """A unit (line or sentence) of some length that comes back `LOOP_REPEATS` times."""
+    counts: Counter[str] = Counter()
+    for unit in units:
+        unit = unit.strip()
+        if len(unit) < MIN_REPEATED_UNIT or not any(ch.isalnum() for ch in unit):
+            continue
+        counts[unit] += 1
+        if counts[unit] >= LOOP_REPEATS:
+            return unit
+    return None
+
+
+def looping(answer: str) -> str | None:
+    """What an answer repeats in a loop, or None: a line or a sentence that comes back three
+    times, or a phrase said three times in a row. Code is left out: code repeats lines by
+    nature. These are the loops a small model falls into when it cannot stop."""
+    text = without_code(answer)
+    found = _repeated_unit(text.splitlines()) or _repeated_unit(_SENTENCE_END.split(text))
+    if found:
+        return found
+    match = _PHRASE_LOOP.search(text)
+    if match and match.group(1).strip():
+        return match.group(1)
+    return None
+
+
+def _compact(text: str) -> str:
+    return "".join(normalized(text).split())
+
+
+def restates(question: str, answer: str, n: int = 3) -> bool:
+    """Whether the answer opens by repeating the question, which the answer template asks the
+    model not to do: the question is in the answer word for word, or most of the question's
+    character trigrams are in the answer's opening (a little longer than the question, as a
+    restatement often adds a word or two)."""
+    q, a = _compact(question), _compact(answer)
+    if len(q) < RESTATE_MIN_CHARS:
+        return False
+    if q in a:
+        return True
+    q_grams = set(char_ngrams(q, n))
+    opening = set(char_ngrams(a[: len(q) + len(q) // 4], n))
+    return len(q_grams & opening) / len(q_grams) >= RESTATE_SHARE
