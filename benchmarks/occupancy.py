@@ -55,12 +55,23 @@ def make(slots: int) -> tuple[Pipeline, SimEngine]:
     return Pipeline(config, inputs.templates, inputs.source, engine), engine
 
 
+async def evolve_chunk(
+    pipeline: Pipeline,
+    chunk: range,
+    slots: asyncio.Semaphore,
+    started: Callable[[], None] = lambda: None,
+) -> None:
+    """One chunk on the shared slots, as the worker's engine host runs it."""
+    async for _ in pipeline.run(chunk, slots, started):
+        pass
+
+
 async def zoi_overlap(pipeline: Pipeline, chunks: list[range]) -> None:
     slots = asyncio.Semaphore(pipeline.config.concurrency())
     tasks = []
     for chunk in chunks:
         started = asyncio.Event()
-        tasks.append(asyncio.ensure_future(pipeline.evolve_sharing(chunk, slots, started.set)))
+        tasks.append(asyncio.ensure_future(evolve_chunk(pipeline, chunk, slots, started.set)))
         await started.wait()
     await asyncio.gather(*tasks)
 
@@ -68,7 +79,7 @@ async def zoi_overlap(pipeline: Pipeline, chunks: list[range]) -> None:
 async def zoi_chunk_by_chunk(pipeline: Pipeline, chunks: list[range]) -> None:
     slots = asyncio.Semaphore(pipeline.config.concurrency())
     for chunk in chunks:
-        await pipeline.evolve_sharing(chunk, slots)
+        await evolve_chunk(pipeline, chunk, slots)
 
 
 async def _batch_step(

@@ -17,7 +17,9 @@ from zero_one_instruction.errors import ZoiError
 from zero_one_instruction.merger import MergeOptions, merge_run
 from zero_one_instruction.status import status_of
 
+from .clitools import zoi
 from .queue_helpers import ROOT, scripted_config
+from .test_cli import write_config
 
 N, CHUNK = 30, 5
 
@@ -130,3 +132,44 @@ def test_work_serves_a_queued_run_with_its_gpus_in_pci_bus_order(
         merge_run(run_dir, expected)  # not this run's file
     assert merge_run(run_dir, out, MergeOptions(id_start=7)).records == merged.records
     assert out.read_text(encoding="utf-8").startswith('{"id":"record_7",')  # its own file, again
+
+
+def test_generate_writes_what_merge_writes_with_every_output_option(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signals: None
+) -> None:
+    """`zoi generate` and `zoi merge` of a run of the same config, both with `--format
+    messages --with-meta --dedup --id-start 3`: the same bytes (one encoder)."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    same = "flatten|case=dup 何度も出てくる同じ質問です"
+    config = write_config(tmp_path, f"    dup: {{flatten: '{same}'}}\n")
+    cases = ["ok", "dup", "final", "dup", "short", "ok"]  # `dup`: the same question every time
+    lines = (f"質問 {i} case={case}\n" for i, case in enumerate(cases))
+    (tmp_path / "prompts.txt").write_text("".join(lines), encoding="utf-8")
+    chosen = ["--format", "messages", "--with-meta", "--dedup", "--id-start", "3"]
+    generated, merged = tmp_path / "generated.jsonl", tmp_path / "merged.jsonl"
+    base = ["-c", str(config)]
+    said = cli("generate", *base, "--start", "0", "--end", str(N), "-o", str(generated), *chosen)
+    run_dir = tmp_path / "run"
+    cli("enqueue", *base, "--run", str(run_dir), "--num-prompts", str(N), "--chunk-size", "4")
+    assert machine.work(run_dir, burst=True, heartbeat=0.3, heartbeat_ttl=2, janitor=0.5)
+    told = cli("merge", "--run", str(run_dir), "-o", str(merged), *chosen)
+
+    assert generated.read_bytes() == merged.read_bytes()
+    records = [json.loads(line) for line in generated.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in records] == [f"record_{3 + i}" for i in range(len(records))]
+    assert all(list(r) == ["id", "messages", "meta"] for r in records)
+    questions = [r["messages"][1]["content"] for r in records]
+    assert len(set(questions)) == len(questions)
+    assert questions.count(same) == 1 and len(questions) > 1
+    dropped = N // 3 - 1  # two of every six prompts are dup; each after the first repeats
+    assert f"wrote     {len(records)} records to {generated} ({dropped} duplicate" in said
+    assert f"{len(records)} records," in told and f"({dropped} duplicate questions" in told
+
+
+def cli(*args: str) -> str:
+    """A command in this process; its stdout."""
+    result = zoi(*args)
+    assert result.exit_code == 0, (args, result.stdout, result.stderr)
+    return result.stdout

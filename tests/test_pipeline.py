@@ -341,6 +341,31 @@ def test_run_keeps_order_and_bounds_concurrency() -> None:
     assert 4 < engine.max_in_flight <= 8  # concurrency defaults to 4 x batch_size
 
 
+def test_batches_on_shared_slots_overlap_once_the_last_prompt_has_a_slot() -> None:
+    """The worker's use of the one scheduler: chunks share the slots, and the next chunk
+    starts when `started` says the current one only drains."""
+    pipeline, engine = make_pipeline(
+        [f"case=p{i}" for i in range(12)], engine_kwargs={"delay": 0.002}
+    )
+    seen: list[str] = []
+
+    async def batch(indices: range, slots: asyncio.Semaphore, started: asyncio.Event) -> list[int]:
+        return [o.index async for o in pipeline.run(indices, slots, started.set)]
+
+    async def two_batches() -> tuple[list[int], list[int]]:
+        slots, started = asyncio.Semaphore(3), asyncio.Event()
+        first = asyncio.ensure_future(batch(range(0, 6), slots, started))
+        await started.wait()
+        seen.append("first still running" if not first.done() else "first done")
+        second = await batch(range(6, 12), slots, asyncio.Event())
+        return await first, second
+
+    first, second = asyncio.run(two_batches())
+    assert (first, second) == (list(range(6)), list(range(6, 12)))
+    assert seen == ["first still running"]
+    assert engine.max_in_flight == 3  # one request per prompt in flight, three slots
+
+
 def test_dead_engine_fails_the_run_instead_of_dropping_records() -> None:
     pipeline, _ = make_pipeline(
         ["case=ok", "case=dead", "case=ok"], engine_kwargs={"rules": {"dead": {"flatten": "!dead"}}}

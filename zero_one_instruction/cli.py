@@ -17,10 +17,12 @@ import click
 from . import __version__, generator, render
 from .config import dump_config, load_config
 from .console import ProgressBar, StatusLine, ZoiGroup, friendly, log_to_stderr, warn
+from .encoder import EncodeOptions, Format
 from .options import (
     DEFAULT_CONFIG,
     chunk_size_option,
     config_option,
+    encoding_options,
     id_start_option,
     index_range,
     overwrite_option,
@@ -72,7 +74,7 @@ def config_check(file: Path) -> None:
 @click.option(
     "-o", "--output", required=True, type=click.Path(path_type=Path), help="JSONL file to write."
 )
-@id_start_option
+@encoding_options
 @click.option(
     "--trace",
     type=click.Path(path_type=Path),
@@ -80,17 +82,25 @@ def config_check(file: Path) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT (and TRACE) if they exist.")
 @friendly
-def generate_cmd(start: int, end: int, **options: Any) -> None:
+def generate_cmd(
+    start: int, end: int, id_start: int, fmt: Format, with_meta: bool, dedup: bool, **options: Any
+) -> None:
     """Evolve base prompts [START, END) into records, in one process, without Redis.
 
-    Records are written in base-prompt order in the original schema (id, input, output,
-    conversation); then a summary says how many were kept and why the rest were dropped.
-    The output file appears only when the run completes.
+    Records are written in base-prompt order, as `zoi merge` writes them (the original schema
+    of id, input, output and conversation by default); then a summary says how many were kept
+    and why the rest were dropped. The output file appears only when the run completes.
     """
     validate_range(start, end)
+    encoding = EncodeOptions(id_start, fmt, with_meta, dedup)
     with ProgressBar() as bar:
         report = generator.generate(
-            start=start, end=end, on_start=bar.start, on_outcome=bar.advance, **options
+            start=start,
+            end=end,
+            options=encoding,
+            on_start=bar.start,
+            on_outcome=bar.advance,
+            **options,
         )
     click.echo(render.generated(report))
     warn(render.all_failed(report.funnel))
@@ -284,24 +294,9 @@ def worker_cmd(**options: Any) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="JSONL file to write (an existing one only if this run wrote it, or with --overwrite).",
 )
-@id_start_option
+@encoding_options
 @click.option("--allow-partial", is_flag=True, help="Merge the done chunks of an unfinished run.")
 @overwrite_option
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["original", "messages"]),
-    default="original",
-    show_default=True,
-    help="original: id/input/output/conversation; messages: id and role/content "
-    "messages, as TRL-style trainers load them.",
-)
-@click.option(
-    "--with-meta",
-    is_flag=True,
-    help="Add each record's source index and evolution trace under 'meta'.",
-)
-@click.option("--dedup", is_flag=True, help="Drop records whose question repeats an earlier one.")
 @friendly
 def merge_cmd(run_dir: Path, output: Path, overwrite: bool, **options: Any) -> None:
     """Assemble the output from the run's verified shards, in base-prompt order.

@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import Coroutine
+from contextlib import aclosing
 from typing import Any
 
 from .engines import EngineDead, load_engine
@@ -60,7 +61,9 @@ class EngineHost:
         once the last record has a slot: the worker may then take the next chunk."""
         try:
             indices = range(chunk.start, chunk.end)
-            return await self.pipeline.evolve_sharing(indices, self._slots, started.set)
+            run = self.pipeline.run(indices, self._slots, started.set)
+            async with aclosing(run) as outcomes:
+                return [outcome async for outcome in outcomes]
         except EngineDead as exc:
             self.dead = exc
             self.dead_chunks.append(chunk)

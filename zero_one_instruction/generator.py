@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, load_config
+from .encoder import EncodeOptions, Encoder
 from .engines import engine_class, load_engine
 from .errors import ZoiError
 from .outputs import check_output
 from .pipeline import Outcome, Pipeline, Tally
 from .prompt_sources import PromptSource, load_source
-from .records import atomic_file, dumps, original_record
+from .records import atomic_file, dumps
 from .templates import Templates, load_templates
 
 # The caller's hook for each outcome, in index order (a progress bar, the preview printer).
@@ -56,11 +57,15 @@ def prepare(config: Config) -> Inputs:
 @dataclass(frozen=True)
 class GenerateReport:
     """What `generate` did: every prompt's outcome added up, and the time from the engine's
-    start (included: it is what a user waits for) to the last record."""
+    start (included: it is what a user waits for) to the last record; the records written,
+    which `dedup` may make fewer than the kept ones."""
 
     funnel: Tally
     seconds: float
     output: Path
+    records: int
+    duplicates: int = 0
+    dedup: bool = False
 
 
 def generate(
@@ -68,17 +73,18 @@ def generate(
     start: int,
     end: int,
     output: Path,
+    options: EncodeOptions | None = None,
     *,
-    id_start: int = 0,
     trace: Path | None = None,
     overwrite: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_outcome: OnOutcome | None = None,
 ) -> GenerateReport:
     """Evolve base prompts [start, end) of the config at `config_path` into `output`, in one
-    process, without Redis. The output (and `trace`) is checked first and appears only when
-    the run completes. `on_start(prompts)` is called once the inputs are checked, before the
-    engine loads; `on_outcome` gets each prompt's outcome in index order."""
+    process, without Redis, written as `options` say (the way `zoi merge` writes a run). The
+    output (and `trace`) is checked first and appears only when the run completes.
+    `on_start(prompts)` is called once the inputs are checked, before the engine loads;
+    `on_outcome` gets each prompt's outcome in index order."""
     config = load_config(config_path)
     target = check_output(output, config, config_path=config_path, overwrite=overwrite)
     traced = trace and check_output(trace, config, config_path=config_path, overwrite=overwrite)
@@ -88,10 +94,15 @@ def generate(
     began = time.monotonic()
     if on_start is not None:
         on_start(end - start)
+    options = options or EncodeOptions()
+    encoder = Encoder(options)
     funnel = asyncio.run(
-        write_range(config, inputs, start, end, output, id_start, trace, on_outcome)
+        write_range(config, inputs, start, end, output, encoder, trace, on_outcome)
     )
-    return GenerateReport(funnel, time.monotonic() - began, output)
+    seconds = time.monotonic() - began
+    return GenerateReport(
+        funnel, seconds, output, encoder.records, encoder.duplicates, options.dedup
+    )
 
 
 def preview(config_path: Path, start: int, end: int, on_outcome: OnOutcome) -> Tally:
@@ -128,29 +139,28 @@ async def write_range(
     start: int,
     end: int,
     output: Path,
-    id_start: int = 0,
+    encoder: Encoder | None = None,
     trace: Path | None = None,
     on_outcome: OnOutcome | None = None,
 ) -> Tally:
-    """Write kept records to `output` (ids `record_<id_start>`...) and, if asked, every
-    outcome with its full trace to `trace`. Both files appear only if the run completes."""
+    """Write kept records to `output` through `encoder` (the default: the original format,
+    ids from `record_0`) and, if asked, every outcome with its full trace to `trace`. Both
+    files appear only if the run completes."""
+    encoder = encoder or Encoder()
     system = inputs.templates.output_system_prompt
-    next_id = id_start
     with ExitStack() as stack:
-        out = stack.enter_context(atomic_file(output, follow_links=True))
+        out = stack.enter_context(atomic_file(output, binary=True, follow_links=True))
         trace_out = stack.enter_context(atomic_file(trace, follow_links=True)) if trace else None
 
         def write(outcome: Outcome) -> None:
-            nonlocal next_id
-            if outcome.kept:
-                record = original_record(
-                    f"record_{next_id}", outcome.question or "", outcome.answer or "", system
-                )
-                out.write(dumps(record))
-                next_id += 1
+            line = encoder.outcome(outcome, system) if outcome.kept else None
+            if line is not None:
+                out.write(line)
             if trace_out is not None:
                 trace_out.write(dumps(outcome.to_dict()))
             if on_outcome is not None:
                 on_outcome(outcome)
 
-        return await evolve_range(config, inputs, start, end, write)
+        tally = await evolve_range(config, inputs, start, end, write)
+    encoder.commit()
+    return tally

@@ -10,35 +10,27 @@ temporary file and renamed into place at the end.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
 from . import shards
+from .encoder import EncodeOptions, Encoder
 from .errors import ZoiError
 from .outputs import check_output, remember_output
 from .records import atomic_file
 from .rundir import Chunk, Run, open_run
 
-Format = Literal["original", "messages"]
-ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
-
 
 @dataclass(frozen=True)
-class MergeOptions:
-    """How a merge writes the output: ids `record_N` from `id_start`, the `fmt` of each
-    record, the source index and trace under `meta`, questions that repeat dropped; and
-    whether an unfinished run is merged (`allow_partial`) or refused."""
+class MergeOptions(EncodeOptions):
+    """How a merge writes the output (the `EncodeOptions`), and whether an unfinished run is
+    merged (`allow_partial`) or refused."""
 
-    id_start: int = 0
     allow_partial: bool = False
-    fmt: Format = "original"
-    with_meta: bool = False
-    dedup: bool = False
 
 
 class MergeIncomplete(ZoiError):
@@ -87,56 +79,6 @@ def describe_ranges(ranges: list[tuple[int, int]], limit: int = 8) -> str:
     return shown + (f" and {len(ranges) - limit} more" if len(ranges) > limit else "")
 
 
-class _Writer:
-    """Turns shard lines into output lines in the chosen format."""
-
-    def __init__(self, options: MergeOptions) -> None:
-        self.fmt, self.with_meta, self.dedup = options.fmt, options.with_meta, options.dedup
-        self.next_id = options.id_start
-        self.seen: set[bytes] = set()
-        self.duplicates = 0
-        self._chunk_seen: set[bytes] = set()
-        self._chunk_duplicates = 0
-
-    def begin_chunk(self) -> None:
-        self._chunk_seen, self._chunk_duplicates = set(), 0
-
-    def commit_chunk(self) -> None:
-        """The chunk verified: its questions now count for --dedup."""
-        self.seen |= self._chunk_seen
-        self.duplicates += self._chunk_duplicates
-
-    @property
-    def fast(self) -> bool:
-        """The default output needs no JSON parsing: the id is spliced in front."""
-        return self.fmt == "original" and not self.with_meta and not self.dedup
-
-    def line(self, raw: bytes, meta: bytes | None) -> bytes | None:
-        if self.fast:
-            out = b'{"id":"record_%d",' % self.next_id + raw[1:]
-            self.next_id += 1
-            return out
-        record = json.loads(raw)
-        if self.dedup:
-            key = hashlib.blake2b(record["input"].encode("utf-8"), digest_size=16).digest()
-            if key in self.seen or key in self._chunk_seen:
-                self._chunk_duplicates += 1
-                return None
-            self._chunk_seen.add(key)
-        out: dict[str, Any] = {"id": f"record_{self.next_id}"}
-        self.next_id += 1
-        if self.fmt == "messages":
-            out["messages"] = [
-                {"role": ROLES[turn["from"]], "content": turn["value"]}
-                for turn in record["conversation"]
-            ]
-        else:
-            out.update(record)
-        if meta is not None:
-            out["meta"] = json.loads(meta)
-        return (json.dumps(out, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-
-
 def _lines(path: Path, digest: Any) -> Iterator[bytes]:
     with path.open("rb") as handle:
         for line in handle:
@@ -145,23 +87,24 @@ def _lines(path: Path, digest: Any) -> Iterator[bytes]:
 
 
 def _copy_chunk(
-    run: Run, chunk: Chunk, marker: dict[str, Any], writer: _Writer, out: IO[bytes]
+    run: Run, chunk: Chunk, marker: dict[str, Any], encoder: Encoder, out: IO[bytes]
 ) -> str | None:
     """Append one chunk's records; return a problem if its files do not match the marker."""
     files = marker["files"]
-    if writer.fast:
-        return _splice_chunk(run, chunk, files["records"], writer, out)
+    if encoder.fast:
+        return _splice_chunk(run, chunk, files["records"], encoder, out)
+    with_meta = encoder.options.with_meta
     record_digest, meta_digest = hashlib.sha256(), hashlib.sha256()
     records = _lines(shards.path_of(run.shards, chunk, "records"), record_digest)
     metas: Iterator[bytes | None] = (
         _lines(shards.path_of(run.shards, chunk, "meta"), meta_digest)
-        if writer.with_meta
+        if with_meta
         else repeat(None)
     )
     count = 0
     for raw, meta in zip(records, metas, strict=False):  # a length mismatch fails the check
         count += 1
-        line = writer.line(raw, meta)
+        line = encoder.line(raw, meta)
         if line is not None:
             out.write(line)
     if (
@@ -169,17 +112,17 @@ def _copy_chunk(
         or count != files["records"]["lines"]
     ):
         return f"{files['records']['name']} does not match its marker"
-    if writer.with_meta and meta_digest.hexdigest() != files["meta"]["sha256"]:
+    if with_meta and meta_digest.hexdigest() != files["meta"]["sha256"]:
         return f"{files['meta']['name']} does not match its marker"
     return None
 
 
 def _splice_chunk(
-    run: Run, chunk: Chunk, expected: dict[str, Any], writer: _Writer, out: IO[bytes]
+    run: Run, chunk: Chunk, expected: dict[str, Any], encoder: Encoder, out: IO[bytes]
 ) -> str | None:
     """The default output: the shard (one chunk, bounded in size) is read whole, verified,
-    then written with each record's id spliced in front. No JSON is parsed, no line is
-    copied (memoryview slices), and a bad shard is refused before a byte of it is written."""
+    then spliced (`Encoder.splice`), so a bad shard is refused before a byte of it is
+    written."""
     data = shards.path_of(run.shards, chunk, "records").read_bytes()
     if (
         hashlib.sha256(data).hexdigest() != expected["sha256"]
@@ -187,13 +130,7 @@ def _splice_chunk(
         or (data and not data.endswith(b"\n"))
     ):
         return f"{expected['name']} does not match its marker"
-    view, find, write = memoryview(data), data.find, out.write
-    start, record_id = 0, writer.next_id
-    while (end := find(b"\n", start)) >= 0:
-        write(b'{"id":"record_%d",' % record_id)
-        write(view[start + 1 : end + 1])  # the record without its opening brace
-        start, record_id = end + 1, record_id + 1
-    writer.next_id = record_id
+    encoder.splice(data, out.write)
     return None
 
 
@@ -268,24 +205,23 @@ def merge(run: Run, output: Path, options: MergeOptions = MergeOptions()) -> Mer
     if report.missing and not options.allow_partial:
         report.damaged += _deep_problems(run, ready)
         raise _refusal(run, report)
-    writer = _Writer(options)
+    encoder = Encoder(options)
     with atomic_file(output, binary=True, follow_links=True) as out:
         for chunk, marker in ready:
-            offset, first_id = out.tell(), writer.next_id
-            writer.begin_chunk()
-            problem = _copy_chunk(run, chunk, marker, writer, out)
+            offset = out.tell()
+            problem = _copy_chunk(run, chunk, marker, encoder, out)
             if problem is None:
-                writer.commit_chunk()
+                encoder.commit()
                 report.merged += 1
                 continue
             out.seek(offset)
             out.truncate()
-            writer.next_id = first_id
+            encoder.rollback()
             report.damaged.append((chunk, problem))
         if report.damaged and not options.allow_partial:
             raise _refusal(run, report)
         report.bytes = out.tell()
-    report.records = writer.next_id - options.id_start
-    report.duplicates = writer.duplicates
+    report.records = encoder.records
+    report.duplicates = encoder.duplicates
     report.seconds = time.monotonic() - began
     return report

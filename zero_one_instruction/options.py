@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 import click
 
+from .encoder import FORMATS
+
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_CONFIG = "model_config.yml"
 
@@ -56,6 +58,26 @@ id_start_option = click.option(
     help="First id N of record_N.",
 )
 
+encoding_options = _options(
+    id_start_option,
+    click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(FORMATS),
+        default="original",
+        show_default=True,
+        help="original: id/input/output/conversation; messages: id and role/content "
+        "messages, as TRL-style trainers load them.",
+    ),
+    click.option(
+        "--with-meta",
+        is_flag=True,
+        help="Add each record's source index and evolution trace under 'meta'.",
+    ),
+    click.option(
+        "--dedup", is_flag=True, help="Drop records whose question repeats an earlier one."
+    ),
+)
 
 _RUN_HELP = "Run directory: run.json, the shards, and the embedded Redis's data."
 

@@ -1,7 +1,8 @@
 """Evolve one base prompt into zero or one question/answer pair.
 
 `Pipeline.evolve` is the whole flow for one prompt, top to bottom, awaiting the engine at each
-step. Many prompts run at once (`Pipeline.run`), so the engine batches requests from prompts at
+step. Many prompts run at once (`Pipeline.run`, the one scheduler of `zoi generate` and the
+workers), so the engine batches requests from prompts at
 different steps: nobody waits for the slowest prompt of a step, and no prompt is left out of a
 last partial batch (the original tool's stage-by-stage batches did both).
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -326,51 +327,76 @@ class Pipeline:
             repetition_penalty=pick("repetition_penalty"),
         )
 
-    async def evolve_sharing(
+    async def run(
         self,
         indices: Iterable[int],
-        slots: asyncio.Semaphore,
+        slots: asyncio.Semaphore | None = None,
         started: Callable[[], None] = lambda: None,
-    ) -> list[Outcome]:
-        """Evolve these prompts, each as soon as one of `slots` (shared with other batches in
-        flight) frees up. `started` is called once the last prompt has its slot: from then on
-        this batch only drains, and the caller may start the next batch into the freed slots,
-        so the engine never idles at a batch boundary."""
-        tasks: list[asyncio.Task[Outcome]] = []
+    ) -> AsyncIterator[Outcome]:
+        """Outcomes in the order of `indices`, each prompt started as soon as one of `slots`
+        frees up: the one scheduler, for `zoi generate` (its own `concurrency` slots) and for
+        the worker (slots shared by every chunk in flight). `started` is called once the last
+        prompt has its slot: from then on this batch only drains, and the worker may start
+        its next chunk into the freed slots, so the engine never idles at a chunk boundary.
+
+        Finished outcomes wait until those before them are done. A window of four times the
+        concurrency bounds them, so memory stays bounded however long the range is. The first
+        prompt to fail (a dead engine) fails the whole batch at once.
+        """
+        limit = self.config.concurrency()
+        slots = asyncio.Semaphore(limit) if slots is None else slots
+        window = _Window(slots)
         try:
             for index in indices:
                 await slots.acquire()
-                task = asyncio.ensure_future(self.evolve(index))
-                task.add_done_callback(lambda _: slots.release())
-                tasks.append(task)
+                window.start(self.evolve(index))
+                while window.ready() or len(window) > 4 * limit:
+                    yield await window.next()
             started()
-            return list(await asyncio.gather(*tasks))
-        finally:
-            for task in tasks:
-                task.cancel()
-
-    async def run(self, indices: Iterable[int]) -> AsyncIterator[Outcome]:
-        """Outcomes in the order of `indices`, with at most `concurrency` prompts in flight.
-
-        Finished outcomes wait in a window until those before them are done; the window is a
-        few times the concurrency, so memory stays bounded however long the range is.
-        """
-        limit = self.config.concurrency()
-        gate = asyncio.Semaphore(limit)
-
-        async def guarded(index: int) -> Outcome:
-            async with gate:
-                return await self.evolve(index)
-
-        window: deque[asyncio.Task[Outcome]] = deque()
-        try:
-            for index in indices:
-                window.append(asyncio.ensure_future(guarded(index)))
-                if len(window) >= 4 * limit:
-                    yield await window.popleft()
             while window:
-                yield await window.popleft()
+                yield await window.next()
         finally:
-            for task in window:
-                task.cancel()
-            await asyncio.gather(*window, return_exceptions=True)
+            await window.cancel()
+
+
+class _Window:
+    """The prompts in flight and those finished before them, oldest first; a prompt's slot is
+    freed as soon as it finishes, and the first failure is kept to fail the batch at once."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self.slots = slots
+        self.tasks: deque[asyncio.Task[Outcome]] = deque()
+        self.failed: asyncio.Future[asyncio.Task[Outcome]] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def start(self, evolve: Coroutine[Any, Any, Outcome]) -> None:
+        task = asyncio.ensure_future(evolve)
+        task.add_done_callback(self._finished)
+        self.tasks.append(task)
+
+    def _finished(self, task: asyncio.Task[Outcome]) -> None:
+        self.slots.release()
+        if not task.cancelled() and task.exception() is not None and not self.failed.done():
+            self.failed.set_result(task)
+
+    def ready(self) -> bool:
+        """The oldest prompt is done, or one has failed: `next` returns without waiting."""
+        return self.failed.done() or bool(self.tasks and self.tasks[0].done())
+
+    async def next(self) -> Outcome:
+        """The oldest prompt's outcome, or the first failure's exception."""
+        await asyncio.wait({self.tasks[0], self.failed}, return_when=asyncio.FIRST_COMPLETED)
+        if self.failed.done():
+            return self.failed.result().result()  # raises the failure
+        return self.tasks.popleft().result()
+
+    async def cancel(self) -> None:
+        """Stop the prompts still in flight, and wait for them to be gone."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()

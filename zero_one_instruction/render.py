@@ -62,7 +62,8 @@ def all_failed(tally: Tally) -> str | None:
 def generated(report: GenerateReport) -> str:
     return (
         summary(report.funnel, report.seconds, " incl. engine start")
-        + f"\nwrote     {report.funnel.kept} records to {report.output}"
+        + f"\nwrote     {report.records} records to {report.output}"
+        + _duplicates(report.duplicates, report.dedup)
     )
 
 
@@ -149,8 +150,13 @@ def merged(report: MergeReport, output: object, dedup: bool) -> str:
     return (
         f"merged {report.merged}/{report.chunks} chunks: {report.records} records, "
         f"{report.bytes / 1e6:.1f} MB in {report.seconds:.2f} s -> {output}"
-        + (f" ({report.duplicates} duplicate questions dropped)" if dedup else "")
+        + _duplicates(report.duplicates, dedup)
     )
+
+
+def _duplicates(count: int, dedup: bool) -> str:
+    """What --dedup dropped, said only when it was asked for."""
+    return f" ({count} duplicate questions dropped)" if dedup else ""
 
 
 def merge_warnings(report: MergeReport) -> list[str]:

@@ -2,8 +2,9 @@
 
 A finished chunk is three files plus a marker:
 
-- `<chunk>.jsonl`: the kept records in the output schema, without their `id`. The merger
-  splices the id in front of each line, so merging never re-encodes JSON.
+- `<chunk>.jsonl`: the kept records in the output schema, without their `id`
+  (`encoder.record_line`). The merger's encoder splices the id in front of each line, so the
+  default merge never re-encodes JSON.
 - `<chunk>.meta.jsonl`: one line per kept record with its source index and evolution trace.
 - `<chunk>.rejects.jsonl`: every dropped prompt with its reason and trace.
 - `<chunk>.done`: written last and atomically. It holds each file's size, line count and
@@ -23,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .encoder import meta_line, record_line
 from .pipeline import FUNNEL_COUNTS, Outcome, Tally
-from .records import atomic_file, dumps, original_record
+from .records import atomic_file, dumps
 from .rundir import Chunk, Run
 
 MARKER_FORMAT = 1
@@ -40,19 +42,6 @@ def path_of(directory: Path, chunk: Chunk, kind: str) -> Path:
 
 def marker_path(directory: Path, chunk: Chunk) -> Path:
     return directory / f"{chunk.id}{_MARKER}"
-
-
-def record_line(outcome: Outcome, system: str) -> str:
-    """A kept record as a shard line: the output record without its id."""
-    record = original_record("", outcome.question or "", outcome.answer or "", system)
-    del record["id"]
-    return dumps(record)
-
-
-def meta_line(outcome: Outcome) -> str:
-    data = outcome.to_dict()
-    del data["question"], data["answer"], data["base_prompt"], data["drop_reason"]
-    return dumps(data)
 
 
 def _write_lines(path: Path, lines: Iterable[str]) -> dict[str, Any]:

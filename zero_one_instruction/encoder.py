@@ -1,0 +1,151 @@
+"""The record encoder: the one place a kept record becomes a line of the output.
+
+A kept record is first a *shard line*: the original schema without its `id` (`record_line`),
+beside a *meta line* with its source index and trace (`meta_line`). Workers write those lines
+to shards; `zoi generate` makes the same lines from its outcomes in memory. The `Encoder` then
+turns each pair into the output line of the chosen format, numbering the ids and dropping
+repeated questions, so `generate` and `merge` write the same bytes for the same records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .pipeline import Outcome
+from .records import dumps, original_record
+
+Format = Literal["original", "messages"]
+FORMATS: tuple[Format, ...] = ("original", "messages")
+ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How records are written: ids `record_N` from `id_start`, the `fmt` of each record, the
+    source index and trace under `meta`, and questions that repeat dropped."""
+
+    id_start: int = 0
+    fmt: Format = "original"
+    with_meta: bool = False
+    dedup: bool = False
+
+
+def record_line(outcome: Outcome, system: str) -> str:
+    """A kept record as a shard line: the output record without its id, so that numbering
+    is left to whoever puts the records in their final order."""
+    record = original_record("", outcome.question or "", outcome.answer or "", system)
+    del record["id"]
+    return dumps(record)
+
+
+def meta_line(outcome: Outcome) -> str:
+    """A kept record's trace without what the record line already holds."""
+    data = outcome.to_dict()
+    del data["question"], data["answer"], data["base_prompt"], data["drop_reason"]
+    return dumps(data)
+
+
+def id_prefix(record_id: int) -> bytes:
+    """The id field that opens every output line in the original format: a shard line with
+    its opening brace replaced by this is the output line, with no JSON parsed."""
+    return b'{"id":"record_%d",' % record_id
+
+
+def _question_key(record: dict[str, Any]) -> bytes:
+    return hashlib.blake2b(record["input"].encode("utf-8"), digest_size=16).digest()
+
+
+class Encoder:
+    """Shard lines in, output lines out, in order. Questions seen for `dedup` are pending
+    until `commit`, so a caller that takes back lines (a merged shard that fails its
+    checksum) can `rollback` them, and the ids with them."""
+
+    def __init__(self, options: EncodeOptions = EncodeOptions()) -> None:
+        self.options = options
+        self.next_id = options.id_start
+        self.duplicates = 0
+        self._seen: set[bytes] = set()
+        self._pending: set[bytes] = set()
+        self._pending_duplicates = 0
+        self._committed_id = options.id_start
+
+    @property
+    def fast(self) -> bool:
+        """The default output needs no JSON parsing: the id is spliced in front."""
+        o = self.options
+        return o.fmt == "original" and not o.with_meta and not o.dedup
+
+    @property
+    def records(self) -> int:
+        return self.next_id - self.options.id_start
+
+    def line(self, raw: bytes, meta: bytes | None = None) -> bytes | None:
+        """The output line for one shard line (and its meta line, used only `with_meta`),
+        or None if `dedup` drops it."""
+        if self.fast:
+            return self._number(raw)
+        record = json.loads(raw)
+        if self.options.dedup and self._repeated(record):
+            return None
+        out: dict[str, Any] = {"id": f"record_{self._take_id()}"}
+        if self.options.fmt == "messages":
+            out["messages"] = [
+                {"role": ROLES[turn["from"]], "content": turn["value"]}
+                for turn in record["conversation"]
+            ]
+        else:
+            out.update(record)
+        if self.options.with_meta and meta is not None:
+            out["meta"] = json.loads(meta)
+        return dumps(out).encode("utf-8")
+
+    def outcome(self, outcome: Outcome, system: str) -> bytes | None:
+        """The output line for a kept outcome: the same bytes a worker's shard lines of it
+        would become in a merge."""
+        raw = record_line(outcome, system).encode("utf-8")
+        meta = meta_line(outcome).encode("utf-8") if self.options.with_meta else None
+        return self.line(raw, meta)
+
+    def commit(self) -> None:
+        """The lines so far are final: their questions now count for `dedup`."""
+        self._seen |= self._pending
+        self.duplicates += self._pending_duplicates
+        self._pending, self._pending_duplicates = set(), 0
+        self._committed_id = self.next_id
+
+    def rollback(self) -> None:
+        """Forget the lines since the last commit: their ids and their questions."""
+        self._pending, self._pending_duplicates = set(), 0
+        self.next_id = self._committed_id
+
+    def splice(self, data: bytes, write: Callable[[Any], object]) -> None:
+        """Write whole shard lines `data` (verified, each ending in a newline) in the fast
+        format: no JSON parsed and no line copied (memoryview slices), for a merge that
+        streams gigabytes."""
+        view, find = memoryview(data), data.find
+        start, record_id = 0, self.next_id
+        while (end := find(b"\n", start)) >= 0:
+            write(id_prefix(record_id))
+            write(view[start + 1 : end + 1])  # the record without its opening brace
+            start, record_id = end + 1, record_id + 1
+        self.next_id = record_id
+
+    def _number(self, raw: bytes) -> bytes:
+        return id_prefix(self._take_id()) + raw[1:]
+
+    def _take_id(self) -> int:
+        record_id = self.next_id
+        self.next_id += 1
+        return record_id
+
+    def _repeated(self, record: dict[str, Any]) -> bool:
+        key = _question_key(record)
+        if key in self._seen or key in self._pending:
+            self._pending_duplicates += 1
+            return True
+        self._pending.add(key)
+        return False
