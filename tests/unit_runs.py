@@ -28,7 +28,7 @@ INFO = {"finished_at": "2000-01-01T00:00:00+00:00", "started_at": "2000-01-01T00
 def outcome(index: int, drop: str | None = None, question: str | None = None) -> Outcome:
     """One prompt's outcome: kept with question `質問N` (or `question`), or dropped for `drop`.
     Its tokens depend on the index, so a funnel that sums the wrong outcomes shows it."""
-    step = StepTrace("width", 0, "text", prompt_tokens=10, completion_tokens=index)
+    step = StepTrace("width", text="text", prompt_tokens=10, completion_tokens=index)
     if drop is not None:
         return Outcome(index, f"base {index}", drop_reason=drop, steps=[step])
     return Outcome(index, f"base {index}", question or f"質問{index}", f"回答{index}", steps=[step])
