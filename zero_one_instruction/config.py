@@ -79,6 +79,10 @@ class PipelineSettings(_Strict):
     min_answer_chars: int = Field(default=10, ge=0)
     refusal_marker: str = Field(default="不可能", min_length=1)
     drop_truncated_answers: bool = False
+    # The filters (`filters.Filters`): off by default, as README's "Filters" explains.
+    min_japanese_share: float | None = Field(default=None, gt=0.0, le=1.0)
+    drop_leaked_questions: bool = False
+    drop_looping_answers: bool = False
     concurrency: int | None = Field(default=None, ge=1)
 
 

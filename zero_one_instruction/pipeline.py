@@ -22,6 +22,7 @@ from typing import Any
 
 from .config import Config
 from .engines.base import Engine, Message, Request, RequestError, Step
+from .filters import FILTER_REASONS, Filters
 from .prompt_sources import PromptSource
 from .records import lone_surrogate, writable
 from .templates import JUDGE_REPLIES, Templates
@@ -55,9 +56,7 @@ DROP_REASONS: dict[str, str] = {
     "final_rejected": "the final judge said いいえ",
     "answer_failed": "the answer request failed",
     "answer_empty": "the answer was empty",
-    "answer_refused": "the answer contains the refusal marker",
-    "answer_too_short": "the answer is shorter than min_answer_chars",
-    "answer_truncated": "the answer hit max_tokens (drop_truncated_answers is on)",
+    **FILTER_REASONS,
     "bad_text": "a step returned text with a cut character (a lone surrogate)",
 }
 
@@ -192,6 +191,11 @@ class _Dropped(Exception):
         self.reason = reason
 
 
+def _drop_if(reason: str | None) -> None:
+    if reason is not None:
+        raise _Dropped(reason)
+
+
 def _check_text(trace: StepTrace) -> None:
     """Drop the record whose step returned a lone surrogate (half of a character an API cut
     in two). Replacing it would put U+FFFD into training data, and keeping it would fail the
@@ -217,6 +221,7 @@ class Pipeline:
         self.templates = templates
         self.source = source
         self.engine = engine
+        self.filters = Filters.of(self.settings, templates)
 
     async def evolve(self, index: int) -> Outcome:
         outcome = Outcome(index=index, base_prompt=self.source.prompt(index))
@@ -240,19 +245,12 @@ class Pipeline:
         question = await self._generate(o, "flatten", prompt=prompt)
         if not await self._judge(o, question, JudgeKind.FINAL):
             raise _Dropped("final_rejected")
+        _drop_if(self.filters.question(question))
         answer = await self._generate(
             o, "answer", question=question, refusal_marker=self.settings.refusal_marker
         )
-        self._filter_answer(o, answer)
+        _drop_if(self.filters.answer(answer, o.steps[-1].finish_reason))
         return question, answer
-
-    def _filter_answer(self, o: Outcome, answer: str) -> None:
-        if self.settings.refusal_marker in answer:
-            raise _Dropped("answer_refused")
-        if len(answer) < self.settings.min_answer_chars:
-            raise _Dropped("answer_too_short")
-        if self.settings.drop_truncated_answers and o.steps[-1].finish_reason == "length":
-            raise _Dropped("answer_truncated")
 
     async def _generate(
         self,

@@ -186,8 +186,9 @@ def status(state: RunStatus, as_json: bool = False) -> str:
         f"prompts   {state.prompts_done} done, {state.records} records kept, "
         f"fixer ran {state.fixer_ran}",
     ]
+    width = max([18, *map(len, state.dropped)])  # the filters' reasons are longer than 18
     for reason, count in state.dropped.items():
-        lines.append(f"  {reason:<18} {count:>8}  {DROP_REASONS.get(reason, '')}")
+        lines.append(f"  {reason:<{width}} {count:>8}  {DROP_REASONS.get(reason, '')}")
     recent = state.recent
     lines += [
         f"tokens    {state.tokens['prompt']} prompt + {state.tokens['completion']} generated",
