@@ -17,7 +17,7 @@ import click
 from . import __version__, generator, render
 from .config import dump_config, load_config
 from .console import ProgressBar, StatusLine, ZoiGroup, friendly, log_to_stderr, warn
-from .encoder import EncodeOptions, Format
+from .encoder import EncodeOptions
 from .options import (
     DEFAULT_CONFIG,
     chunk_size_option,
@@ -29,6 +29,7 @@ from .options import (
     range_options,
     redis_option,
     run_option,
+    take_encoding,
     validate_range,
 )
 from .pipeline import Outcome
@@ -82,9 +83,7 @@ def config_check(file: Path) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT (and TRACE) if they exist.")
 @friendly
-def generate_cmd(
-    start: int, end: int, id_start: int, fmt: Format, with_meta: bool, dedup: bool, **options: Any
-) -> None:
+def generate_cmd(start: int, end: int, **options: Any) -> None:
     """Evolve base prompts [START, END) into records, in one process, without Redis.
 
     Records are written in base-prompt order, as `zoi merge` writes them (the original schema
@@ -92,7 +91,7 @@ def generate_cmd(
     and why the rest were dropped. The output file appears only when the run completes.
     """
     validate_range(start, end)
-    encoding = EncodeOptions(id_start, fmt, with_meta, dedup)
+    encoding = EncodeOptions(**take_encoding(options))
     with ProgressBar() as bar:
         report = generator.generate(
             start=start,
@@ -306,7 +305,8 @@ def merge_cmd(run_dir: Path, output: Path, overwrite: bool, **options: Any) -> N
     """
     from .merger import MergeOptions, merge_run
 
-    chosen = MergeOptions(**options)
+    encoding = take_encoding(options)
+    chosen = MergeOptions(**encoding, allow_partial=options["allow_partial"])
     report = merge_run(run_dir, output, chosen, overwrite=overwrite)
     click.echo(render.merged(report, output, chosen.dedup))
     warn(*render.merge_warnings(report))

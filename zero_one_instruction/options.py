@@ -9,7 +9,8 @@ from typing import Any, TypeVar
 
 import click
 
-from .encoder import FORMATS
+from .detectors import NEAR_THRESHOLD
+from .encoder import DEDUPS, FORMATS
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_CONFIG = "model_config.yml"
@@ -75,9 +76,37 @@ encoding_options = _options(
         help="Add each record's source index and evolution trace under 'meta'.",
     ),
     click.option(
-        "--dedup", is_flag=True, help="Drop records whose question repeats an earlier one."
+        "--dedup",
+        type=click.Choice(DEDUPS),
+        is_flag=False,
+        flag_value="exact",
+        default=None,
+        help="Drop records whose question repeats an earlier one: exact (plain --dedup), or "
+        "near: also nearly (MinHash over character trigrams), listing what it drops in "
+        "OUTPUT's .duplicates.jsonl sidecar.",
+    ),
+    click.option(
+        "--near-threshold",
+        type=click.FloatRange(0.0, 1.0, min_open=True),
+        help=f"With --dedup near: the estimated Jaccard similarity of two questions' "
+        f"character trigrams from which the later one is dropped. [default: {NEAR_THRESHOLD}]",
     ),
 )
+
+
+ENCODING = ("id_start", "fmt", "with_meta", "dedup", "near_threshold")
+
+
+def take_encoding(options: dict[str, Any]) -> dict[str, Any]:
+    """The `EncodeOptions` fields, taken out of a command's options (the rest are for the
+    command itself); --near-threshold only with --dedup near."""
+    chosen = {key: options.pop(key) for key in ENCODING}
+    if chosen["near_threshold"] is None:
+        del chosen["near_threshold"]
+    elif chosen["dedup"] != "near":
+        raise click.UsageError("--near-threshold goes with --dedup near")
+    return chosen
+
 
 _RUN_HELP = "Run directory: run.json, the shards, and the embedded Redis's data."
 

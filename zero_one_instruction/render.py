@@ -63,7 +63,7 @@ def generated(report: GenerateReport) -> str:
     return (
         summary(report.funnel, report.seconds, " incl. engine start")
         + f"\nwrote     {report.records} records to {report.output}"
-        + _duplicates(report.duplicates, report.dedup)
+        + _duplicates(report, report.dedup)
     )
 
 
@@ -146,17 +146,23 @@ def enqueue_warnings(report: EnqueueReport) -> list[str]:
     return [f"bad shard set aside and queued again: {problem}" for problem in report.bad_shards]
 
 
-def merged(report: MergeReport, output: object, dedup: bool) -> str:
+def merged(report: MergeReport, output: object, dedup: str | None) -> str:
     return (
         f"merged {report.merged}/{report.chunks} chunks: {report.records} records, "
         f"{report.bytes / 1e6:.1f} MB in {report.seconds:.2f} s -> {output}"
-        + _duplicates(report.duplicates, dedup)
+        + _duplicates(report, dedup)
     )
 
 
-def _duplicates(count: int, dedup: bool) -> str:
-    """What --dedup dropped, said only when it was asked for."""
-    return f" ({count} duplicate questions dropped)" if dedup else ""
+def _duplicates(report: GenerateReport | MergeReport, dedup: str | None) -> str:
+    """What --dedup dropped, said only when it was asked for (as before near dedup existed,
+    for plain --dedup)."""
+    if dedup != "near":
+        return f" ({report.duplicates} duplicate questions dropped)" if dedup else ""
+    return (
+        f" ({report.duplicates} duplicate and {report.near_duplicates} near-duplicate "
+        f"questions dropped, listed in {report.sidecar})"
+    )
 
 
 def merge_warnings(report: MergeReport) -> list[str]:
