@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .engines import EngineDead, load_engine
@@ -55,12 +55,18 @@ class EngineHost:
         future.add_done_callback(self._futures.discard)
         return future
 
-    async def evolve_chunk(self, chunk: Chunk, started: threading.Event) -> list[Outcome]:
+    async def evolve_chunk(
+        self,
+        chunk: Chunk,
+        started: threading.Event,
+        finished: Callable[[Outcome], None] = lambda outcome: None,
+    ) -> list[Outcome]:
         """All records of a chunk, each started as soon as a slot frees up. `started` is set
-        once the last record has a slot: the worker may then take the next chunk."""
+        once the last record has a slot: the worker may then take the next chunk. `finished`
+        gets each record's outcome as it ends, on the engine's loop (the live counters)."""
         try:
             indices = range(chunk.start, chunk.end)
-            return await self.pipeline.evolve_sharing(indices, self._slots, started.set)
+            return await self.pipeline.evolve_sharing(indices, self._slots, started.set, finished)
         except EngineDead as exc:
             self.dead = exc
             self.dead_chunks.append(chunk)

@@ -4,7 +4,8 @@ It is given a run that its caller created or reopened (`machine.run`, behind `zo
 enqueues the chunks that are not done, starts one worker process per GPU group and supervises
 them: a worker that dies is restarted with backoff, a janitor returns abandoned chunks, and
 chunks that the queue lost or that ran out of retries are queued again (a few times, then the
-run is declared stuck). Progress is computed from the done markers. When every chunk is done,
+run is declared stuck). Progress is computed from the done markers, and from the workers' live
+counters of the chunks in hand (`liveprogress`) while they run. When every chunk is done,
 it stops the workers and returns the progress; it does not merge, its caller does. On a run
 whose chunks are all done it returns at once, without starting a worker.
 
@@ -30,6 +31,7 @@ from . import shards
 from .errors import ZoiError
 from .janitor import Janitor, default_heartbeat_ttl
 from .jobs import chunk_queue, failed_chunks
+from .liveprogress import funnels, read
 from .merger import describe_ranges, index_ranges
 from .producer import EnqueueReport, JobPolicy, enqueue
 from .progress import Progress
@@ -149,7 +151,8 @@ class Launcher:
         while True:
             if not self.run.shards.is_dir():  # deleted under us: nothing can be kept now
                 raise LaunchError(f"{self.run.path}: the run directory was removed during the run")
-            self.progress.update(self.run, self.grid)
+            live = funnels(read(self.connection, self.run))  # before the markers: see `read`
+            self.progress.update(self.run, self.grid, live)
             self.on_progress(self.progress)
             if self._complete():
                 return

@@ -293,16 +293,19 @@ class Pipeline:
         indices: Iterable[int],
         slots: asyncio.Semaphore,
         started: Callable[[], None] = lambda: None,
+        finished: Callable[[Outcome], None] = lambda outcome: None,
     ) -> list[Outcome]:
         """Evolve these prompts, each as soon as one of `slots` (shared with other batches in
         flight) frees up. `started` is called once the last prompt has its slot: from then on
         this batch only drains, and the caller may start the next batch into the freed slots,
-        so the engine never idles at a batch boundary."""
+        so the engine never idles at a batch boundary. `finished` gets each outcome as soon as
+        its prompt is done, in no particular order, so a batch's progress can be shown while
+        it runs; it runs on the event loop, so it must be quick."""
         tasks: list[asyncio.Task[Outcome]] = []
         try:
             for index in indices:
                 await slots.acquire()
-                task = asyncio.ensure_future(self.evolve(index))
+                task = asyncio.ensure_future(self._evolve_reported(index, finished))
                 task.add_done_callback(lambda _: slots.release())
                 tasks.append(task)
             started()
@@ -310,6 +313,11 @@ class Pipeline:
         finally:
             for task in tasks:
                 task.cancel()
+
+    async def _evolve_reported(self, index: int, finished: Callable[[Outcome], None]) -> Outcome:
+        outcome = await self.evolve(index)
+        finished(outcome)
+        return outcome
 
     async def run(self, indices: Iterable[int]) -> AsyncIterator[Outcome]:
         """Outcomes in the order of `indices`, with at most `concurrency` prompts in flight.
