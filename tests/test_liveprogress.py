@@ -6,6 +6,7 @@ markers' figures."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import time
@@ -22,6 +23,7 @@ from zero_one_instruction.liveprogress import LiveBoard, counters_key, index_key
 from zero_one_instruction.pipeline import Outcome, Tally
 from zero_one_instruction.progress import Progress
 from zero_one_instruction.rundir import Run, create_or_open, open_run
+from zero_one_instruction.runner import ChunkTimeout, _wait
 from zero_one_instruction.status import status
 
 from .conftest import make_pipeline
@@ -193,3 +195,19 @@ def test_the_launcher_line_moves_before_the_first_chunk_ends(
     assert any(done == 0 and 0 < live < 12 for done, live in looks), looks
     assert looks[-1] == (1, 0)  # the marker counts, the counters are gone
     assert report.funnel.prompts == 12  # the summary: markers only
+
+
+def test_the_runner_publishes_while_it_waits_and_still_keeps_the_job_timeout() -> None:
+    pending: concurrent.futures.Future[int] = concurrent.futures.Future()
+    beats: list[float] = []
+    with pytest.raises(ChunkTimeout):
+        _wait(pending, 0.35, 0.1, lambda: beats.append(time.monotonic()))
+    assert 2 <= len(beats) <= 4 and pending.cancelled()
+
+    failed: concurrent.futures.Future[int] = concurrent.futures.Future()
+    failed.set_exception(TimeoutError("the engine's own"))  # not a wait that ran out
+    with pytest.raises(TimeoutError, match="the engine's own"):
+        _wait(failed, None, 0.1, lambda: beats.append(0.0))
+    done: concurrent.futures.Future[int] = concurrent.futures.Future()
+    done.set_result(7)
+    assert _wait(done, None, 0.1, lambda: beats.append(0.0)) == 7
