@@ -24,7 +24,7 @@ from .broker import connect
 from .config import load_config
 from .embeddedredis import revive
 from .gpus import cuda_environment, groups, select, visible_gpus
-from .launcher import Launcher, WorkerSpec, plan
+from .launcher import Launcher
 from .merger import MergeOptions, MergeReport, merge
 from .outputs import check_output, remember_output
 from .pipeline import Tally
@@ -33,6 +33,7 @@ from .producer import enqueue as enqueue_chunks
 from .progress import Progress
 from .rundir import Run, create_or_open, open_run
 from .worker import exit_with_parent, serve
+from .workerplan import WorkerSpec, plan
 
 log = logging.getLogger(__name__)
 

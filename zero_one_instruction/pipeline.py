@@ -332,12 +332,16 @@ class Pipeline:
         indices: Iterable[int],
         slots: asyncio.Semaphore | None = None,
         started: Callable[[], None] = lambda: None,
+        finished: Callable[[Outcome], None] = lambda outcome: None,
     ) -> AsyncIterator[Outcome]:
         """Outcomes in the order of `indices`, each prompt started as soon as one of `slots`
         frees up: the one scheduler, for `zoi generate` (its own `concurrency` slots) and for
         the worker (slots shared by every chunk in flight). `started` is called once the last
         prompt has its slot: from then on this batch only drains, and the worker may start
         its next chunk into the freed slots, so the engine never idles at a chunk boundary.
+        `finished` gets each outcome as soon as its prompt is done, in no particular order, so
+        a chunk's progress can be shown while it runs; it runs on the event loop, so it must
+        be quick.
 
         Finished outcomes wait until those before them are done. A window of four times the
         concurrency bounds them, so memory stays bounded however long the range is. The first
@@ -345,7 +349,7 @@ class Pipeline:
         """
         limit = self.config.concurrency()
         slots = asyncio.Semaphore(limit) if slots is None else slots
-        window = _Window(slots)
+        window = _Window(slots, finished)
         try:
             for index in indices:
                 await slots.acquire()
@@ -363,8 +367,8 @@ class _Window:
     """The prompts in flight and those finished before them, oldest first; a prompt's slot is
     freed as soon as it finishes, and the first failure is kept to fail the batch at once."""
 
-    def __init__(self, slots: asyncio.Semaphore) -> None:
-        self.slots = slots
+    def __init__(self, slots: asyncio.Semaphore, finished: Callable[[Outcome], None]) -> None:
+        self.slots, self.finished = slots, finished
         self.tasks: deque[asyncio.Task[Outcome]] = deque()
         self.failed: asyncio.Future[asyncio.Task[Outcome]] = (
             asyncio.get_running_loop().create_future()
@@ -380,7 +384,11 @@ class _Window:
 
     def _finished(self, task: asyncio.Task[Outcome]) -> None:
         self.slots.release()
-        if not task.cancelled() and task.exception() is not None and not self.failed.done():
+        if task.cancelled():
+            return
+        if task.exception() is None:
+            self.finished(task.result())
+        elif not self.failed.done():
             self.failed.set_result(task)
 
     def ready(self) -> bool:

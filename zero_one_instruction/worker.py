@@ -45,6 +45,7 @@ from .engines.base import EngineDead
 from .errors import ZoiError
 from .janitor import Janitor, default_heartbeat_ttl
 from .jobs import ChunkJob, chunk_queue, failed_chunks
+from .liveprogress import LiveBoard
 from .merger import describe_ranges, index_ranges
 from .rqinternals import StoppableWorker
 from .rundir import Run
@@ -293,11 +294,12 @@ def serve(
     whose append-only file still holds the queue."""
     host = EngineHost(run)
     unique_name = worker_name(name)
+    ttl = heartbeat_ttl or default_heartbeat_ttl(heartbeat_interval)
     worker = ChunkWorker(
         [chunk_queue(connection, run)],
-        ChunkRunner(run, host, unique_name),
+        ChunkRunner(run, host, unique_name, LiveBoard(connection, run, ttl)),
         heartbeat_interval=heartbeat_interval,
-        heartbeat_ttl=heartbeat_ttl or default_heartbeat_ttl(heartbeat_interval),
+        heartbeat_ttl=ttl,
         janitor_interval=janitor_interval,
         connection=connection,
         name=unique_name,
