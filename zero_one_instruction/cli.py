@@ -23,8 +23,10 @@ from .options import (
     chunk_size_option,
     config_option,
     encoding_options,
+    heartbeat_options,
     id_start_option,
     index_range,
+    job_policy_options,
     overwrite_option,
     range_options,
     redis_option,
@@ -182,20 +184,7 @@ def real_model(directory: Path, source: str) -> None:
 @run_option
 @range_options
 @chunk_size_option
-@click.option(
-    "--retries",
-    type=click.IntRange(min=0),
-    default=3,
-    show_default=True,
-    help="How often a failed or abandoned chunk is retried.",
-)
-@click.option(
-    "--job-timeout",
-    type=click.IntRange(min=60),
-    default=24 * 3600,
-    show_default=True,
-    help="Seconds a chunk may run before it is failed (and retried).",
-)
+@job_policy_options
 @redis_option
 @friendly
 def enqueue_cmd(
@@ -253,26 +242,7 @@ def enqueue_cmd(
     hidden=True,
     help="Stop at once when process PID (the `zoi run` launcher) is gone.",
 )
-@click.option(
-    "--heartbeat",
-    type=click.FloatRange(min=0.1),
-    default=10.0,
-    show_default=True,
-    help="Seconds between heartbeats of running chunks.",
-)
-@click.option(
-    "--heartbeat-ttl",
-    type=click.IntRange(min=1),
-    help="Seconds without a heartbeat after which a chunk counts as abandoned "
-    "[default: 3 x heartbeat + 5; at least heartbeat + 2].",
-)
-@click.option(
-    "--janitor",
-    type=click.FloatRange(min=0.1),
-    default=15.0,
-    show_default=True,
-    help="Seconds between sweeps that return abandoned chunks to the queue.",
-)
+@heartbeat_options
 @friendly
 def worker_cmd(**options: Any) -> None:
     """Hold one engine for the worker's whole life and turn queued chunks into shards.

@@ -29,7 +29,7 @@ import redis
 
 from . import shards
 from .errors import ZoiError
-from .janitor import Janitor, default_heartbeat_ttl
+from .janitor import HEARTBEAT_SECONDS, SWEEP_SECONDS, Janitor, default_heartbeat_ttl
 from .jobs import chunk_queue, failed_chunks
 from .liveprogress import funnels, read
 from .merger import describe_ranges, index_ranges
@@ -85,7 +85,7 @@ class Launcher:
         specs: list[WorkerSpec],
         on_event: Callable[[str], None],
         on_progress: Callable[[Progress], None],
-        heartbeat: float = 10.0,
+        heartbeat: float = HEARTBEAT_SECONDS,
         policy: JobPolicy | None = None,
         revive: Callable[[], None] | None = None,
         output: Path | None = None,
@@ -165,7 +165,7 @@ class Launcher:
             try:
                 for slot in self.slots:
                     self._tend(slot)
-                if now - last_sweep >= min(self.heartbeat, 15.0):
+                if now - last_sweep >= min(self.heartbeat, SWEEP_SECONDS):
                     last_sweep = now
                     self.janitor.sweep()
                 since = now - last_reconcile

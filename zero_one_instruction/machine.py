@@ -24,6 +24,7 @@ from .broker import connect
 from .config import load_config
 from .embeddedredis import revive
 from .gpus import cuda_environment, groups, select, visible_gpus
+from .janitor import HEARTBEAT_SECONDS, SWEEP_SECONDS
 from .launcher import Launcher
 from .merger import MergeOptions, MergeReport, merge
 from .outputs import check_output, remember_output
@@ -88,9 +89,9 @@ def work(
     name: str | None = None,
     burst: bool = False,
     parent: int | None = None,
-    heartbeat: float = 10.0,
+    heartbeat: float = HEARTBEAT_SECONDS,
     heartbeat_ttl: int | None = None,
-    janitor: float = 15.0,
+    janitor: float = SWEEP_SECONDS,
 ) -> bool:
     """Serve the run in `run_dir` as one worker until stopped (with `burst`, until no chunk
     is queued or running); whether any chunk ran.
