@@ -369,11 +369,21 @@ def run_cmd(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write every figure to this JSON file.",
 )
+@click.option(
+    "-o",
+    "--output",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the report as a self-contained HTML page (plots inline, opens offline).",
+)
 @friendly
-def report_cmd(file: Path | None, run_dir: Path | None, json_path: Path | None) -> None:
+def report_cmd(
+    file: Path | None, run_dir: Path | None, json_path: Path | None, html_path: Path | None
+) -> None:
     """What the data is like: lengths, exact and near duplicates, diversity, language and
     flags (leaked template scaffolding, looping or restating answers), for a merged FILE.jsonl
     or, with --run, a run directory (then also the funnel from its traces)."""
     from .report import make_report
 
-    click.echo(render.data_report(make_report(file, run_dir, json_path)))
+    report = make_report(file, run_dir, json_path, html_path=html_path)
+    click.echo(render.data_report(report))
