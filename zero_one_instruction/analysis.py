@@ -248,7 +248,7 @@ class RecordAnalysis:
         }
 
 
-def _step_name(step: dict[str, Any]) -> str:
+def step_name(step: dict[str, Any]) -> str:
     """A trace step as the funnel names it: the judges apart by which judgement they are."""
     name = str(step.get("step"))
     if name == "judge":
@@ -270,7 +270,7 @@ class FunnelAnalysis:
     def add(self, item: Item) -> None:
         steps = item.steps or []
         if not item.kept and steps:
-            self.dropped_at[_step_name(steps[-1])] += 1
+            self.dropped_at[step_name(steps[-1])] += 1
         for step in steps:
             if step.get("step") != "judge":
                 continue

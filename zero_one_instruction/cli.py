@@ -23,8 +23,10 @@ from .options import (
     chunk_size_option,
     config_option,
     encoding_options,
+    heartbeat_options,
     id_start_option,
     index_range,
+    job_policy_options,
     overwrite_option,
     range_options,
     redis_option,
@@ -181,20 +183,7 @@ def real_model(directory: Path, source: str) -> None:
 @run_option
 @range_options
 @chunk_size_option
-@click.option(
-    "--retries",
-    type=click.IntRange(min=0),
-    default=3,
-    show_default=True,
-    help="How often a failed or abandoned chunk is retried.",
-)
-@click.option(
-    "--job-timeout",
-    type=click.IntRange(min=60),
-    default=24 * 3600,
-    show_default=True,
-    help="Seconds a chunk may run before it is failed (and retried).",
-)
+@job_policy_options
 @redis_option
 @friendly
 def enqueue_cmd(
@@ -252,26 +241,7 @@ def enqueue_cmd(
     hidden=True,
     help="Stop at once when process PID (the `zoi run` launcher) is gone.",
 )
-@click.option(
-    "--heartbeat",
-    type=click.FloatRange(min=0.1),
-    default=10.0,
-    show_default=True,
-    help="Seconds between heartbeats of running chunks.",
-)
-@click.option(
-    "--heartbeat-ttl",
-    type=click.IntRange(min=1),
-    help="Seconds without a heartbeat after which a chunk counts as abandoned "
-    "[default: 3 x heartbeat + 5; at least heartbeat + 2].",
-)
-@click.option(
-    "--janitor",
-    type=click.FloatRange(min=0.1),
-    default=15.0,
-    show_default=True,
-    help="Seconds between sweeps that return abandoned chunks to the queue.",
-)
+@heartbeat_options
 @friendly
 def worker_cmd(**options: Any) -> None:
     """Hold one engine for the worker's whole life and turn queued chunks into shards.
@@ -399,11 +369,21 @@ def run_cmd(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write every figure to this JSON file.",
 )
+@click.option(
+    "-o",
+    "--output",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the report as a self-contained HTML page (plots inline, opens offline).",
+)
 @friendly
-def report_cmd(file: Path | None, run_dir: Path | None, json_path: Path | None) -> None:
+def report_cmd(
+    file: Path | None, run_dir: Path | None, json_path: Path | None, html_path: Path | None
+) -> None:
     """What the data is like: lengths, exact and near duplicates, diversity, language and
     flags (leaked template scaffolding, looping or restating answers), for a merged FILE.jsonl
     or, with --run, a run directory (then also the funnel from its traces)."""
     from .report import make_report
 
-    click.echo(render.data_report(make_report(file, run_dir, json_path)))
+    report = make_report(file, run_dir, json_path, html_path=html_path)
+    click.echo(render.data_report(report))

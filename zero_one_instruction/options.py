@@ -11,6 +11,8 @@ import click
 
 from .detectors import NEAR_THRESHOLD
 from .encoder import DEDUPS, FORMATS
+from .janitor import HEARTBEAT_SECONDS, SWEEP_SECONDS
+from .producer import JobPolicy
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_CONFIG = "model_config.yml"
@@ -107,6 +109,46 @@ def take_encoding(options: dict[str, Any]) -> dict[str, Any]:
         raise click.UsageError("--near-threshold goes with --dedup near")
     return chosen
 
+
+job_policy_options = _options(
+    click.option(
+        "--retries",
+        type=click.IntRange(min=0),
+        default=JobPolicy.retries,
+        show_default=True,
+        help="How often a failed or abandoned chunk is retried.",
+    ),
+    click.option(
+        "--job-timeout",
+        type=click.IntRange(min=60),
+        default=JobPolicy.timeout,
+        show_default=True,
+        help="Seconds a chunk may run before it is failed (and retried).",
+    ),
+)
+
+heartbeat_options = _options(
+    click.option(
+        "--heartbeat",
+        type=click.FloatRange(min=0.1),
+        default=HEARTBEAT_SECONDS,
+        show_default=True,
+        help="Seconds between heartbeats of running chunks.",
+    ),
+    click.option(
+        "--heartbeat-ttl",
+        type=click.IntRange(min=1),
+        help="Seconds without a heartbeat after which a chunk counts as abandoned "
+        "[default: 3 x heartbeat + 5; at least heartbeat + 2].",
+    ),
+    click.option(
+        "--janitor",
+        type=click.FloatRange(min=0.1),
+        default=SWEEP_SECONDS,
+        show_default=True,
+        help="Seconds between sweeps that return abandoned chunks to the queue.",
+    ),
+)
 
 _RUN_HELP = "Run directory: run.json, the shards, and the embedded Redis's data."
 

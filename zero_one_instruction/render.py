@@ -234,6 +234,7 @@ def data_report(report: DataReport) -> str:
     if source["kind"] == "run" and source["read"] < source["chunks"]:
         covered = f"{source['read']} of {source['chunks']} chunks"
         lines.append(f"covers    {covered} (the rest not done or damaged)")
-    if report.json_path is not None:
-        lines.append(f"wrote     {report.json_path}")
+    for path in (report.json_path, report.html_path):
+        if path is not None:
+            lines.append(f"wrote     {path}")
     return "\n".join(lines)
