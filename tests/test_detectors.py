@@ -9,6 +9,7 @@ from zero_one_instruction.detectors import (
     leaked,
     looping,
     other_language,
+    refusal,
     restates,
     scaffolding,
     script_share,
@@ -97,3 +98,43 @@ def test_restates() -> None:
     assert restates(question, "日本の首都はどこですか、その歴史も教えて下さい。東京です。")
     assert not restates(question, "東京です。江戸時代から政治の中心で、明治に首都となりました。")
     assert not restates("短い質問", "短い質問への答えです。")  # too short to tell
+
+
+@pytest.mark.parametrize(
+    ("answer", "found"),
+    [
+        ("申し訳ありませんが、その質問にはお答えできません。", "お答えできません"),
+        ("この質問には回答することができません。", "回答することができません"),
+        ("答えるための情報が不足しています。", "情報が不足"),
+        (
+            "ご質問の意図がわかりません。もう少し詳しく教えてください。",
+            "ご質問の意図がわかりません",
+        ),
+        ("I'm sorry, but I cannot help with that request.", "I'm sorry"),
+        ("抱歉，我无法回答这个问题。", "抱歉"),
+        ("不 可 能", "marker"),  # the marker with spaces inside: the pipeline's check misses it
+    ],
+)
+def test_refusal_finds_a_kept_refusal(answer: str, found: str) -> None:
+    assert refusal(answer, "不可能") == found
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        JAPANESE,
+        "一度解凍した肉は再冷凍できません。使う分だけ解凍し、その日のうちに使い切りましょう。",
+        "質問に回答することで理解が深まります。まず自分の言葉で説明してみましょう。",
+        # A hedge that then answers at length is an answer.
+        "申し訳ありませんが、正確な数は分かりません。" + JAPANESE * 10,
+        # The phrase far into the answer is not how a refusal opens.
+        JAPANESE * 3 + "それ以上の情報がないため、ここまでとします。",
+    ],
+)
+def test_refusal_stays_quiet_on_answers(answer: str) -> None:
+    assert refusal(answer, "不可能") is None
+
+
+def test_refusal_takes_the_run_s_own_marker_in_any_width_and_case() -> None:
+    assert refusal("Ｉｍｐｏｓｓｉｂｌｅ", "IMPOSSIBLE") == "marker"
+    assert refusal("不可能", "IMPOSSIBLE") is None

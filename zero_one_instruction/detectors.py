@@ -1,5 +1,5 @@
 """Small pure checks on one question or answer: script share, scaffolding leaks, loops,
-restated questions.
+restated questions, refusals in other words than the marker.
 
 `zoi report` counts what they find, and the pipeline's filters (`language`, `leakage`,
 `repetition`) are meant to call the same functions, so that a figure in the report and a drop
@@ -47,6 +47,24 @@ RESTATE_SHARE = 0.6
 # are near-duplicates (`neardup`); here, so the merge's options know it without datasketch.
 NEAR_THRESHOLD = 0.7
 RESTATE_MIN_CHARS = 10
+# A refusal says so at once and says little else: its phrase must start in the answer's first
+# REFUSAL_OPENING characters, and the answer must be at most REFUSAL_MAX_CHARS long.
+REFUSAL_OPENING = 120
+REFUSAL_MAX_CHARS = 400
+# Ways a model declines without the marker: they say the speaker cannot or will not answer or
+# help, that the question lacks what an answer needs, or apologise in the way English and
+# Chinese chat models open a refusal. "できません" alone is not here: 「再冷凍はできません」
+# is an answer.
+_REFUSAL = re.compile(
+    r"(?:お|ご)?(?:答え|回答|返答|応え|返事|手伝い|協力|対応)(?:すること)?(?:が|は)?"
+    r"(?:できません|いたしかねます|できかねます)"
+    r"|(?:お答え|回答|返答)を(?:控え|差し控え)|答えられません"
+    r"|(?:情報|前提|文脈)が(?:不足|足りな|ありません|ないため)"
+    r"|(?:質問|ご質問|依頼)の(?:意味|意図|内容)が(?:分|わ)かりません"
+    r"|\bI(?:'m| am) (?:sorry|unable)|\bI (?:cannot|can't|can not|won't)|\bas an AI\b"
+    r"|抱歉|无法回答|无法提供",
+    re.IGNORECASE,
+)
 
 
 def normalized(text: str) -> str:
@@ -226,3 +244,23 @@ def restates(question: str, answer: str, n: int = 3) -> bool:
     q_grams = set(char_ngrams(q, n))
     opening = set(char_ngrams(a[: len(q) + len(q) // 4], n))
     return len(q_grams & opening) / len(q_grams) >= RESTATE_SHARE
+
+
+def refusal(answer: str, marker: str) -> str | None:
+    """What makes a kept answer look like a refusal that the marker check let through, or None.
+
+    The pipeline drops an answer that holds the refusal marker word for word; a model that
+    declines in its own words ("お答えできません", "I'm sorry") or writes the marker in another
+    form (other width or case, spaces inside) is kept. Such an answer is flagged when a refusal
+    phrase starts in its opening and the answer is short, or when it holds the marker once
+    widths, case and spaces are evened out ("marker"). A long answer that opens with a hedge
+    and then answers is an answer, so length rules it out."""
+    if marker and _compact(marker).casefold() in _compact(answer).casefold():
+        return "marker"
+    text = normalized(answer).strip()
+    if len(text) > REFUSAL_MAX_CHARS:
+        return None
+    match = _REFUSAL.search(text)
+    if match is None or match.start() >= REFUSAL_OPENING:
+        return None
+    return match.group(0)
