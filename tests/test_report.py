@@ -229,3 +229,92 @@ def test_cli_on_a_run_matches_its_merged_file(
     assert_one_line_error(
         zoi("report", "--run", str(run_dir), "--json", str(run_dir / "r.json")), "inside the run"
     )
+
+
+REFUSING = [
+    "申し訳ありませんが、その質問にはお答えできません。",
+    "答えるための情報が不足しています。",
+    "I'm sorry, but I cannot help with that request.",
+]
+# Answers with a refusal's words that are answers: the control.
+NOT_REFUSING = [
+    "一度解凍した肉は再冷凍できません。使う分だけ解凍し、その日のうちに使い切りましょう。",
+    "申し訳ありませんが、正確な数は分かりません。" + CLEAN[4][1] * 10,
+]
+
+
+def test_refusals_kept_below_the_marker_are_flagged_and_their_look_alikes_not(
+    tmp_path: Path,
+) -> None:
+    answers = REFUSING + NOT_REFUSING
+    pairs = list(CLEAN) + [(f"{CLEAN[i][0]}（{i}）", a) for i, a in enumerate(answers)]
+    figures = make_report(_write(tmp_path / "refusals.jsonl", pairs)).figures
+    flags = figures["flags"]
+    assert flags["refusing_answers"] == len(REFUSING)
+    assert flags["refusal_marker"] == "不可能"
+    assert [e["index"] for e in flags["refusing"]["examples"]] == [10, 11, 12]
+    assert flags["refusing"]["by_kind"] == {"お答えできません": 1, "情報が不足": 1, "I'm sorry": 1}
+    clean = make_report(_write(tmp_path / "clean.jsonl", CLEAN)).figures["flags"]
+    assert clean["refusing_answers"] == 0 and clean["refusing"]["examples"] == []
+
+
+def _tokens(tiny_model: Path, text: str) -> int:
+    """The tiny tokenizer's count, read with the `tokenizers` library, not transformers."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+    return len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def test_tokens_are_counted_with_the_tokenizer_asked_for(tmp_path: Path, tiny_model: Path) -> None:
+    path = _write(tmp_path / "data.jsonl", CLEAN)
+    result = zoi(
+        "report", str(path), "--json", str(tmp_path / "r.json"), "--tokenizer", str(tiny_model)
+    )
+    assert result.exit_code == 0, result.stderr
+    assert f"tokens    {tiny_model}" in result.stdout
+    lengths = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["lengths"]
+    assert lengths["tokenizer"] == str(tiny_model) and lengths["not_counted"] is None
+    for side, position in (("question", 0), ("answer", 1)):
+        counts = sorted(_tokens(tiny_model, pair[position]) for pair in CLEAN)
+        tokens = lengths[side]["tokens"]
+        assert (tokens["count"], tokens["min"], tokens["max"]) == (10, counts[0], counts[-1])
+        assert tokens["percentiles"]["p50"] == counts[4]
+
+
+def test_without_a_tokenizer_the_report_says_why(tmp_path: Path, tiny_model: Path) -> None:
+    path = _write(tmp_path / "data.jsonl", CLEAN)
+    lengths = make_report(path).figures["lengths"]
+    assert lengths["question"]["tokens"] is None and lengths["tokenizer"] is None
+    assert "does not name its model" in lengths["not_counted"]
+    result = zoi("report", str(path), "--no-tokens")
+    assert result.exit_code == 0 and "tokens    not counted: turned off" in result.stdout
+    missing = tmp_path / "no-model"
+    missing.mkdir()
+    assert_one_line_error(zoi("report", str(path), "--tokenizer", str(missing)), "cannot load it")
+    assert_one_line_error(
+        zoi("report", str(path), "--tokenizer", str(tiny_model), "--no-tokens"),
+        "--tokenizer or --no-tokens",
+    )
+
+
+def test_a_run_s_tokenizer_is_used_only_when_it_is_on_this_machine(tiny_model: Path) -> None:
+    from types import SimpleNamespace
+
+    from zero_one_instruction.tokens import AUTO, TokenRequest, choose
+
+    def run(model: str, **engine_kwargs: str) -> Any:
+        config = SimpleNamespace(model_name=model, engine_kwargs=engine_kwargs)
+        return SimpleNamespace(config=config)
+
+    here = choose(AUTO, run(str(tiny_model)))
+    assert here.name == str(tiny_model) and here.count is not None and here.count("猫") >= 1
+    via_kwargs = choose(AUTO, run("scripted", tokenizer=str(tiny_model)))
+    assert via_kwargs.name == str(tiny_model)
+    for model in ("scripted", "zoi-test/no-such-model-anywhere", "/no/such/dir"):
+        absent = choose(AUTO, run(model))
+        assert absent.count is None and absent.reason == (
+            f"the run's tokenizer {model} is not on this machine"
+        )
+    off = choose(TokenRequest(auto=False), run(str(tiny_model)))
+    assert off.count is None and off.reason == "turned off (--no-tokens)"

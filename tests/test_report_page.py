@@ -17,6 +17,7 @@ import pytest
 from zero_one_instruction.page import render_page
 from zero_one_instruction.records import original_record
 from zero_one_instruction.report import make_report
+from zero_one_instruction.tokens import TokenRequest
 
 from .clitools import assert_one_line_error, zoi
 from .report_demo import TASKS, make_demo_page
@@ -90,8 +91,8 @@ def _plots(dom: str) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_demo_page(tmp_path_factory.mktemp("demo"))
+def demo(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    return make_demo_page(tmp_path_factory.mktemp("demo"), tiny_model)
 
 
 def test_a_run_s_page_renders_every_section_and_plot_without_console_messages(
@@ -106,7 +107,9 @@ def test_a_run_s_page_renders_every_section_and_plot_without_console_messages(
             "funnel",
             "acceptance",
             "length-question-chars",
+            "length-question-tokens",
             "length-answer-chars",
+            "length-answer-tokens",
             "duplicates",
             "clusters",
             "distinct",
@@ -221,3 +224,30 @@ def test_a_file_has_no_task_coverage_and_the_page_refuses_bad_outputs(tmp_path: 
     same = str(tmp_path / "r.out")
     assert_one_line_error(zoi("report", str(path), "-o", same, "--json", same), "JSON output too")
     assert "<svg" in render_page(figures)
+
+
+def test_tokens_refusals_and_cut_off_answers_of_a_run_and_of_its_merged_file(
+    demo: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    figures = json.loads((demo.parent / "report.json").read_text(encoding="utf-8"))
+    per_task = figures["funnel"]["prompts"] // len(TASKS)
+    lengths = figures["lengths"]
+    assert lengths["tokenizer"] == str(tiny_model)  # found through the run's model_name
+    assert lengths["answer"]["tokens"]["count"] == figures["records"]
+    assert lengths["truncated_answers"] == per_task
+    assert figures["flags"]["refusing_answers"] == per_task
+    assert figures["flags"]["refusing"]["by_kind"] == {"お答えできません": per_task}
+    html = demo.read_text(encoding="utf-8")
+    assert f"Refusals kept below the marker ({per_task})" in html
+    assert "Kept answers cut off by <code>max_tokens</code>" in html
+    assert f"counted with the tokenizer <code>{tiny_model}</code>" in html
+
+    merged = tmp_path / "meta.jsonl"
+    run_dir = demo.parent / "out.jsonl.run"
+    result = zoi("merge", "--run", str(run_dir), "-o", str(merged), "--with-meta")
+    assert result.exit_code == 0, result.stderr
+    from_file = make_report(merged, tokens=TokenRequest(str(tiny_model))).figures["lengths"]
+    for key in ("truncated_answers", "traced_records", "question", "answer"):
+        assert from_file[key] == lengths[key], key
+    plain = make_report(demo.parent / "out.jsonl").figures["lengths"]
+    assert plain["truncated_answers"] is None and plain["answer"]["tokens"] is None

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config import PipelineSettings
 from .dataset import Item
 from .detectors import (
     JAPANESE_SCRIPTS,
@@ -22,6 +23,7 @@ from .detectors import (
     leaked,
     looping,
     other_language,
+    refusal,
     restates,
     script_share,
 )
@@ -37,6 +39,8 @@ SAMPLE = 2000
 TOP = 10
 CLUSTERS = 10
 OPENING, ENDING = 6, 8
+# The marker the pipeline drops refusals by, where the input does not say which it used.
+REFUSAL_MARKER = PipelineSettings().refusal_marker
 JUDGES = {JudgeKind.FIRST: "first", JudgeKind.AFTER_FIX: "after_fixer", JudgeKind.FINAL: "final"}
 
 
@@ -124,8 +128,10 @@ class RecordAnalysis:
         labels: tuple[str, ...],
         tokenizer: Tokenizer | None = None,
         near: NearDuplicates | None = None,
+        refusal_marker: str = REFUSAL_MARKER,
     ) -> None:
         self.labels = labels
+        self.refusal_marker = refusal_marker
         self.tokenizer = tokenizer
         self.near = near or NearDuplicates()
         self.records = 0
@@ -135,6 +141,7 @@ class RecordAnalysis:
         self.truncated = 0
         self.traced = 0
         self.leaked, self.looping, self.restating = Flag(), Flag(), Flag()
+        self.refusing = Flag()
         self.openings: TopCounter[str] = TopCounter()
         self.endings: TopCounter[str] = TopCounter()
         self.sample: Reservoir[tuple[str, str]] = Reservoir(SAMPLE)
@@ -179,6 +186,9 @@ class RecordAnalysis:
             self.looping.add(index, answer, _short(unit))
         if restates(question, answer):
             self.restating.add(index, answer)
+        declined = refusal(answer, self.refusal_marker)
+        if declined is not None:
+            self.refusing.add(index, answer, declined)
 
     def _duplicates(self) -> dict[str, Any]:
         largest = sorted(self.clusters.values(), key=lambda c: (-c.size, c.root))[:CLUSTERS]
@@ -241,9 +251,12 @@ class RecordAnalysis:
                 "leaked_questions": self.leaked.count,
                 "looping_answers": self.looping.count,
                 "restating_answers": self.restating.count,
+                "refusing_answers": self.refusing.count,
+                "refusal_marker": self.refusal_marker,
                 "leaked": self.leaked.figures(),
                 "looping": self.looping.figures(),
                 "restating": self.restating.figures(),
+                "refusing": self.refusing.figures(),
             },
         }
 

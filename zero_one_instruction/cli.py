@@ -32,6 +32,8 @@ from .options import (
     redis_option,
     run_option,
     take_encoding,
+    take_tokens,
+    token_options,
     validate_range,
 )
 from .pipeline import Outcome
@@ -376,14 +378,21 @@ def run_cmd(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the report as a self-contained HTML page (plots inline, opens offline).",
 )
+@token_options
 @friendly
 def report_cmd(
-    file: Path | None, run_dir: Path | None, json_path: Path | None, html_path: Path | None
+    file: Path | None,
+    run_dir: Path | None,
+    json_path: Path | None,
+    html_path: Path | None,
+    **options: Any,
 ) -> None:
-    """What the data is like: lengths, exact and near duplicates, diversity, language and
-    flags (leaked template scaffolding, looping or restating answers), for a merged FILE.jsonl
-    or, with --run, a run directory (then also the funnel from its traces)."""
+    """What the data is like: lengths (characters, and tokens where a tokenizer is at hand),
+    exact and near duplicates, diversity, language and flags (leaked template scaffolding,
+    looping, restating or refusing answers), for a merged FILE.jsonl or, with --run, a run
+    directory (then also the funnel from its traces)."""
     from .report import make_report
 
-    report = make_report(file, run_dir, json_path, html_path=html_path)
+    tokens = take_tokens(options)
+    report = make_report(file, run_dir, json_path, html_path=html_path, tokens=tokens)
     click.echo(render.data_report(report))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -13,6 +13,9 @@ from .detectors import NEAR_THRESHOLD
 from .encoder import DEDUPS, FORMATS
 from .janitor import HEARTBEAT_SECONDS, SWEEP_SECONDS
 from .producer import JobPolicy
+
+if TYPE_CHECKING:
+    from .tokens import TokenRequest
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_CONFIG = "model_config.yml"
@@ -94,6 +97,28 @@ encoding_options = _options(
         f"character trigrams from which the later one is dropped. [default: {NEAR_THRESHOLD}]",
     ),
 )
+
+token_options = _options(
+    click.option(
+        "--tokenizer",
+        metavar="PATH|HUB_ID",
+        help="Count tokens with this tokenizer (a model directory, or a hub id already in the "
+        "local cache; never downloaded). Default: the run's model's, if it is on this machine.",
+    ),
+    click.option(
+        "--no-tokens", is_flag=True, help="Count lengths in characters only (load no tokenizer)."
+    ),
+)
+
+
+def take_tokens(options: dict[str, Any]) -> TokenRequest:
+    """What `zoi report` is asked to count tokens with, taken out of its options."""
+    from .tokens import TokenRequest  # here: the command line starts without the report's imports
+
+    name, off = options.pop("tokenizer"), options.pop("no_tokens")
+    if name is not None and off:
+        raise click.UsageError("give --tokenizer or --no-tokens, not both")
+    return TokenRequest(name, auto=not off)
 
 
 ENCODING = ("id_start", "fmt", "with_meta", "dedup", "near_threshold")

@@ -137,6 +137,7 @@ def _other_plots(out: Plots, figures: dict[str, Any]) -> None:
         "leaked scaffolding": flags["leaked_questions"],
         "looping answers": flags["looping_answers"],
         "restating answers": flags["restating_answers"],
+        "refusals below the marker": flags["refusing_answers"],
         "non-Japanese answers": language["non_japanese_answers"],
         "non-Japanese questions": language["non_japanese_questions"],
     }

@@ -225,11 +225,15 @@ def data_report(report: DataReport) -> str:
         "leaked scaffolding": flags["leaked_questions"],
         "looping answers": flags["looping_answers"],
         "restating answers": flags["restating_answers"],
+        "refusals below the marker": flags["refusing_answers"],
     }
     width = max(len(name) for name in counts)
     for name, count in counts.items():
         share = f" ({100 * count / records:.1f}%)" if records else ""
         lines.append(f"  {name:<{width}}  {count:>6}{share}")
+    lengths = figures["lengths"]
+    counted = lengths["tokenizer"] or f"not counted: {lengths['not_counted']}"
+    lines.append(f"tokens    {counted}")
     source = figures["source"]
     if source["kind"] == "run" and source["read"] < source["chunks"]:
         covered = f"{source['read']} of {source['chunks']} chunks"

@@ -17,7 +17,7 @@ from typing import Any
 
 from .analysis import FunnelAnalysis, RecordAnalysis, Tokenizer
 from .coverage import TaskCoverage, coverage_of, not_available
-from .dataset import DatasetError, Item, open_reader, read_file
+from .dataset import DatasetError, Item, RunReader, open_reader, read_file
 from .detectors import scaffolding
 from .neardup import THRESHOLD, NearDuplicates
 from .outputs import enclosing_run
@@ -26,6 +26,7 @@ from .pipeline import DROP_REASONS
 from .records import atomic_file
 from .samples import JudgeConfidence, Samples
 from .templates import load_templates
+from .tokens import AUTO, TokenRequest, choose
 
 FORMAT = 1
 
@@ -85,9 +86,11 @@ def _analyse(
             records.add(item)
 
 
-def _run_figures(run_dir: Path, analysis: RecordAnalysis, extras: _Extras) -> dict[str, Any]:
-    reader = open_reader(run_dir)
+def _run_figures(
+    run_dir: Path, reader: RunReader, analysis: RecordAnalysis, extras: _Extras
+) -> dict[str, Any]:
     analysis.labels = scaffolding(reader.run.templates)
+    analysis.refusal_marker = reader.run.config.pipeline.refusal_marker
     extras.coverage, why_not = coverage_of(reader.run)
     traces = FunnelAnalysis()
     _analyse(reader.items(), analysis, traces, extras)
@@ -104,6 +107,16 @@ def _run_figures(run_dir: Path, analysis: RecordAnalysis, extras: _Extras) -> di
     return {"source": source, "funnel": funnel, "task_coverage": tasks}
 
 
+def _file_figures(file: Path, analysis: RecordAnalysis, extras: _Extras) -> dict[str, Any]:
+    analysis.labels = scaffolding(load_templates())
+    _analyse(read_file(file), analysis, None, extras)
+    return {
+        "source": {"kind": "file", "path": str(file)},
+        "funnel": None,
+        "task_coverage": not_available("a merged file does not say which base prompts it had"),
+    }
+
+
 def make_report(
     file: Path | None = None,
     run_dir: Path | None = None,
@@ -111,34 +124,34 @@ def make_report(
     *,
     html_path: Path | None = None,
     tokenizer: Tokenizer | None = None,
+    tokens: TokenRequest = AUTO,
     near_threshold: float = THRESHOLD,
 ) -> DataReport:
     """The report on a merged `file` or on the run in `run_dir` (exactly one), written to
     `json_path` and as a page to `html_path` if given. A file is checked for the shipped
-    templates' scaffolding; a run for the templates it was made with."""
+    templates' scaffolding and refusal marker; a run for the templates and marker it was made
+    with. Tokens are counted with `tokenizer` if given, else as `tokens` asks (`tokens.choose`)."""
     if (file is None) == (run_dir is None):
         raise DatasetError("give a merged FILE.jsonl or --run RUN, not both and not neither")
     _check_outputs(json_path, html_path, [p for p in (file, run_dir) if p is not None], run_dir)
     began = time.monotonic()
+    reader = open_reader(run_dir) if run_dir is not None else None
+    counting = choose(tokens, reader.run if reader is not None else None, tokenizer)
     analysis = RecordAnalysis(
-        labels=(), tokenizer=tokenizer, near=NearDuplicates(threshold=near_threshold)
+        labels=(), tokenizer=counting.count, near=NearDuplicates(threshold=near_threshold)
     )
     extras = _Extras(Samples(), JudgeConfidence())
-    if run_dir is not None:
-        head = _run_figures(run_dir, analysis, extras)
+    if run_dir is not None and reader is not None:
+        head = _run_figures(run_dir, reader, analysis, extras)
     else:
         assert file is not None
-        analysis.labels = scaffolding(load_templates())
-        _analyse(read_file(file), analysis, None, extras)
-        head = {
-            "source": {"kind": "file", "path": str(file)},
-            "funnel": None,
-            "task_coverage": not_available("a merged file does not say which base prompts it had"),
-        }
+        head = _file_figures(file, analysis, extras)
+    body = analysis.figures()
+    body["lengths"].update(counting.figures())
     figures = {
         "format": FORMAT,
         **head,
-        **analysis.figures(),
+        **body,
         "judge_confidence": extras.confidence.figures(),
         "samples": extras.samples.figures(),
     }
