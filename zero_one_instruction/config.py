@@ -16,8 +16,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -70,6 +72,10 @@ class Sampling(_Strict):
         return merged
 
 
+# The `pipeline:` settings left out of a dump (and of a run's fingerprint) while they are None.
+OFF_WHEN_NONE = ("min_judge_confidence",)
+
+
 class PipelineSettings(_Strict):
     """The `pipeline:` section: how a base prompt is evolved (not `pipeline.Pipeline`, the
     flow that reads these)."""
@@ -80,6 +86,20 @@ class PipelineSettings(_Strict):
     refusal_marker: str = Field(default="不可能", min_length=1)
     drop_truncated_answers: bool = False
     concurrency: int | None = Field(default=None, ge=1)
+    # A judge's はい whose probability (where the engine gives one) is below this counts as a
+    # いいえ. None is off.
+    min_judge_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @model_serializer(mode="wrap")
+    def _leave_out_when_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Settings added after runs were made appear only when set: a config that leaves
+        them off dumps as it did before they existed, so its run's `run.json` and
+        fingerprint stay those of the runs already on disk, which can still be resumed."""
+        data: dict[str, Any] = handler(self)
+        for key in OFF_WHEN_NONE:
+            if data.get(key, "set") is None:
+                del data[key]
+        return data
 
 
 class Prompts(_Strict):
