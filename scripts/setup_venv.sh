@@ -22,4 +22,14 @@ pip=("$venv/bin/python" -m pip --quiet --disable-pip-version-check)
 "${pip[@]}" uninstall --yes torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 # [real]: what `zoi real-model` needs to convert the registry's GGUF (gguf, accelerate).
 "${pip[@]}" install --editable ".[dev,real]"
+# The report page's test opens it in a real headless browser: Debian's Chromium, where apt-get
+# can install it (as root); elsewhere that test skips and says why.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y --no-install-recommends chromium >/dev/null \
+      || { apt-get update >/dev/null && apt-get install -y --no-install-recommends chromium >/dev/null; }
+  else
+    echo "note: no chromium; tests/test_report_page.py will skip (apt-get install chromium)" >&2
+  fi
+fi
 "$venv/bin/python" -c "import vllm, zero_one_instruction; print('vllm', vllm.__version__, 'ready in $venv')"

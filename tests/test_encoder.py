@@ -87,7 +87,7 @@ def test_splice_writes_what_line_writes() -> None:
 
 
 def test_dedup_drops_repeated_questions_and_keeps_ids_consecutive() -> None:
-    encoder = Encoder(EncodeOptions(dedup=True))
+    encoder = Encoder(EncodeOptions(dedup="exact"))
     questions = ["同じ質問", "別の質問", "同じ質問", "三つ目", "別の質問"]
     lines = [encoder.outcome(kept(i, q), SYSTEM) for i, q in enumerate(questions)]
     assert [decode(line)["input"] for line in lines if line is not None] == [
@@ -103,7 +103,7 @@ def test_dedup_drops_repeated_questions_and_keeps_ids_consecutive() -> None:
 
 
 def test_rollback_forgets_the_ids_and_questions_since_the_last_commit() -> None:
-    encoder = Encoder(EncodeOptions(dedup=True, id_start=1))
+    encoder = Encoder(EncodeOptions(dedup="exact", id_start=1))
     encoder.outcome(kept(0, "残る質問"), SYSTEM)
     encoder.commit()
     assert encoder.outcome(kept(1, "消える質問"), SYSTEM) is not None
@@ -114,3 +114,86 @@ def test_rollback_forgets_the_ids_and_questions_since_the_last_commit() -> None:
     assert again["id"] == "record_2"
     encoder.commit()
     assert (encoder.records, encoder.duplicates) == (2, 0)
+
+
+# Two pairs of questions, each a rewording of the other (estimated trigram Jaccard 0.8 and
+# 0.9, found by LSH at the default 0.7), and far from the other pair.
+SEASONS = "日本の四季それぞれの特徴と、季節ごとの代表的な行事について詳しく説明してください。"
+SEASONS_AGAIN = SEASONS.replace("説明", "解説")
+PYTHON = "Pythonでリストの重複を取り除き、元の順序を保ったまま返す関数を書いてください。"
+PYTHON_AGAIN = PYTHON.replace("関数", "関数を")
+
+
+def near_encoder(**options: Any) -> tuple[Encoder, list[dict[str, Any]]]:
+    """An encoder with near dedup whose dropped records are collected, decoded."""
+    encoder = Encoder(EncodeOptions(dedup="near", **options))
+    removed: list[dict[str, Any]] = []
+    encoder.removed = lambda line: removed.append(decode(line))
+    return encoder, removed
+
+
+def test_near_dedup_drops_rewordings_and_lists_them_with_the_record_they_repeat() -> None:
+    encoder, removed = near_encoder(id_start=10)
+    questions = [SEASONS, PYTHON, SEASONS_AGAIN, SEASONS, PYTHON_AGAIN, "短い別の質問"]
+    lines = [encoder.outcome(kept(i, q), SYSTEM) for i, q in enumerate(questions)]
+    written = [decode(line) for line in lines if line is not None]
+    assert [(r["id"], r["input"]) for r in written] == [
+        ("record_10", SEASONS),
+        ("record_11", PYTHON),
+        ("record_12", "短い別の質問"),
+    ]
+    assert [(r["duplicate_of"], r["kind"], r["input"]) for r in removed] == [
+        ("record_10", "near", SEASONS_AGAIN),
+        ("record_10", "exact", SEASONS),
+        ("record_11", "near", PYTHON_AGAIN),
+    ]
+    assert removed[0]["output"] == "回答です。" and removed[0]["conversation"][1]["value"]
+    encoder.commit()
+    assert (encoder.records, encoder.duplicates, encoder.near_duplicates) == (3, 1, 2)
+
+
+def test_exact_dedup_keeps_rewordings() -> None:
+    """The control: the same questions without near dedup lose only the exact repeat."""
+    encoder = Encoder(EncodeOptions(dedup="exact"))
+    questions = [SEASONS, PYTHON, SEASONS_AGAIN, SEASONS, PYTHON_AGAIN]
+    lines = [encoder.outcome(kept(i, q), SYSTEM) for i, q in enumerate(questions)]
+    assert [line is None for line in lines] == [False, False, False, True, False]
+
+
+def test_a_lower_threshold_drops_more() -> None:
+    loose = "日本の季節ごとの代表的な行事と、それぞれの季節の特徴を教えてください。"
+    dropped = []
+    for threshold in (0.7, 0.3):
+        encoder, _ = near_encoder(near_threshold=threshold)
+        encoder.outcome(kept(0, SEASONS), SYSTEM)
+        dropped.append(encoder.outcome(kept(1, loose), SYSTEM) is None)
+    assert dropped == [False, True]
+
+
+def test_a_record_is_dropped_only_for_repeating_a_kept_one() -> None:
+    """No chains: the second of three questions, each a rewording of the one before, is
+    dropped, and the third is compared with the first, which it does not repeat."""
+    middle = SEASONS_AGAIN
+    last = middle.replace("代表的な", "主な")  # about 0.8 from the middle one, 0.6 from the first
+    encoder, removed = near_encoder()
+    kept_ones = [encoder.outcome(kept(i, q), SYSTEM) for i, q in enumerate([SEASONS, middle])]
+    assert kept_ones[1] is None and removed[0]["duplicate_of"] == "record_0"
+    assert encoder.outcome(kept(2, last), SYSTEM) is not None
+    control, _ = near_encoder()  # the middle one kept: then the last one repeats it
+    assert control.outcome(kept(0, middle), SYSTEM) is not None
+    assert control.outcome(kept(1, last), SYSTEM) is None
+
+
+def test_rollback_takes_questions_back_out_of_the_near_index() -> None:
+    encoder, removed = near_encoder()
+    encoder.outcome(kept(0, SEASONS), SYSTEM)
+    encoder.commit()
+    assert encoder.outcome(kept(1, PYTHON), SYSTEM) is not None
+    assert encoder.outcome(kept(2, SEASONS_AGAIN), SYSTEM) is None
+    encoder.rollback()
+    assert encoder.next_id == 1 and encoder.near_duplicates == 0
+    assert decode(encoder.outcome(kept(3, PYTHON_AGAIN), SYSTEM))["id"] == "record_1"
+    assert encoder.outcome(kept(4, SEASONS_AGAIN), SYSTEM) is None  # the committed one stays
+    encoder.commit()
+    assert (encoder.records, encoder.duplicates, encoder.near_duplicates) == (2, 0, 1)
+    assert [r["duplicate_of"] for r in removed] == ["record_0", "record_0"]

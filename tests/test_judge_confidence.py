@@ -16,6 +16,7 @@ from zero_one_instruction.dataset import Item
 from zero_one_instruction.engines.choices import choice_probabilities
 from zero_one_instruction.pipeline import DROP_REASONS, JudgeKind, Outcome, Tally
 from zero_one_instruction.rundir import RUN_FILE, RunError, create_or_open
+from zero_one_instruction.samples import JudgeConfidence
 
 from .conftest import make_pipeline
 from .scripted_engine import scripted_config
@@ -149,12 +150,12 @@ def test_a_yes_at_the_threshold_stands_and_without_one_nothing_is_doubted() -> N
 def test_the_setting_left_off_keeps_runs_and_their_fingerprint_as_they_were(
     tmp_path: Path,
 ) -> None:
-    """run.json (its spec, so its fingerprint, and its config) is written without the key
-    while it is off: runs made before it existed reopen, and a threshold is another run."""
+    """The run's spec, so its fingerprint, leaves the setting out while it is off: runs made
+    before it existed reopen, and a threshold is another run."""
     run = create_or_open(tmp_path / "run", scripted_config(), 0, 10, 5)
     written = json.loads((run.path / RUN_FILE).read_text(encoding="utf-8"))
     assert "min_judge_confidence" not in written["spec"]["pipeline"]
-    assert "min_judge_confidence" not in written["config"]["pipeline"]
+    assert written["config"]["pipeline"]["min_judge_confidence"] is None
     explicit = scripted_config(pipeline={"min_judge_confidence": None})
     assert create_or_open(run.path, explicit, 0, 10, 5).fingerprint == run.fingerprint
     strict = scripted_config(pipeline={"min_judge_confidence": 0.7})
@@ -172,31 +173,45 @@ def test_the_threshold_is_a_probability(value: object) -> None:
 # --- the report's figures ------------------------------------------------------------------
 
 
-def judge_step(kind: JudgeKind, verdict: bool | None, probability: float | None) -> dict[str, Any]:
-    step: dict[str, Any] = {"step": "judge", "attempt": int(kind), "verdict": verdict}
-    return step if probability is None else {**step, "yes_probability": probability}
+def as_item(outcome: Outcome) -> Item:
+    """An outcome as the report reads it back from a shard: its trace in JSON form."""
+    data = json.loads(json.dumps(outcome.to_dict(), ensure_ascii=False))
+    return Item(
+        outcome.index,
+        outcome.question,
+        outcome.answer,
+        outcome.drop_reason,
+        outcome.fixer_ran,
+        data["steps"],
+    )
 
 
-def test_the_report_gives_each_judges_distribution_of_yes() -> None:
-    funnel = FunnelAnalysis()
-    firsts = [(True, 0.97), (True, 0.91), (True, 1.0), (False, 0.02), (True, None)]
-    for index, (verdict, probability) in enumerate(firsts):
-        steps = [judge_step(JudgeKind.FIRST, verdict, probability)]
-        funnel.add(Item(index, "q", "a", steps=steps))
-    doubted = [judge_step(JudgeKind.FIRST, False, 0.1), judge_step(JudgeKind.AFTER_FIX, True, 0.3)]
-    funnel.add(Item(9, None, None, "fix_low_confidence", fixer_ran=True, steps=doubted))
-    figures = funnel.figures()
-    confidence = figures["judge_confidence"]
-    first = confidence["first"]
-    assert confidence["bins"] == 20 and first["without_probability"] == 1
-    assert first["yes"]["count"] == 3 and first["no"]["count"] == 2
-    assert first["yes"]["histogram"][18:] == [1, 2]  # 0.91; 0.97 and 1.0 in the last bin
-    assert first["no"]["histogram"][0] == 1 and first["no"]["histogram"][2] == 1
-    assert first["yes"]["percentiles"]["p50"] == 0.97
-    assert confidence["after_fixer"]["yes"]["histogram"][6] == 1
-    assert confidence["final"] == {
-        "without_probability": 0,
-        "yes": {"count": 0, "histogram": [0] * 20},
-        "no": {"count": 0, "histogram": [0] * 20},
+def test_the_report_plots_the_probabilities_the_trace_recorded() -> None:
+    outcomes = [
+        evolve("r1", {"judge@width": "!prob:0.97:はい", "judge@flatten": "!prob:0.42:いいえ"}),
+        evolve("r2", {"judge@width": "!prob:0.12:いいえ", "judge@fix": "!prob:0.93:はい"}),
+        evolve("r3", {}),  # an engine without probabilities adds nothing
+    ]
+    confidence = JudgeConfidence()
+    for outcome in outcomes:
+        confidence.add(as_item(outcome))
+    judges = confidence.figures()["judges"]
+    assert {name: j["count"] for name, j in judges.items()} == {
+        "first": 2,
+        "after_fixer": 1,
+        "final": 1,  # r2's final judge had no probability
     }
-    assert figures["fixer"]["rescued"] == 0  # a doubted yes after the fixer rescued nothing
+    assert judges["first"]["histogram"]["counts"][19] == 1  # 0.97
+    assert judges["first"]["histogram"]["counts"][2] == 1  # 0.12
+    assert judges["final"]["histogram"]["counts"][8] == 1  # 0.42
+
+
+def test_a_doubted_yes_after_the_fixer_is_not_a_rescue() -> None:
+    responses = {"judge@width": "いいえ", "judge@fix": "!prob:0.3:はい"}
+    doubted = evolve("d", responses, min_judge_confidence=0.5)
+    rescued = evolve("r", responses)
+    funnel = FunnelAnalysis()
+    funnel.add(as_item(doubted))
+    funnel.add(as_item(rescued))
+    assert doubted.drop_reason == "fix_low_confidence" and rescued.kept
+    assert funnel.figures()["fixer"] == {"ran": 2, "rescued": 1, "rescue_rate": 0.5}

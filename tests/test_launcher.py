@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from zero_one_instruction.gpus import GpuError, cuda_environment, groups, select
-from zero_one_instruction.launcher import plan
+from zero_one_instruction.workerplan import plan
 
 from . import queue_helpers
 from .clitools import assert_one_line_error, zoi

@@ -296,7 +296,7 @@ def test_worker_command_skips_the_working_directory_on_every_python(
     tmp_path: Path, version: tuple[int, int]
 ) -> None:
     """The 3.10 bootstrap is exercised on whatever Python runs the tests."""
-    from zero_one_instruction.launcher import python_module
+    from zero_one_instruction.safepath import python_module
 
     sentinel = tmp_path / "hostile-code-ran"
     (tmp_path / "click.py").write_text(HOSTILE.format(sentinel=str(sentinel)), encoding="utf-8")

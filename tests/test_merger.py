@@ -160,7 +160,7 @@ def test_dedup_drops_questions_seen_before_across_chunks(run: Run) -> None:
         first, second = range(chunk.start, chunk.end)
         outcomes = [outcome(first, question="同じ質問"), outcome(second)]
         shards.write_chunk(run, chunk, outcomes, SYSTEM, {})
-    report, records = _merge(run, MergeOptions(dedup=True))
+    report, records = _merge(run, MergeOptions(dedup="exact"))
     assert _numbered(records) == "record_0 同じ質問, record_1 質問1, record_2 質問3, record_3 質問5"
     assert (report.records, report.duplicates) == (4, 2)
     assert len(_merged(run)) == 6  # without dedup every record stays
@@ -172,7 +172,7 @@ def test_parsed_and_spliced_outputs_are_the_same_bytes(run: Run) -> None:
     finish_all(run, dropped=frozenset({3}))
     spliced, parsed = run.path.parent / "spliced.jsonl", run.path.parent / "parsed.jsonl"
     merge_run(run.path, spliced)
-    report = merge_run(run.path, parsed, MergeOptions(dedup=True))
+    report = merge_run(run.path, parsed, MergeOptions(dedup="exact"))
     assert report.duplicates == 0
     assert parsed.read_bytes() == spliced.read_bytes()
 
@@ -185,3 +185,58 @@ def test_an_existing_file_the_run_did_not_write_is_refused(run: Run) -> None:
         merge_run(run.path, other)
     assert other.read_text(encoding="utf-8") == "keep me\n"
     assert merge_run(run.path, other, overwrite=True).records == 6
+
+
+SEASONS = "日本の四季それぞれの特徴と、季節ごとの代表的な行事について詳しく説明してください。"
+PYTHON = "Pythonでリストの重複を取り除き、元の順序を保ったまま返す関数を書いてください。"
+# Each chunk's two questions: the second chunk rewords the first chunk's question and brings
+# one the third chunk rewords.
+NEAR_CHUNKS = [
+    (SEASONS, "短い質問"),
+    (SEASONS.replace("説明", "解説"), PYTHON),
+    (PYTHON.replace("関数", "関数を"), "別の質問"),
+]
+
+
+def _near_run(run: Run) -> Path:
+    """The chunks of NEAR_CHUNKS committed; the path of the near-dedup sidecar of out.jsonl."""
+    for chunk, questions in zip(run.chunks(), NEAR_CHUNKS, strict=True):
+        outcomes = [
+            outcome(i, question=q)
+            for i, q in zip(range(chunk.start, chunk.end), questions, strict=True)
+        ]
+        shards.write_chunk(run, chunk, outcomes, SYSTEM, {})
+    return run.path.parent / "out.duplicates.jsonl"
+
+
+def test_near_dedup_drops_rewordings_across_chunks_into_a_sidecar(run: Run) -> None:
+    sidecar = _near_run(run)
+    report, records = _merge(run, MergeOptions(dedup="near"))
+    assert _numbered(records) == (
+        f"record_0 {SEASONS}, record_1 短い質問, record_2 {PYTHON}, record_3 別の質問"
+    )
+    removed = _read(sidecar)
+    assert [(r["duplicate_of"], r["kind"], r["input"]) for r in removed] == [
+        ("record_0", "near", NEAR_CHUNKS[1][0]),
+        ("record_2", "near", NEAR_CHUNKS[2][0]),
+    ]
+    assert (report.records, report.duplicates, report.near_duplicates) == (4, 0, 2)
+    assert report.sidecar == sidecar
+    assert len(_merged(run, MergeOptions(dedup="exact"))) == 6  # the control: all differ
+
+
+@pytest.mark.parametrize("at", ["answer", "key"])
+def test_a_damaged_shard_takes_its_questions_out_of_the_near_index(run: Run, at: str) -> None:
+    """The second chunk fails its checksum while merged: its records leave the output, its
+    entries the sidecar, and its questions the index, so the third chunk's rewording of one
+    of them is kept. Damage that breaks the JSON is cut out the same way."""
+    sidecar = _near_run(run)
+    damaged = shards.path_of(run.shards, run.chunks()[1], "records")
+    data = damaged.read_bytes()
+    flip_a_byte(damaged, data.rindex("回答".encode()) + 2 if at == "answer" else 5)
+    report, records = _merge(run, MergeOptions(dedup="near", allow_partial=True))
+    assert _numbered(records) == (
+        f"record_0 {SEASONS}, record_1 短い質問, record_2 {NEAR_CHUNKS[2][0]}, record_3 別の質問"
+    )
+    assert sidecar.read_bytes() == b""
+    assert (report.near_duplicates, report.missing) == (0, [(2, 4)])

@@ -110,9 +110,12 @@ def test_sigkilled_worker_leaves_no_engine_behind(
     tiny_config: Path, tmp_path: Path, when: str
 ) -> None:
     """vLLM's engine process outlives a parent killed with SIGKILL; the reaper must not let
-    it, whether the worker dies while its engine loads or while it works."""
+    it, whether the worker dies while its engine loads or while it works. While it works,
+    `zoi status` counts its records before its first chunk ends (live counters)."""
     import signal
     import time
+
+    from zero_one_instruction.status import status_of
 
     run = tmp_path / "run"
     zoi(
@@ -133,9 +136,17 @@ def test_sigkilled_worker_leaves_no_engine_behind(
         stderr=subprocess.DEVNULL,
     )
 
+    moved = False  # whether `zoi status` counted records before the first chunk ended
+
     def ready() -> bool:
+        nonlocal moved
         started = bool(engine_processes(wrapper.pid))
-        return started if when == "loading" else started and any(run.glob("shards/*.done"))
+        if when == "loading" or not started:
+            return started
+        if not moved and not any(run.glob("shards/*.done")):
+            counted = status_of(run).prompts_done  # the worker's live counters, if any
+            moved = counted > 0 and not any(run.glob("shards/*.done"))
+        return any(run.glob("shards/*.done"))
 
     try:
         deadline = time.monotonic() + 300
@@ -153,6 +164,7 @@ def test_sigkilled_worker_leaves_no_engine_behind(
             wrapper.terminate()
             wrapper.wait(timeout=120)
     assert leftovers(report) == [], "engine processes outlived a killed worker"
+    assert moved or when == "loading", "progress stood still until the first chunk ended"
     zoi("status", "--run", str(run))  # the last client to leave stops the embedded Redis
 
 

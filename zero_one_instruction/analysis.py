@@ -38,8 +38,6 @@ TOP = 10
 CLUSTERS = 10
 OPENING, ENDING = 6, 8
 JUDGES = {JudgeKind.FIRST: "first", JudgeKind.AFTER_FIX: "after_fixer", JudgeKind.FINAL: "final"}
-CONFIDENCE_BINS = 20
-PER_MILLE = 1000
 
 
 def _short(text: str) -> str:
@@ -250,44 +248,7 @@ class RecordAnalysis:
         }
 
 
-@dataclass
-class Confidence:
-    """One judge's probabilities of はい, apart by the verdict it gave. Counted in thousandths,
-    so memory stays bounded and percentiles are exact to 0.001: which threshold
-    (`min_judge_confidence`) would drop how many of its はい is read off the yes side."""
-
-    sides: dict[str, Distribution] = field(
-        default_factory=lambda: {"yes": Distribution(), "no": Distribution()}
-    )
-    without: int = 0
-
-    def add(self, step: dict[str, Any]) -> None:
-        probability, verdict = step.get("yes_probability"), step.get("verdict")
-        if verdict is None or not isinstance(probability, (int, float)):
-            self.without += 1  # an engine without probabilities, or a failed judge
-            return
-        side = "yes" if verdict else "no"
-        self.sides[side].add(round(min(max(float(probability), 0.0), 1.0) * PER_MILLE))
-
-    def figures(self) -> dict[str, Any]:
-        return {
-            "without_probability": self.without,
-            **{side: _confidence_figures(d) for side, d in self.sides.items()},
-        }
-
-
-def _confidence_figures(values: Distribution) -> dict[str, Any]:
-    """Equal bins over [0, 1] (1.0 falls in the last), and percentiles as probabilities."""
-    bins = [0] * CONFIDENCE_BINS
-    for value, count in values.counts.items():
-        bins[min(value * CONFIDENCE_BINS // PER_MILLE, CONFIDENCE_BINS - 1)] += count
-    out: dict[str, Any] = {"count": values.total, "histogram": bins}
-    if values.total:
-        out["percentiles"] = {f"p{p}": values.percentile(p) / PER_MILLE for p in (1, 5, 10, 25, 50)}
-    return out
-
-
-def _step_name(step: dict[str, Any]) -> str:
+def step_name(step: dict[str, Any]) -> str:
     """A trace step as the funnel names it: the judges apart by which judgement they are."""
     name = str(step.get("step"))
     if name == "judge":
@@ -305,22 +266,19 @@ class FunnelAnalysis:
     accepted: Counter[str] = field(default_factory=Counter)
     fixer_ran: int = 0
     rescued: int = 0
-    confidence: dict[str, Confidence] = field(
-        default_factory=lambda: {judge: Confidence() for judge in JUDGES.values()}
-    )
 
     def add(self, item: Item) -> None:
         steps = item.steps or []
         if not item.kept and steps:
-            self.dropped_at[_step_name(steps[-1])] += 1
+            self.dropped_at[step_name(steps[-1])] += 1
         for step in steps:
             if step.get("step") != "judge":
                 continue
             judge = JUDGES.get(step.get("attempt", -1), "unknown")
             self.asked[judge] += 1
             self.accepted[judge] += step.get("verdict") is True
-            self.confidence.setdefault(judge, Confidence()).add(step)
             if judge == "after_fixer" and step.get("verdict") is True:
+                # a はい doubted by min_judge_confidence rescued nothing
                 self.rescued += item.drop_reason != "fix_low_confidence"
         self.fixer_ran += bool(item.fixer_ran)
 
@@ -342,9 +300,5 @@ class FunnelAnalysis:
                     "acceptance": rate(self.accepted[judge], self.asked[judge]),
                 }
                 for judge in JUDGES.values()
-            },
-            "judge_confidence": {
-                "bins": CONFIDENCE_BINS,
-                **{judge: c.figures() for judge, c in self.confidence.items()},
             },
         }

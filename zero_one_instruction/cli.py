@@ -17,18 +17,21 @@ import click
 from . import __version__, generator, render
 from .config import dump_config, load_config
 from .console import ProgressBar, StatusLine, ZoiGroup, friendly, log_to_stderr, warn
-from .encoder import EncodeOptions, Format
+from .encoder import EncodeOptions
 from .options import (
     DEFAULT_CONFIG,
     chunk_size_option,
     config_option,
     encoding_options,
+    heartbeat_options,
     id_start_option,
     index_range,
+    job_policy_options,
     overwrite_option,
     range_options,
     redis_option,
     run_option,
+    take_encoding,
     validate_range,
 )
 from .pipeline import Outcome
@@ -82,9 +85,7 @@ def config_check(file: Path) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT (and TRACE) if they exist.")
 @friendly
-def generate_cmd(
-    start: int, end: int, id_start: int, fmt: Format, with_meta: bool, dedup: bool, **options: Any
-) -> None:
+def generate_cmd(start: int, end: int, **options: Any) -> None:
     """Evolve base prompts [START, END) into records, in one process, without Redis.
 
     Records are written in base-prompt order, as `zoi merge` writes them (the original schema
@@ -92,7 +93,7 @@ def generate_cmd(
     and why the rest were dropped. The output file appears only when the run completes.
     """
     validate_range(start, end)
-    encoding = EncodeOptions(id_start, fmt, with_meta, dedup)
+    encoding = EncodeOptions(**take_encoding(options))
     with ProgressBar() as bar:
         report = generator.generate(
             start=start,
@@ -182,20 +183,7 @@ def real_model(directory: Path, source: str) -> None:
 @run_option
 @range_options
 @chunk_size_option
-@click.option(
-    "--retries",
-    type=click.IntRange(min=0),
-    default=3,
-    show_default=True,
-    help="How often a failed or abandoned chunk is retried.",
-)
-@click.option(
-    "--job-timeout",
-    type=click.IntRange(min=60),
-    default=24 * 3600,
-    show_default=True,
-    help="Seconds a chunk may run before it is failed (and retried).",
-)
+@job_policy_options
 @redis_option
 @friendly
 def enqueue_cmd(
@@ -253,26 +241,7 @@ def enqueue_cmd(
     hidden=True,
     help="Stop at once when process PID (the `zoi run` launcher) is gone.",
 )
-@click.option(
-    "--heartbeat",
-    type=click.FloatRange(min=0.1),
-    default=10.0,
-    show_default=True,
-    help="Seconds between heartbeats of running chunks.",
-)
-@click.option(
-    "--heartbeat-ttl",
-    type=click.IntRange(min=1),
-    help="Seconds without a heartbeat after which a chunk counts as abandoned "
-    "[default: 3 x heartbeat + 5; at least heartbeat + 2].",
-)
-@click.option(
-    "--janitor",
-    type=click.FloatRange(min=0.1),
-    default=15.0,
-    show_default=True,
-    help="Seconds between sweeps that return abandoned chunks to the queue.",
-)
+@heartbeat_options
 @friendly
 def worker_cmd(**options: Any) -> None:
     """Hold one engine for the worker's whole life and turn queued chunks into shards.
@@ -306,7 +275,8 @@ def merge_cmd(run_dir: Path, output: Path, overwrite: bool, **options: Any) -> N
     """
     from .merger import MergeOptions, merge_run
 
-    chosen = MergeOptions(**options)
+    encoding = take_encoding(options)
+    chosen = MergeOptions(**encoding, allow_partial=options["allow_partial"])
     report = merge_run(run_dir, output, chosen, overwrite=overwrite)
     click.echo(render.merged(report, output, chosen.dedup))
     warn(*render.merge_warnings(report))
@@ -399,11 +369,21 @@ def run_cmd(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write every figure to this JSON file.",
 )
+@click.option(
+    "-o",
+    "--output",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the report as a self-contained HTML page (plots inline, opens offline).",
+)
 @friendly
-def report_cmd(file: Path | None, run_dir: Path | None, json_path: Path | None) -> None:
+def report_cmd(
+    file: Path | None, run_dir: Path | None, json_path: Path | None, html_path: Path | None
+) -> None:
     """What the data is like: lengths, exact and near duplicates, diversity, language and
     flags (leaked template scaffolding, looping or restating answers), for a merged FILE.jsonl
     or, with --run, a run directory (then also the funnel from its traces)."""
     from .report import make_report
 
-    click.echo(render.data_report(make_report(file, run_dir, json_path)))
+    report = make_report(file, run_dir, json_path, html_path=html_path)
+    click.echo(render.data_report(report))

@@ -16,10 +16,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
@@ -72,10 +70,6 @@ class Sampling(_Strict):
         return merged
 
 
-# The `pipeline:` settings left out of a dump (and of a run's fingerprint) while they are None.
-OFF_WHEN_NONE = ("min_judge_confidence",)
-
-
 class PipelineSettings(_Strict):
     """The `pipeline:` section: how a base prompt is evolved (not `pipeline.Pipeline`, the
     flow that reads these)."""
@@ -85,21 +79,14 @@ class PipelineSettings(_Strict):
     min_answer_chars: int = Field(default=10, ge=0)
     refusal_marker: str = Field(default="不可能", min_length=1)
     drop_truncated_answers: bool = False
-    concurrency: int | None = Field(default=None, ge=1)
+    # The filters (`filters.Filters`): off by default, as README's "Filters" explains.
+    min_japanese_share: float | None = Field(default=None, gt=0.0, le=1.0)
+    drop_leaked_questions: bool = False
+    drop_looping_answers: bool = False
     # A judge's はい whose probability (where the engine gives one) is below this counts as a
-    # いいえ. None is off.
+    # いいえ (`confidence`). None is off.
     min_judge_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
-
-    @model_serializer(mode="wrap")
-    def _leave_out_when_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Settings added after runs were made appear only when set: a config that leaves
-        them off dumps as it did before they existed, so its run's `run.json` and
-        fingerprint stay those of the runs already on disk, which can still be resumed."""
-        data: dict[str, Any] = handler(self)
-        for key in OFF_WHEN_NONE:
-            if data.get(key, "set") is None:
-                del data[key]
-        return data
+    concurrency: int | None = Field(default=None, ge=1)
 
 
 class Prompts(_Strict):

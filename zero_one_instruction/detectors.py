@@ -43,6 +43,9 @@ _SENTENCE_END = re.compile(r"(?<=[。！？!?])|\n")
 MIN_REPEATED_UNIT = 10
 LOOP_REPEATS = 3
 RESTATE_SHARE = 0.6
+# Two questions whose character trigrams have an estimated Jaccard similarity of at least this
+# are near-duplicates (`neardup`); here, so the merge's options know it without datasketch.
+NEAR_THRESHOLD = 0.7
 RESTATE_MIN_CHARS = 10
 
 

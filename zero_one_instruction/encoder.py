@@ -11,27 +11,43 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
+from .detectors import NEAR_THRESHOLD
 from .pipeline import Outcome
 from .records import dumps, original_record
 
+if TYPE_CHECKING:
+    from .neardup import NearDuplicates
+
 Format = Literal["original", "messages"]
 FORMATS: tuple[Format, ...] = ("original", "messages")
+Dedup = Literal["exact", "near"]
+DEDUPS: tuple[Dedup, ...] = ("exact", "near")
 ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 
 
 @dataclass(frozen=True)
 class EncodeOptions:
     """How records are written: ids `record_N` from `id_start`, the `fmt` of each record, the
-    source index and trace under `meta`, and questions that repeat dropped."""
+    source index and trace under `meta`, and questions that repeat an earlier one dropped:
+    the same question (`exact`), or also nearly the same (`near`, an estimated Jaccard
+    similarity of character trigrams of at least `near_threshold`)."""
 
     id_start: int = 0
     fmt: Format = "original"
     with_meta: bool = False
-    dedup: bool = False
+    dedup: Dedup | None = None
+    near_threshold: float = NEAR_THRESHOLD
+
+
+def duplicates_path(output: Path) -> Path:
+    """The sidecar of a near-dedup output: `out.jsonl` -> `out.duplicates.jsonl`."""
+    return output.with_suffix(".duplicates.jsonl")
 
 
 def record_line(outcome: Outcome, system: str) -> str:
@@ -62,16 +78,25 @@ def _question_key(record: dict[str, Any]) -> bytes:
 class Encoder:
     """Shard lines in, output lines out, in order. Questions seen for `dedup` are pending
     until `commit`, so a caller that takes back lines (a merged shard that fails its
-    checksum) can `rollback` them, and the ids with them."""
+    checksum) can `rollback` them, and the ids with them; the near-duplicate index forgets
+    them too. A dropped record goes to `removed` (a sidecar's write), if set, with the id of
+    the record it repeats: the caller takes back what it wrote there on a rollback."""
 
     def __init__(self, options: EncodeOptions = EncodeOptions()) -> None:
         self.options = options
         self.next_id = options.id_start
-        self.duplicates = 0
-        self._seen: set[bytes] = set()
-        self._pending: set[bytes] = set()
-        self._pending_duplicates = 0
+        self.removed: Callable[[bytes], object] | None = None
+        self.dropped: Counter[Dedup] = Counter()
+        self._seen: dict[bytes, int] = {}
+        self._pending: dict[bytes, int] = {}
+        self._pending_dropped: Counter[Dedup] = Counter()
         self._committed_id = options.id_start
+        self._near: NearDuplicates | None = None
+        self._near_pending: list[int] = []
+        if options.dedup == "near":
+            from .neardup import NearDuplicates
+
+            self._near = NearDuplicates(threshold=options.near_threshold)
 
     @property
     def fast(self) -> bool:
@@ -83,13 +108,23 @@ class Encoder:
     def records(self) -> int:
         return self.next_id - self.options.id_start
 
+    @property
+    def duplicates(self) -> int:
+        """Records `dedup` dropped for repeating a question exactly."""
+        return self.dropped["exact"]
+
+    @property
+    def near_duplicates(self) -> int:
+        """Records `dedup` dropped for nearly repeating a question, exact repeats excluded."""
+        return self.dropped["near"]
+
     def line(self, raw: bytes, meta: bytes | None = None) -> bytes | None:
         """The output line for one shard line (and its meta line, used only `with_meta`),
         or None if `dedup` drops it."""
         if self.fast:
             return self._number(raw)
         record = json.loads(raw)
-        if self.options.dedup and self._repeated(record):
+        if self.options.dedup and self._drop(record):
             return None
         out: dict[str, Any] = {"id": f"record_{self._take_id()}"}
         if self.options.fmt == "messages":
@@ -112,14 +147,16 @@ class Encoder:
 
     def commit(self) -> None:
         """The lines so far are final: their questions now count for `dedup`."""
-        self._seen |= self._pending
-        self.duplicates += self._pending_duplicates
-        self._pending, self._pending_duplicates = set(), 0
+        self._seen.update(self._pending)
+        self.dropped.update(self._pending_dropped)
+        self._pending, self._pending_dropped, self._near_pending = {}, Counter(), []
         self._committed_id = self.next_id
 
     def rollback(self) -> None:
         """Forget the lines since the last commit: their ids and their questions."""
-        self._pending, self._pending_duplicates = set(), 0
+        if self._near is not None:
+            self._near.forget(self._near_pending)
+        self._pending, self._pending_dropped, self._near_pending = {}, Counter(), []
         self.next_id = self._committed_id
 
     def splice(self, data: bytes, write: Callable[[Any], object]) -> None:
@@ -142,10 +179,29 @@ class Encoder:
         self.next_id += 1
         return record_id
 
-    def _repeated(self, record: dict[str, Any]) -> bool:
+    def _drop(self, record: dict[str, Any]) -> bool:
+        """Whether `dedup` drops the record; one dropped goes to `removed`."""
+        found = self._repeats(record)
+        if found is None:
+            return False
+        kind, of = found
+        self._pending_dropped[kind] += 1
+        if self.removed is not None:
+            entry = {"duplicate_of": f"record_{of}", "kind": kind, **record}
+            self.removed(dumps(entry).encode("utf-8"))
+        return True
+
+    def _repeats(self, record: dict[str, Any]) -> tuple[Dedup, int] | None:
+        """How and which kept record's id the record's question repeats, or None, and then
+        the record is indexed under the id it is about to take."""
         key = _question_key(record)
-        if key in self._seen or key in self._pending:
-            self._pending_duplicates += 1
-            return True
-        self._pending.add(key)
-        return False
+        of = self._seen.get(key, self._pending.get(key))
+        if of is not None:
+            return "exact", of
+        if self._near is not None:
+            of = self._near.add_unique(self.next_id, record["input"])
+            if of is not None:
+                return "near", of
+            self._near_pending.append(self.next_id)
+        self._pending[key] = self.next_id
+        return None

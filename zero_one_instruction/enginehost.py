@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from contextlib import aclosing
 from typing import Any
 
@@ -56,12 +56,18 @@ class EngineHost:
         future.add_done_callback(self._futures.discard)
         return future
 
-    async def evolve_chunk(self, chunk: Chunk, started: threading.Event) -> list[Outcome]:
+    async def evolve_chunk(
+        self,
+        chunk: Chunk,
+        started: threading.Event,
+        finished: Callable[[Outcome], None] = lambda outcome: None,
+    ) -> list[Outcome]:
         """All records of a chunk, each started as soon as a slot frees up. `started` is set
-        once the last record has a slot: the worker may then take the next chunk."""
+        once the last record has a slot: the worker may then take the next chunk. `finished`
+        gets each record's outcome as it ends, on the engine's loop (the live counters)."""
         try:
             indices = range(chunk.start, chunk.end)
-            run = self.pipeline.run(indices, self._slots, started.set)
+            run = self.pipeline.run(indices, self._slots, started.set, finished)
             async with aclosing(run) as outcomes:
                 return [outcome async for outcome in outcomes]
         except EngineDead as exc:

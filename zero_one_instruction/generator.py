@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, load_config
-from .encoder import EncodeOptions, Encoder
+from .encoder import EncodeOptions, Encoder, duplicates_path
 from .engines import engine_class, load_engine
 from .errors import ZoiError
 from .outputs import check_output
@@ -58,14 +58,17 @@ def prepare(config: Config) -> Inputs:
 class GenerateReport:
     """What `generate` did: every prompt's outcome added up, and the time from the engine's
     start (included: it is what a user waits for) to the last record; the records written,
-    which `dedup` may make fewer than the kept ones."""
+    which `dedup` may make fewer than the kept ones, and the sidecar listing what a near
+    dedup dropped."""
 
     funnel: Tally
     seconds: float
     output: Path
     records: int
     duplicates: int = 0
-    dedup: bool = False
+    near_duplicates: int = 0
+    dedup: str | None = None
+    sidecar: Path | None = None
 
 
 def generate(
@@ -90,19 +93,24 @@ def generate(
     traced = trace and check_output(trace, config, config_path=config_path, overwrite=overwrite)
     if traced == target:
         raise ZoiError(f"{trace}: --trace must not be the output file")
+    options = options or EncodeOptions()
+    sidecar = duplicates_path(output) if options.dedup == "near" else None
+    if (
+        sidecar
+        and check_output(sidecar, config, config_path=config_path, overwrite=overwrite) == traced
+    ):
+        raise ZoiError(f"{trace}: --trace must not be {sidecar}, the duplicates dropped")
     inputs = prepare(config)
     began = time.monotonic()
     if on_start is not None:
         on_start(end - start)
-    options = options or EncodeOptions()
     encoder = Encoder(options)
     funnel = asyncio.run(
-        write_range(config, inputs, start, end, output, encoder, trace, on_outcome)
+        write_range(config, inputs, start, end, output, encoder, trace, on_outcome, sidecar)
     )
     seconds = time.monotonic() - began
-    return GenerateReport(
-        funnel, seconds, output, encoder.records, encoder.duplicates, options.dedup
-    )
+    counts = (encoder.records, encoder.duplicates, encoder.near_duplicates)
+    return GenerateReport(funnel, seconds, output, *counts, options.dedup, sidecar)
 
 
 def preview(config_path: Path, start: int, end: int, on_outcome: OnOutcome) -> Tally:
@@ -142,15 +150,20 @@ async def write_range(
     encoder: Encoder | None = None,
     trace: Path | None = None,
     on_outcome: OnOutcome | None = None,
+    sidecar: Path | None = None,
 ) -> Tally:
     """Write kept records to `output` through `encoder` (the default: the original format,
-    ids from `record_0`) and, if asked, every outcome with its full trace to `trace`. Both
-    files appear only if the run completes."""
+    ids from `record_0`) and, if asked, every outcome with its full trace to `trace` and
+    the records `encoder` drops as duplicates to `sidecar`. The files appear only if the run
+    completes."""
     encoder = encoder or Encoder()
     system = inputs.templates.output_system_prompt
     with ExitStack() as stack:
         out = stack.enter_context(atomic_file(output, binary=True, follow_links=True))
         trace_out = stack.enter_context(atomic_file(trace, follow_links=True)) if trace else None
+        if sidecar is not None:
+            removed = stack.enter_context(atomic_file(sidecar, binary=True, follow_links=True))
+            encoder.removed = removed.write
 
         def write(outcome: Outcome) -> None:
             line = encoder.outcome(outcome, system) if outcome.kept else None

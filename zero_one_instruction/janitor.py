@@ -21,6 +21,10 @@ from . import rqinternals
 
 log = logging.getLogger(__name__)
 MAX_ABANDONED = 10
+# Seconds between a worker's heartbeats of its running chunks, and between janitor sweeps:
+# the defaults of `zoi worker`, the workers `zoi run` starts, and the library calls.
+HEARTBEAT_SECONDS = 10.0
+SWEEP_SECONDS = 15.0
 
 
 def default_heartbeat_ttl(interval: float) -> int:

@@ -4,7 +4,8 @@ It is given a run that its caller created or reopened (`machine.run`, behind `zo
 enqueues the chunks that are not done, starts one worker process per GPU group and supervises
 them: a worker that dies is restarted with backoff, a janitor returns abandoned chunks, and
 chunks that the queue lost or that ran out of retries are queued again (a few times, then the
-run is declared stuck). Progress is computed from the done markers. When every chunk is done,
+run is declared stuck). Progress is computed from the done markers, and from the workers' live
+counters of the chunks in hand (`liveprogress`) while they run. When every chunk is done,
 it stops the workers and returns the progress; it does not merge, its caller does. On a run
 whose chunks are all done it returns at once, without starting a worker.
 
@@ -28,14 +29,14 @@ import redis
 
 from . import shards
 from .errors import ZoiError
-from .gpus import cuda_environment
-from .janitor import Janitor, default_heartbeat_ttl
+from .janitor import HEARTBEAT_SECONDS, SWEEP_SECONDS, Janitor, default_heartbeat_ttl
 from .jobs import chunk_queue, failed_chunks
+from .liveprogress import funnels, read
 from .merger import describe_ranges, index_ranges
 from .producer import EnqueueReport, JobPolicy, enqueue
 from .progress import Progress
 from .rundir import Chunk, Run
-from .safepath import python_module
+from .workerplan import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -58,56 +59,6 @@ class WorkerRefused(LaunchError):
     """A worker exited 2: what it was given is unusable, and a restart would only repeat it."""
 
     exit_code = USER_ERROR
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """One worker process: its GPUs (none: a CPU worker) and tensor-parallel size."""
-
-    name: str
-    gpus: tuple[str, ...]
-    tp: int
-
-    def environment(self, base: dict[str, str], redis_url: str | None) -> dict[str, str]:
-        """Without a URL the worker joins the run's embedded server as a client of its own,
-        so the last of the launcher and its workers to leave stops it, even when the launcher
-        was killed."""
-        env = {k: v for k, v in base.items() if k != "ZOI_REDIS_URL"}
-        if redis_url:
-            env["ZOI_REDIS_URL"] = redis_url  # never on the command line: passwords
-        env["PYTHONSAFEPATH"] = "1"  # the engine's own processes skip the working directory too
-        env.update(cuda_environment(self.gpus))
-        return env
-
-    def command(
-        self, run: Path, heartbeat: float, parent: int | None = None, config: Path | None = None
-    ) -> list[str]:
-        """The worker's command line. With `parent`, the worker stops when that process (the
-        launcher) is gone; `config` gives it this invocation's hardware settings (without it, a
-        worker takes those frozen in run.json when the run was created)."""
-        watch = ["--exit-with-parent", str(parent)] if parent is not None else []
-        hardware = ["--config", str(config)] if config is not None else []
-        return [
-            *python_module("zero_one_instruction"),
-            "worker",
-            "--run",
-            str(run),
-            *watch,
-            "--name",
-            self.name,
-            "--tp",
-            str(self.tp),
-            "--heartbeat",
-            str(heartbeat),
-            *hardware,
-        ]
-
-
-def plan(gpu_groups: list[list[str]]) -> list[WorkerSpec]:
-    """Worker specs for GPU groups; no group at all means one CPU worker."""
-    if not gpu_groups:
-        return [WorkerSpec("cpu0", (), 1)]
-    return [WorkerSpec("gpu" + "-".join(group), tuple(group), len(group)) for group in gpu_groups]
 
 
 @dataclass
@@ -134,7 +85,7 @@ class Launcher:
         specs: list[WorkerSpec],
         on_event: Callable[[str], None],
         on_progress: Callable[[Progress], None],
-        heartbeat: float = 10.0,
+        heartbeat: float = HEARTBEAT_SECONDS,
         policy: JobPolicy | None = None,
         revive: Callable[[], None] | None = None,
         output: Path | None = None,
@@ -200,7 +151,8 @@ class Launcher:
         while True:
             if not self.run.shards.is_dir():  # deleted under us: nothing can be kept now
                 raise LaunchError(f"{self.run.path}: the run directory was removed during the run")
-            self.progress.update(self.run, self.grid)
+            live = funnels(read(self.connection, self.run))  # before the markers: see `read`
+            self.progress.update(self.run, self.grid, live)
             self.on_progress(self.progress)
             if self._complete():
                 return
@@ -213,7 +165,7 @@ class Launcher:
             try:
                 for slot in self.slots:
                     self._tend(slot)
-                if now - last_sweep >= min(self.heartbeat, 15.0):
+                if now - last_sweep >= min(self.heartbeat, SWEEP_SECONDS):
                     last_sweep = now
                     self.janitor.sweep()
                 since = now - last_reconcile

@@ -24,7 +24,8 @@ from .broker import connect
 from .config import load_config
 from .embeddedredis import revive
 from .gpus import cuda_environment, groups, select, visible_gpus
-from .launcher import Launcher, WorkerSpec, plan
+from .janitor import HEARTBEAT_SECONDS, SWEEP_SECONDS
+from .launcher import Launcher
 from .merger import MergeOptions, MergeReport, merge
 from .outputs import check_output, remember_output
 from .pipeline import Tally
@@ -33,6 +34,7 @@ from .producer import enqueue as enqueue_chunks
 from .progress import Progress
 from .rundir import Run, create_or_open, open_run
 from .worker import exit_with_parent, serve
+from .workerplan import WorkerSpec, plan
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +89,9 @@ def work(
     name: str | None = None,
     burst: bool = False,
     parent: int | None = None,
-    heartbeat: float = 10.0,
+    heartbeat: float = HEARTBEAT_SECONDS,
     heartbeat_ttl: int | None = None,
-    janitor: float = 15.0,
+    janitor: float = SWEEP_SECONDS,
 ) -> bool:
     """Serve the run in `run_dir` as one worker until stopped (with `burst`, until no chunk
     is queued or running); whether any chunk ran.

@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
 from typing import IO, Any
 
 from . import shards
-from .encoder import EncodeOptions, Encoder
+from .encoder import EncodeOptions, Encoder, duplicates_path
 from .errors import ZoiError
 from .outputs import check_output, remember_output
 from .records import atomic_file
@@ -48,6 +49,8 @@ class MergeReport:
     merged: int = 0
     records: int = 0
     duplicates: int = 0
+    near_duplicates: int = 0
+    sidecar: Path | None = None
     absent: list[Chunk] = field(default_factory=list)
     damaged: list[tuple[Chunk, str]] = field(default_factory=list)
     bytes: int = 0
@@ -104,7 +107,10 @@ def _copy_chunk(
     count = 0
     for raw, meta in zip(records, metas, strict=False):  # a length mismatch fails the check
         count += 1
-        line = encoder.line(raw, meta)
+        try:
+            line = encoder.line(raw, meta)
+        except (ValueError, KeyError, TypeError):  # damage that is no longer a record
+            return f"{files['records']['name']} does not match its marker"
         if line is not None:
             out.write(line)
     if (
@@ -189,16 +195,20 @@ def merge_run(
     inside a run, an existing file only with `overwrite` or if this run wrote it) and then
     remembered, so that merging again may replace it."""
     run = open_run(run_dir)
-    check_output(output, run.config, run=run.path, overwrite=overwrite)
+    outputs = [output, duplicates_path(output)] if options.dedup == "near" else [output]
+    for path in outputs:
+        check_output(path, run.config, run=run.path, overwrite=overwrite)
     report = merge(run, output, options)
-    remember_output(run.path, output)
+    for path in outputs:
+        remember_output(run.path, path)
     return report
 
 
 def merge(run: Run, output: Path, options: MergeOptions = MergeOptions()) -> MergeReport:
     """Write the run's verified shards to `output` in base-prompt order. A chunk that is
     missing, or whose shard no longer matches its marker, refuses the merge (MergeIncomplete)
-    unless `options.allow_partial`; then it is left out and named in the report."""
+    unless `options.allow_partial`; then it is left out and named in the report. A near
+    dedup writes what it dropped to the sidecar `duplicates_path(output)`."""
     began = time.monotonic()
     report = MergeReport(chunks=len(run.chunks()))
     ready = _plan(run, report)
@@ -206,22 +216,31 @@ def merge(run: Run, output: Path, options: MergeOptions = MergeOptions()) -> Mer
         report.damaged += _deep_problems(run, ready)
         raise _refusal(run, report)
     encoder = Encoder(options)
-    with atomic_file(output, binary=True, follow_links=True) as out:
+    with ExitStack() as stack:
+        out = stack.enter_context(atomic_file(output, binary=True, follow_links=True))
+        files = [out]
+        if options.dedup == "near":
+            report.sidecar = duplicates_path(output)
+            files.append(
+                stack.enter_context(atomic_file(report.sidecar, binary=True, follow_links=True))
+            )
+            encoder.removed = files[-1].write
         for chunk, marker in ready:
-            offset = out.tell()
+            offsets = [f.tell() for f in files]
             problem = _copy_chunk(run, chunk, marker, encoder, out)
             if problem is None:
                 encoder.commit()
                 report.merged += 1
                 continue
-            out.seek(offset)
-            out.truncate()
+            for f, offset in zip(files, offsets, strict=True):
+                f.seek(offset)
+                f.truncate()
             encoder.rollback()
             report.damaged.append((chunk, problem))
         if report.damaged and not options.allow_partial:
             raise _refusal(run, report)
         report.bytes = out.tell()
     report.records = encoder.records
-    report.duplicates = encoder.duplicates
+    report.duplicates, report.near_duplicates = encoder.duplicates, encoder.near_duplicates
     report.seconds = time.monotonic() - began
     return report

@@ -12,11 +12,12 @@ the defaults); everything else in the report is flat.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from datasketch import MinHash, MinHashLSH
 
-from .detectors import char_ngrams, normalized
+from .detectors import NEAR_THRESHOLD, char_ngrams, normalized
 
 # Japanese has no spaces, so shingles are character n-grams. Two characters are the size of
 # a typical kanji word, and shared by unrelated questions through particles and endings
@@ -26,7 +27,7 @@ from .detectors import char_ngrams, normalized
 # characters changed keeps a Jaccard similarity of about 0.8.
 SHINGLE = 3
 NUM_PERM = 128
-THRESHOLD = 0.7
+THRESHOLD = NEAR_THRESHOLD
 SEED = 1
 
 
@@ -78,6 +79,24 @@ class NearDuplicates:
         root = min(self._root.get(k, k) for k in found)
         self._root[key] = root
         return root
+
+    def add_unique(self, key: int, text: str) -> int | None:
+        """The earliest key `text` nearly repeats, or None and `text` indexed under `key`.
+        For dedup: a dropped text is not indexed, so a later text is dropped only for nearly
+        repeating one that is kept (no chains of texts each a little further off)."""
+        minhash = self.signature(text)
+        found = self._lsh.query(minhash)
+        if found:
+            return min(found)
+        self._lsh.insert(key, minhash, check_duplication=False)
+        return None
+
+    def forget(self, keys: Iterable[int]) -> None:
+        """Take texts back out of the index (the records of a merged shard that failed its
+        checksum), so that nothing later is dropped for repeating them."""
+        for key in keys:
+            self._lsh.remove(key)
+            self._root.pop(key, None)
 
     def root(self, key: int) -> int:
         """The first text of the cluster `key` belongs to (itself if it repeats nothing)."""

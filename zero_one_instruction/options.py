@@ -9,7 +9,10 @@ from typing import Any, TypeVar
 
 import click
 
-from .encoder import FORMATS
+from .detectors import NEAR_THRESHOLD
+from .encoder import DEDUPS, FORMATS
+from .janitor import HEARTBEAT_SECONDS, SWEEP_SECONDS
+from .producer import JobPolicy
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_CONFIG = "model_config.yml"
@@ -75,7 +78,75 @@ encoding_options = _options(
         help="Add each record's source index and evolution trace under 'meta'.",
     ),
     click.option(
-        "--dedup", is_flag=True, help="Drop records whose question repeats an earlier one."
+        "--dedup",
+        type=click.Choice(DEDUPS),
+        is_flag=False,
+        flag_value="exact",
+        default=None,
+        help="Drop records whose question repeats an earlier one: exact (plain --dedup), or "
+        "near: also nearly (MinHash over character trigrams), listing what it drops in "
+        "OUTPUT's .duplicates.jsonl sidecar.",
+    ),
+    click.option(
+        "--near-threshold",
+        type=click.FloatRange(0.0, 1.0, min_open=True),
+        help=f"With --dedup near: the estimated Jaccard similarity of two questions' "
+        f"character trigrams from which the later one is dropped. [default: {NEAR_THRESHOLD}]",
+    ),
+)
+
+
+ENCODING = ("id_start", "fmt", "with_meta", "dedup", "near_threshold")
+
+
+def take_encoding(options: dict[str, Any]) -> dict[str, Any]:
+    """The `EncodeOptions` fields, taken out of a command's options (the rest are for the
+    command itself); --near-threshold only with --dedup near."""
+    chosen = {key: options.pop(key) for key in ENCODING}
+    if chosen["near_threshold"] is None:
+        del chosen["near_threshold"]
+    elif chosen["dedup"] != "near":
+        raise click.UsageError("--near-threshold goes with --dedup near")
+    return chosen
+
+
+job_policy_options = _options(
+    click.option(
+        "--retries",
+        type=click.IntRange(min=0),
+        default=JobPolicy.retries,
+        show_default=True,
+        help="How often a failed or abandoned chunk is retried.",
+    ),
+    click.option(
+        "--job-timeout",
+        type=click.IntRange(min=60),
+        default=JobPolicy.timeout,
+        show_default=True,
+        help="Seconds a chunk may run before it is failed (and retried).",
+    ),
+)
+
+heartbeat_options = _options(
+    click.option(
+        "--heartbeat",
+        type=click.FloatRange(min=0.1),
+        default=HEARTBEAT_SECONDS,
+        show_default=True,
+        help="Seconds between heartbeats of running chunks.",
+    ),
+    click.option(
+        "--heartbeat-ttl",
+        type=click.IntRange(min=1),
+        help="Seconds without a heartbeat after which a chunk counts as abandoned "
+        "[default: 3 x heartbeat + 5; at least heartbeat + 2].",
+    ),
+    click.option(
+        "--janitor",
+        type=click.FloatRange(min=0.1),
+        default=SWEEP_SECONDS,
+        show_default=True,
+        help="Seconds between sweeps that return abandoned chunks to the queue.",
     ),
 )
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -23,9 +23,11 @@ from typing import Any
 from .confidence import confident, rejection
 from .config import Config
 from .engines.base import Engine, Message, Request, RequestError, Step
+from .filters import FILTER_REASONS, Filters
 from .prompt_sources import PromptSource
 from .records import lone_surrogate, writable
 from .templates import JUDGE_REPLIES, Templates
+from .window import Window
 
 JUDGE_CHOICES = JUDGE_REPLIES  # the judge's examples are checked against the same two words
 YES, NO = JUDGE_CHOICES
@@ -59,9 +61,7 @@ DROP_REASONS: dict[str, str] = {
     "final_low_confidence": "the final judge's はい was below min_judge_confidence",
     "answer_failed": "the answer request failed",
     "answer_empty": "the answer was empty",
-    "answer_refused": "the answer contains the refusal marker",
-    "answer_too_short": "the answer is shorter than min_answer_chars",
-    "answer_truncated": "the answer hit max_tokens (drop_truncated_answers is on)",
+    **FILTER_REASONS,
     "bad_text": "a step returned text with a cut character (a lone surrogate)",
 }
 
@@ -199,6 +199,11 @@ class _Dropped(Exception):
         self.reason = reason
 
 
+def _drop_if(reason: str | None) -> None:
+    if reason is not None:
+        raise _Dropped(reason)
+
+
 def _check_text(trace: StepTrace) -> None:
     """Drop the record whose step returned a lone surrogate (half of a character an API cut
     in two). Replacing it would put U+FFFD into training data, and keeping it would fail the
@@ -224,6 +229,7 @@ class Pipeline:
         self.templates = templates
         self.source = source
         self.engine = engine
+        self.filters = Filters.of(self.settings, templates)
 
     async def evolve(self, index: int) -> Outcome:
         outcome = Outcome(index=index, base_prompt=self.source.prompt(index))
@@ -247,19 +253,12 @@ class Pipeline:
         question = await self._generate(o, "flatten", prompt=prompt)
         if not await self._judge(o, question, JudgeKind.FINAL):
             raise _Dropped(rejection("final", o.steps[-1].verdict))
+        _drop_if(self.filters.question(question))
         answer = await self._generate(
             o, "answer", question=question, refusal_marker=self.settings.refusal_marker
         )
-        self._filter_answer(o, answer)
+        _drop_if(self.filters.answer(answer, o.steps[-1].finish_reason))
         return question, answer
-
-    def _filter_answer(self, o: Outcome, answer: str) -> None:
-        if self.settings.refusal_marker in answer:
-            raise _Dropped("answer_refused")
-        if len(answer) < self.settings.min_answer_chars:
-            raise _Dropped("answer_too_short")
-        if self.settings.drop_truncated_answers and o.steps[-1].finish_reason == "length":
-            raise _Dropped("answer_truncated")
 
     async def _generate(
         self,
@@ -341,12 +340,16 @@ class Pipeline:
         indices: Iterable[int],
         slots: asyncio.Semaphore | None = None,
         started: Callable[[], None] = lambda: None,
+        finished: Callable[[Outcome], None] = lambda outcome: None,
     ) -> AsyncIterator[Outcome]:
         """Outcomes in the order of `indices`, each prompt started as soon as one of `slots`
         frees up: the one scheduler, for `zoi generate` (its own `concurrency` slots) and for
         the worker (slots shared by every chunk in flight). `started` is called once the last
         prompt has its slot: from then on this batch only drains, and the worker may start
         its next chunk into the freed slots, so the engine never idles at a chunk boundary.
+        `finished` gets each outcome as soon as its prompt is done, in no particular order, so
+        a chunk's progress can be shown while it runs; it runs on the event loop, so it must
+        be quick.
 
         Finished outcomes wait until those before them are done. A window of four times the
         concurrency bounds them, so memory stays bounded however long the range is. The first
@@ -354,7 +357,7 @@ class Pipeline:
         """
         limit = self.config.concurrency()
         slots = asyncio.Semaphore(limit) if slots is None else slots
-        window = _Window(slots)
+        window = Window(slots, finished)
         try:
             for index in indices:
                 await slots.acquire()
@@ -366,46 +369,3 @@ class Pipeline:
                 yield await window.next()
         finally:
             await window.cancel()
-
-
-class _Window:
-    """The prompts in flight and those finished before them, oldest first; a prompt's slot is
-    freed as soon as it finishes, and the first failure is kept to fail the batch at once."""
-
-    def __init__(self, slots: asyncio.Semaphore) -> None:
-        self.slots = slots
-        self.tasks: deque[asyncio.Task[Outcome]] = deque()
-        self.failed: asyncio.Future[asyncio.Task[Outcome]] = (
-            asyncio.get_running_loop().create_future()
-        )
-
-    def __len__(self) -> int:
-        return len(self.tasks)
-
-    def start(self, evolve: Coroutine[Any, Any, Outcome]) -> None:
-        task = asyncio.ensure_future(evolve)
-        task.add_done_callback(self._finished)
-        self.tasks.append(task)
-
-    def _finished(self, task: asyncio.Task[Outcome]) -> None:
-        self.slots.release()
-        if not task.cancelled() and task.exception() is not None and not self.failed.done():
-            self.failed.set_result(task)
-
-    def ready(self) -> bool:
-        """The oldest prompt is done, or one has failed: `next` returns without waiting."""
-        return self.failed.done() or bool(self.tasks and self.tasks[0].done())
-
-    async def next(self) -> Outcome:
-        """The oldest prompt's outcome, or the first failure's exception."""
-        await asyncio.wait({self.tasks[0], self.failed}, return_when=asyncio.FIRST_COMPLETED)
-        if self.failed.done():
-            return self.failed.result().result()  # raises the failure
-        return self.tasks.popleft().result()
-
-    async def cancel(self) -> None:
-        """Stop the prompts still in flight, and wait for them to be gone."""
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        self.tasks.clear()

@@ -2,7 +2,8 @@
 
 The one definition of a rate and an ETA: `zoi generate`'s and `zoi run`'s summaries, the
 launcher's live line and `zoi status` all compute theirs here, each over its own span of time.
-`Progress` is the launcher's view of a run's done markers, read incrementally while it runs.
+`Progress` is the launcher's view of a run's done markers, read incrementally while it runs,
+and of the live counters of the chunks in hand.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class Progress:
     """What the markers say, read incrementally: each marker is read once. Only markers of
     chunks in the run's grid count, and only once `shards.check` accepts them; a marker that
     disappears (set aside) stops counting. `funnel` adds up every counted chunk; `recent`
-    only those finished since the launcher began, which set the pace."""
+    only those finished since the launcher began, which set the pace; `live` the chunks in
+    hand, not yet done. `funnel` alone is the run's final figure."""
 
     total_chunks: int
     total_prompts: int
@@ -69,8 +71,14 @@ class Progress:
     counted: dict[str, _Counted] = field(default_factory=dict)
     funnel: Tally = field(default_factory=Tally)
     recent: Tally = field(default_factory=Tally)
+    live: Tally = field(default_factory=Tally)
 
-    def update(self, run: Run, grid: dict[str, Chunk]) -> None:
+    def update(
+        self, run: Run, grid: dict[str, Chunk], live: dict[str, Tally] | None = None
+    ) -> None:
+        """Read the markers that are new or gone, and take `live`, the funnels so far of the
+        chunks in hand (`liveprogress`), read before the markers: a chunk with a marker is
+        counted by its marker alone."""
         present = shards.present_markers(run)
         gone = [c for c in self.counted if present.get(c) != self.counted[c].inode]
         for chunk_id in gone:
@@ -80,6 +88,10 @@ class Progress:
         for chunk_id, inode in present.items():
             if chunk_id in grid and chunk_id not in self.counted:
                 self._add(run, grid[chunk_id], inode)
+        self.live = Tally()
+        for chunk_id, funnel in (live or {}).items():
+            if chunk_id in grid and chunk_id not in self.counted:
+                self.live.merge(funnel)
 
     def _add(self, run: Run, chunk: Chunk, inode: int) -> None:
         result = shards.check(run, chunk, deep=False)
@@ -109,12 +121,21 @@ class Progress:
             return False
 
     def line(self) -> str:
-        pace = Throughput.of(self.recent, time.time() - self.began)
-        left = self.total_prompts - self.funnel.prompts
-        eta = pace.eta(left)
-        shown = "?" if eta is None else (f"{eta / 60:.1f} min" if left else "0 min")
+        """The live line: the done chunks and the records of the chunks in hand, so that
+        records, rate and ETA move with every record, not only when a chunk ends."""
+        shown, pace = self._with_live(self.funnel), self._with_live(self.recent)
+        rate = Throughput.of(pace, time.time() - self.began)
+        left = self.total_prompts - shown.prompts
+        eta = rate.eta(left)
+        until = "?" if eta is None else (f"{eta / 60:.1f} min" if left else "0 min")
         return (
-            f"chunks {len(self.counted)}/{self.total_chunks} | records {self.funnel.kept} "
-            f"({self.funnel.kept_percent:.0f}% kept) | {pace.records_per_s:.2f} records/s | "
-            f"{pace.tokens_per_s:.0f} tokens/s | ETA {shown}"
+            f"chunks {len(self.counted)}/{self.total_chunks} | records {shown.kept} "
+            f"({shown.kept_percent:.0f}% kept) | {rate.records_per_s:.2f} records/s | "
+            f"{rate.tokens_per_s:.0f} tokens/s | ETA {until}"
         )
+
+    def _with_live(self, funnel: Tally) -> Tally:
+        total = Tally()
+        total.merge(funnel)
+        total.merge(self.live)
+        return total

@@ -137,18 +137,27 @@ def cross_product(
     return PromptSource(label, seq, _hash("cross", [payload]))
 
 
-def load_source(settings: Prompts, base_prompt_template: StepTemplate) -> PromptSource:
-    """Build the source the config names; every failure is a one-line `PromptSourceError`."""
+def tasks_and_domains(settings: Prompts) -> tuple[list[str], list[str], str] | None:
+    """The task and domain lists a cross-product source is made of, and its label; None for a
+    file source. The report reads them to say how evenly the kept records cover each."""
     if settings.source == "builtin":
         tasks, domains = _builtin_list("tasks_ja.txt"), _builtin_list("domains_ja.txt")
-        return cross_product(tasks, domains, base_prompt_template, "built-in tasks x domains")
+        return tasks, domains, "built-in tasks x domains"
     if settings.source == "tasks_domains":
         if settings.tasks_file is None or settings.domains_file is None:
             raise PromptSourceError(
                 "prompts: source 'tasks_domains' needs tasks_file and domains_file"
             )
         tasks, domains = read_lines(settings.tasks_file), read_lines(settings.domains_file)
-        label = f"{settings.tasks_file.name} x {settings.domains_file.name}"
+        return tasks, domains, f"{settings.tasks_file.name} x {settings.domains_file.name}"
+    return None
+
+
+def load_source(settings: Prompts, base_prompt_template: StepTemplate) -> PromptSource:
+    """Build the source the config names; every failure is a one-line `PromptSourceError`."""
+    lists = tasks_and_domains(settings)
+    if lists is not None:
+        tasks, domains, label = lists
         return cross_product(tasks, domains, base_prompt_template, label)
     if settings.file is None:
         raise PromptSourceError("prompts: source 'file' needs file")

@@ -63,7 +63,7 @@ def generated(report: GenerateReport) -> str:
     return (
         summary(report.funnel, report.seconds, " incl. engine start")
         + f"\nwrote     {report.records} records to {report.output}"
-        + _duplicates(report.duplicates, report.dedup)
+        + _duplicates(report, report.dedup)
     )
 
 
@@ -146,17 +146,23 @@ def enqueue_warnings(report: EnqueueReport) -> list[str]:
     return [f"bad shard set aside and queued again: {problem}" for problem in report.bad_shards]
 
 
-def merged(report: MergeReport, output: object, dedup: bool) -> str:
+def merged(report: MergeReport, output: object, dedup: str | None) -> str:
     return (
         f"merged {report.merged}/{report.chunks} chunks: {report.records} records, "
         f"{report.bytes / 1e6:.1f} MB in {report.seconds:.2f} s -> {output}"
-        + _duplicates(report.duplicates, dedup)
+        + _duplicates(report, dedup)
     )
 
 
-def _duplicates(count: int, dedup: bool) -> str:
-    """What --dedup dropped, said only when it was asked for."""
-    return f" ({count} duplicate questions dropped)" if dedup else ""
+def _duplicates(report: GenerateReport | MergeReport, dedup: str | None) -> str:
+    """What --dedup dropped, said only when it was asked for (as before near dedup existed,
+    for plain --dedup)."""
+    if dedup != "near":
+        return f" ({report.duplicates} duplicate questions dropped)" if dedup else ""
+    return (
+        f" ({report.duplicates} duplicate and {report.near_duplicates} near-duplicate "
+        f"questions dropped, listed in {report.sidecar})"
+    )
 
 
 def merge_warnings(report: MergeReport) -> list[str]:
@@ -186,8 +192,9 @@ def status(state: RunStatus, as_json: bool = False) -> str:
         f"prompts   {state.prompts_done} done, {state.records} records kept, "
         f"fixer ran {state.fixer_ran}",
     ]
+    width = max([18, *map(len, state.dropped)])  # the filters' reasons are longer than 18
     for reason, count in state.dropped.items():
-        lines.append(f"  {reason:<18} {count:>8}  {DROP_REASONS.get(reason, '')}")
+        lines.append(f"  {reason:<{width}} {count:>8}  {DROP_REASONS.get(reason, '')}")
     recent = state.recent
     lines += [
         f"tokens    {state.tokens['prompt']} prompt + {state.tokens['completion']} generated",
@@ -227,6 +234,7 @@ def data_report(report: DataReport) -> str:
     if source["kind"] == "run" and source["read"] < source["chunks"]:
         covered = f"{source['read']} of {source['chunks']} chunks"
         lines.append(f"covers    {covered} (the rest not done or damaged)")
-    if report.json_path is not None:
-        lines.append(f"wrote     {report.json_path}")
+    for path in (report.json_path, report.html_path):
+        if path is not None:
+            lines.append(f"wrote     {path}")
     return "\n".join(lines)

@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from .analysis import FunnelAnalysis, RecordAnalysis, Tokenizer
+from .coverage import TaskCoverage, coverage_of, not_available
 from .dataset import DatasetError, Item, open_reader, read_file
 from .detectors import scaffolding
 from .neardup import THRESHOLD, NearDuplicates
 from .outputs import enclosing_run
+from .page import write_page
 from .pipeline import DROP_REASONS
 from .records import atomic_file
+from .samples import JudgeConfidence, Samples
 from .templates import load_templates
 
 FORMAT = 1
@@ -34,10 +37,11 @@ class DataReport:
     figures: dict[str, Any]
     json_path: Path | None
     seconds: float
+    html_path: Path | None = None
 
 
-def _check_json_output(path: Path, inputs: list[Path], run_dir: Path | None) -> None:
-    """Refuse a JSON output that would replace the input or land inside a run directory (the
+def _check_output(path: Path, inputs: list[Path], run_dir: Path | None, kind: str) -> None:
+    """Refuse an output that would replace the input or land inside a run directory (the
     run's files are the run's own). Any other existing file is replaced: a report is cheap to
     make again and is meant to be refreshed."""
     for source in inputs:
@@ -49,22 +53,44 @@ def _check_json_output(path: Path, inputs: list[Path], run_dir: Path | None) -> 
     if run is not None:
         raise DatasetError(f"{path}: is inside the run directory {run}; write it elsewhere")
     if path.is_dir():
-        raise DatasetError(f"{path}: is a directory; give a file name for the JSON report")
+        raise DatasetError(f"{path}: is a directory; give a file name for the {kind} report")
 
 
-def _analyse(items: Iterator[Item], records: RecordAnalysis, funnel: FunnelAnalysis | None) -> None:
+@dataclass
+class _Extras:
+    """What only the page shows: samples, judge confidence and task coverage."""
+
+    samples: Samples
+    confidence: JudgeConfidence
+    coverage: TaskCoverage | None = None
+
+    def add(self, item: Item) -> None:
+        self.samples.add(item)
+        self.confidence.add(item)
+        if self.coverage is not None:
+            self.coverage.add(item)
+
+
+def _analyse(
+    items: Iterator[Item],
+    records: RecordAnalysis,
+    funnel: FunnelAnalysis | None,
+    extras: _Extras,
+) -> None:
     for item in items:
         if funnel is not None:
             funnel.add(item)
+        extras.add(item)
         if item.kept:
             records.add(item)
 
 
-def _run_figures(run_dir: Path, analysis: RecordAnalysis) -> dict[str, Any]:
+def _run_figures(run_dir: Path, analysis: RecordAnalysis, extras: _Extras) -> dict[str, Any]:
     reader = open_reader(run_dir)
     analysis.labels = scaffolding(reader.run.templates)
+    extras.coverage, why_not = coverage_of(reader.run)
     traces = FunnelAnalysis()
-    _analyse(reader.items(), analysis, traces)
+    _analyse(reader.items(), analysis, traces, extras)
     tally = reader.funnel
     funnel = {
         "prompts": tally.prompts,
@@ -74,7 +100,8 @@ def _run_figures(run_dir: Path, analysis: RecordAnalysis) -> dict[str, Any]:
         **traces.figures(),
     }
     source = {"kind": "run", "path": str(run_dir), **reader.coverage.figures()}
-    return {"source": source, "funnel": funnel}
+    tasks = extras.coverage.figures() if extras.coverage is not None else not_available(why_not)
+    return {"source": source, "funnel": funnel, "task_coverage": tasks}
 
 
 def make_report(
@@ -82,30 +109,54 @@ def make_report(
     run_dir: Path | None = None,
     json_path: Path | None = None,
     *,
+    html_path: Path | None = None,
     tokenizer: Tokenizer | None = None,
     near_threshold: float = THRESHOLD,
 ) -> DataReport:
     """The report on a merged `file` or on the run in `run_dir` (exactly one), written to
-    `json_path` if given. A file is checked for the shipped templates' scaffolding; a run for
-    the templates it was made with."""
+    `json_path` and as a page to `html_path` if given. A file is checked for the shipped
+    templates' scaffolding; a run for the templates it was made with."""
     if (file is None) == (run_dir is None):
         raise DatasetError("give a merged FILE.jsonl or --run RUN, not both and not neither")
-    if json_path is not None:
-        _check_json_output(json_path, [p for p in (file, run_dir) if p is not None], run_dir)
+    _check_outputs(json_path, html_path, [p for p in (file, run_dir) if p is not None], run_dir)
     began = time.monotonic()
     analysis = RecordAnalysis(
         labels=(), tokenizer=tokenizer, near=NearDuplicates(threshold=near_threshold)
     )
+    extras = _Extras(Samples(), JudgeConfidence())
     if run_dir is not None:
-        head = _run_figures(run_dir, analysis)
+        head = _run_figures(run_dir, analysis, extras)
     else:
         assert file is not None
         analysis.labels = scaffolding(load_templates())
-        _analyse(read_file(file), analysis, None)
-        head = {"source": {"kind": "file", "path": str(file)}, "funnel": None}
-    figures = {"format": FORMAT, **head, **analysis.figures()}
+        _analyse(read_file(file), analysis, None, extras)
+        head = {
+            "source": {"kind": "file", "path": str(file)},
+            "funnel": None,
+            "task_coverage": not_available("a merged file does not say which base prompts it had"),
+        }
+    figures = {
+        "format": FORMAT,
+        **head,
+        **analysis.figures(),
+        "judge_confidence": extras.confidence.figures(),
+        "samples": extras.samples.figures(),
+    }
     if json_path is not None:
         with atomic_file(json_path, follow_links=True) as handle:
             json.dump(figures, handle, ensure_ascii=False, indent=1)
             handle.write("\n")
-    return DataReport(figures, json_path, time.monotonic() - began)
+    if html_path is not None:
+        write_page(figures, html_path)
+    return DataReport(figures, json_path, time.monotonic() - began, html_path)
+
+
+def _check_outputs(
+    json_path: Path | None, html_path: Path | None, inputs: list[Path], run_dir: Path | None
+) -> None:
+    if json_path is not None:
+        _check_output(json_path, inputs, run_dir, "JSON")
+    if html_path is not None:
+        _check_output(html_path, inputs, run_dir, "HTML")
+        if json_path is not None and json_path.resolve() == html_path.resolve():
+            raise DatasetError(f"{html_path}: is the JSON output too; give two file names")

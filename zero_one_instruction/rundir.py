@@ -36,6 +36,15 @@ HARDWARE_KEYS = ("gpu_memory_utilization", "tensor_parallel_size", "batch_size",
 # a million is ten times that, about as far as one run directory should go. Past it, a
 # larger --chunk-size does the same work with fewer, larger shards.
 MAX_CHUNKS = 1_000_000
+# Pipeline settings added after run format 2, with the value that behaves as runs made before
+# them did. At that value they are left out of the spec, so those runs keep their fingerprint
+# and can be resumed; set otherwise, they shape the data and are in it.
+ADDED_PIPELINE_SETTINGS: dict[str, object] = {
+    "min_japanese_share": None,
+    "drop_leaked_questions": False,
+    "drop_looping_answers": False,
+    "min_judge_confidence": None,
+}
 
 
 class RunError(ZoiError):
@@ -88,6 +97,9 @@ def data_spec(
         mode="json", exclude={*HARDWARE_KEYS, "templates", "system_prompt", "chat_template"}
     )
     spec["pipeline"].pop("concurrency")
+    for key, before in ADDED_PIPELINE_SETTINGS.items():
+        if spec["pipeline"][key] == before:
+            del spec["pipeline"][key]
     spec["prompts"] = {
         "source": config.prompts.source,
         "field": config.prompts.field,

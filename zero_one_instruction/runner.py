@@ -26,6 +26,7 @@ from rq.job import Job
 from . import shards
 from .enginehost import EngineHost
 from .jobs import RefusedJob
+from .liveprogress import LiveBoard
 from .pipeline import Outcome
 from .rundir import Chunk, Run
 
@@ -70,6 +71,7 @@ class ChunkRunner:
     run: Run
     host: EngineHost
     worker_name: str
+    live: LiveBoard  # where the counters of the chunks in hand go while they run
 
     def for_job(self, job: Job, started: threading.Event) -> Callable[..., dict[str, Any]]:
         """The callable RQ performs for `job`: it takes the job's arguments. `started` is set
@@ -107,12 +109,18 @@ class ChunkRunner:
         """Evolve the chunk on the engine and commit its shard, unless every record failed
         alike."""
         began, wall = time.monotonic(), datetime.now(timezone.utc)
-        outcomes = _wait(self.host.submit(self.host.evolve_chunk(chunk, started)), timeout)
-        failure = uniform_failure(outcomes)
-        if failure is not None:
-            raise ChunkFailed(f"chunk {chunk.id}: {failure}; nothing was committed")
-        info = self._info(time.monotonic() - began, wall)
-        marker = shards.write_chunk(self.run, chunk, outcomes, self.host.system_prompt, info)
+        live = self.live.counters(chunk)
+        try:
+            work = self.host.submit(self.host.evolve_chunk(chunk, started, live.add))
+            outcomes = _wait(work, timeout, self.live.every, live.publish)
+            failure = uniform_failure(outcomes)
+            if failure is not None:
+                raise ChunkFailed(f"chunk {chunk.id}: {failure}; nothing was committed")
+            live.publish()  # the whole chunk, while its shard is written
+            info = self._info(time.monotonic() - began, wall)
+            marker = shards.write_chunk(self.run, chunk, outcomes, self.host.system_prompt, info)
+        finally:
+            live.clear()
         _log_chunk(self.run, marker)
         return {"chunk": chunk.id, "kept": marker["funnel"]["kept"], "seconds": info["seconds"]}
 
@@ -181,9 +189,23 @@ def _log_chunk(run: Run, marker: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def _wait(future: concurrent.futures.Future[Any], timeout: float | None) -> Any:
-    try:
-        return future.result(timeout=timeout if timeout and timeout > 0 else None)
-    except concurrent.futures.TimeoutError:
-        future.cancel()
-        raise ChunkTimeout(f"chunk exceeded its {timeout} s timeout") from None
+def _wait(
+    future: concurrent.futures.Future[Any],
+    timeout: float | None,
+    every: float,
+    meanwhile: Callable[[], None],
+) -> Any:
+    """The chunk's outcomes, calling `meanwhile` every `every` seconds until they come (the
+    live counters are published from this thread, never from the engine's loop)."""
+    deadline = time.monotonic() + timeout if timeout and timeout > 0 else None
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            future.cancel()
+            raise ChunkTimeout(f"chunk exceeded its {timeout} s timeout")
+        try:
+            return future.result(timeout=every if left is None else min(every, left))
+        except concurrent.futures.TimeoutError:
+            if future.done():
+                raise  # the chunk's own error, not a wait that ran out
+            meanwhile()

@@ -188,8 +188,15 @@ def _file_entry(entry: Any) -> bool:
 
 
 def _funnel_fits(funnel: Any, prompts: int, records: int) -> bool:
-    """A funnel that every reader can sum without a KeyError, and that adds up: one outcome
-    per prompt of the chunk, each kept (one record line) or dropped with a reason."""
+    """A funnel that adds up to its chunk: one outcome per prompt of the chunk, each kept
+    (one record line) or dropped with a reason."""
+    return readable_funnel(funnel) and funnel["prompts"] == prompts and funnel["kept"] == records
+
+
+def readable_funnel(funnel: Any) -> bool:
+    """A funnel that every reader can sum without a KeyError (`Tally.from_dict`), and whose
+    outcomes add up: each kept or dropped with a reason. Whatever holds a funnel, a marker
+    or a worker's live counters, is data that anyone could have written."""
     if not isinstance(funnel, dict) or not all(_count(funnel.get(k)) for k in FUNNEL_COUNTS):
         return False
     dropped = funnel.get("dropped")
@@ -197,11 +204,7 @@ def _funnel_fits(funnel: Any, prompts: int, records: int) -> bool:
         isinstance(reason, str) and _count(n) for reason, n in dropped.items()
     ):
         return False
-    return (
-        funnel["prompts"] == prompts
-        and funnel["kept"] == records
-        and funnel["kept"] + sum(dropped.values()) == prompts
-    )
+    return bool(funnel["kept"] + sum(dropped.values()) == funnel["prompts"])
 
 
 def sha256_of(path: Path) -> str:

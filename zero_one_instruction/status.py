@@ -1,7 +1,8 @@
 """Where a run stands: chunks by state, the funnel, recent throughput, live workers.
 
 Progress comes from the done markers: they are the truth, and they carry the funnel and
-timings. Redis adds what is queued, running or failed. It is read without RQ's registry
+timings. Redis adds what is queued, running or failed, and the live counters of the chunks in
+hand (`liveprogress`), so the figures move with every record. It is read without RQ's registry
 cleanups, so looking at a run never changes it.
 """
 
@@ -22,6 +23,7 @@ from . import shards
 from .broker import connect
 from .errors import ZoiError
 from .jobs import chunk_queue
+from .liveprogress import LiveCounters, read
 from .merger import index_ranges
 from .pipeline import Tally
 from .producer import job_states
@@ -59,19 +61,39 @@ def _timestamp(value: Any) -> float | None:
         return None
 
 
-def _recent(markers: list[dict[str, Any]], now: float) -> Throughput:
-    """Throughput over the chunks finished in the last RECENT seconds."""
-    window = [m for m in markers if (_timestamp(m.get("finished_at")) or 0.0) >= now - RECENT]
+@dataclass(frozen=True)
+class _Span:
+    """A chunk's work over time: a done chunk's, or the part so far of a chunk in hand."""
+
+    started: float | None
+    finished: float | None
+    funnel: Tally
+
+
+def _spans(markers: list[dict[str, Any]], live: list[LiveCounters], now: float) -> list[_Span]:
+    """The done chunks' spans, then those of the chunks in hand, whose work so far ends now."""
+    done = [
+        _Span(
+            _timestamp(m.get("started_at")), _timestamp(m.get("finished_at")), shards.funnel_of(m)
+        )
+        for m in markers
+    ]
+    return done + [_Span(counters.started, now, counters.funnel) for counters in live]
+
+
+def _recent(spans: list[_Span], now: float) -> Throughput:
+    """Throughput over the work finished in the last RECENT seconds."""
+    window = [s for s in spans if (s.finished or 0.0) >= now - RECENT]
     if not window:
         return Throughput()
-    first = min(_timestamp(m.get("started_at")) or now for m in window)
+    first = min(s.started or now for s in window)
     return Throughput.of(_funnel(window), now - first)
 
 
-def _funnel(markers: list[dict[str, Any]]) -> Tally:
+def _funnel(spans: list[_Span]) -> Tally:
     funnel = Tally()
-    for marker in markers:
-        funnel.merge(shards.funnel_of(marker))
+    for span in spans:
+        funnel.merge(span.funnel)
     return funnel
 
 
@@ -98,12 +120,15 @@ def status_of(run_dir: Path, redis_url: str | None = None) -> RunStatus:
 
 
 def status(run: Run, connection: redis.Redis | None) -> RunStatus:
+    """Where `run` stands. The figures are the done markers' plus the live counters of the
+    chunks in hand; a chunk with a marker is counted by its marker alone."""
     chunks = run.chunks()
+    live = read(connection, run) if connection else {}  # before the markers: see `read`
     states: list[str | None] = (
         job_states(connection, run, chunks) if connection else [None] * len(chunks)
     )
     counts: Counter[str] = Counter()
-    markers, absent, problems = [], [], []
+    markers, absent, problems, in_hand = [], [], [], []
     verified = shards.Verified(run)
     for chunk, state in zip(chunks, states, strict=True):
         result = verified.check(chunk)
@@ -112,6 +137,8 @@ def status(run: Run, connection: redis.Redis | None) -> RunStatus:
             markers.append(result.marker)
             continue
         absent.append(chunk)
+        if chunk.id in live:
+            in_hand.append(live[chunk.id])
         if result.problem:  # counted once: bad, whatever Redis says
             problems.append(f"chunk {chunk.id}: {result.problem}")
             counts["bad"] += 1
@@ -120,20 +147,23 @@ def status(run: Run, connection: redis.Redis | None) -> RunStatus:
         counts[key or "missing"] += 1
     with contextlib.suppress(ZoiError, OSError):  # a hint only: a read-only run is readable
         verified.save()
-    return _summarise(run, chunks, counts, markers, absent, problems, connection)
+    now = time.time()
+    spans = _spans(markers, in_hand, now)
+    return _summarise(run, chunks, counts, spans, absent, problems, connection, now)
 
 
 def _summarise(
     run: Run,
     chunks: list[Chunk],
     counts: Counter[str],
-    markers: list[dict[str, Any]],
+    spans: list[_Span],
     absent: list[Chunk],
     problems: list[str],
     connection: redis.Redis | None,
+    now: float,
 ) -> RunStatus:
-    funnel = _funnel(markers)
-    recent = _recent(markers, time.time())
+    funnel = _funnel(spans)
+    recent = _recent(spans, now)
     names = ("done", "queued", "running", "failed", "missing", "bad")
     return RunStatus(
         run=str(run.path),
@@ -146,7 +176,7 @@ def _summarise(
         dropped=dict(funnel.dropped.most_common()),
         tokens={"prompt": funnel.prompt_tokens, "completion": funnel.completion_tokens},
         recent=recent,
-        eta_seconds=recent.eta(sum(len(c) for c in absent)),
+        eta_seconds=recent.eta(run.end - run.start - funnel.prompts),  # markers: whole chunks
         missing_ranges=index_ranges(absent),
         problems=problems,
         workers=_workers(connection, run) if connection else [],

@@ -43,8 +43,9 @@ from . import shards
 from .enginehost import EngineHost
 from .engines.base import EngineDead
 from .errors import ZoiError
-from .janitor import Janitor, default_heartbeat_ttl
+from .janitor import HEARTBEAT_SECONDS, SWEEP_SECONDS, Janitor, default_heartbeat_ttl
 from .jobs import ChunkJob, chunk_queue, failed_chunks
+from .liveprogress import LiveBoard
 from .merger import describe_ranges, index_ranges
 from .rqinternals import StoppableWorker
 from .rundir import Run
@@ -79,9 +80,9 @@ class ChunkWorker(StoppableWorker):
         self,
         queues: list[Queue],
         runner: ChunkRunner,
-        heartbeat_interval: float = 10.0,
+        heartbeat_interval: float = HEARTBEAT_SECONDS,
         heartbeat_ttl: int = 60,
-        janitor_interval: float = 15.0,
+        janitor_interval: float = SWEEP_SECONDS,
         **kwargs: Any,
     ) -> None:
         super().__init__(queues, job_class=ChunkJob, serializer=JSONSerializer, **kwargs)
@@ -282,9 +283,9 @@ def serve(
     run: Run,
     name: str | None = None,
     burst: bool = False,
-    heartbeat_interval: float = 10.0,
+    heartbeat_interval: float = HEARTBEAT_SECONDS,
     heartbeat_ttl: int | None = None,
-    janitor_interval: float = 15.0,
+    janitor_interval: float = SWEEP_SECONDS,
     revive: Callable[[], None] | None = None,
 ) -> bool:
     """Build the engine, then process chunks until stopped (or, with `burst`, until the queue
@@ -293,11 +294,12 @@ def serve(
     whose append-only file still holds the queue."""
     host = EngineHost(run)
     unique_name = worker_name(name)
+    ttl = heartbeat_ttl or default_heartbeat_ttl(heartbeat_interval)
     worker = ChunkWorker(
         [chunk_queue(connection, run)],
-        ChunkRunner(run, host, unique_name),
+        ChunkRunner(run, host, unique_name, LiveBoard(connection, run, ttl)),
         heartbeat_interval=heartbeat_interval,
-        heartbeat_ttl=heartbeat_ttl or default_heartbeat_ttl(heartbeat_interval),
+        heartbeat_ttl=ttl,
         janitor_interval=janitor_interval,
         connection=connection,
         name=unique_name,
