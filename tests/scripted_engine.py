@@ -8,9 +8,11 @@ where `key` is a step name, or `judge@STEP` for the judge of the text STEP produ
 Responses: plain text, or `!error` (RequestError), `!dead` (EngineDead), `!raise`
 (RuntimeError), `!empty` (""),
 `!length:TEXT` (TEXT cut off at max_tokens), `!cut:TEXT` (TEXT and half an emoji: a lone
-surrogate). `delay` makes every request take that long; `refuse` makes the engine refuse to
-start with that message (a ConfigError, as a bad engine argument gives), only in the worker
-whose CUDA_VISIBLE_DEVICES is `refuse_on` if that is given. `log` names a file
+surrogate), `!prob:P:TEXT` (TEXT, with probability P for the request's first choice, はい, and
+the rest shared by the others; without it the engine gives no probabilities, as an API
+without log-probabilities). `delay` makes every request take that long; `refuse` makes the
+engine refuse to start with that message (a ConfigError, as a bad engine argument gives), only
+in the worker whose CUDA_VISIBLE_DEVICES is `refuse_on` if that is given. `log` names a file
 that gets a line per request, so tests can count how often each request ran across worker
 processes; `requests` names a file that gets each request whole, as a JSON line (the golden
 test's record of what the templates send). Options come from `engine_kwargs` and
@@ -36,6 +38,12 @@ MARK = re.compile(r"(?:([a-z]+)\|)?case=([A-Za-z0-9_]+)")
 
 def _as_json(request: Request) -> dict[str, Any]:
     return {**asdict(request), "messages": [m.as_dict() for m in request.messages]}
+
+
+def _shares(choices: tuple[str, ...], first: float) -> dict[str, float]:
+    """`first` for the first choice, the rest split evenly among the others."""
+    rest = (1.0 - first) / max(len(choices) - 1, 1)
+    return {choice: first if i == 0 else rest for i, choice in enumerate(choices)}
 
 
 def default_text(step: str, case: str, seed: int) -> str:
@@ -100,6 +108,10 @@ class ScriptedEngine:
 
     def _respond(self, request: Request, response: str) -> Completion:
         finish = "stop"
+        probabilities = None
+        if response.startswith("!prob:"):
+            first, response = response.removeprefix("!prob:").split(":", 1)
+            probabilities = _shares(request.choices or (), float(first))
         if response == "!error":
             raise RequestError(f"scripted failure at {request.step}")
         if response == "!dead":
@@ -113,7 +125,7 @@ class ScriptedEngine:
         if response.startswith("!cut:"):  # an emoji cut in half, as a UTF-16 API may send it
             response = response.removeprefix("!cut:") + "\ud83d"
         prompt_tokens = sum(len(m.content) for m in request.messages)
-        return Completion(response, finish, prompt_tokens, len(response))
+        return Completion(response, finish, prompt_tokens, len(response), probabilities)
 
     def close(self) -> None:
         self.closed = True

@@ -22,7 +22,13 @@ import pytest
 import yaml
 
 from zero_one_instruction.config import Config
-from zero_one_instruction.engines.base import EngineDead, Message, Request, RequestError
+from zero_one_instruction.engines.base import (
+    Completion,
+    EngineDead,
+    Message,
+    Request,
+    RequestError,
+)
 from zero_one_instruction.generator import load_inputs
 from zero_one_instruction.pipeline import Outcome, Pipeline
 from zero_one_instruction.prompt_sources import PromptSource
@@ -100,27 +106,71 @@ def test_pipeline_produces_records_through_vllm(tiny_model: Path, engine: Any, r
     assert judges and {s.text for s in judges} <= {"はい", "いいえ"}
 
 
-def test_judge_is_constrained_to_yes_or_no(engine: Any, run: Run) -> None:
-    """At temperature 1 a random model emits noise; the constraint must still hold."""
+JUDGE_CHOICES = ("はい", "いいえ")
 
-    async def judge_all() -> list[str]:
+
+def judge_all(engine: Any, run: Run, count: int, temperature: float) -> list[Completion]:
+    """`count` judge requests on prompts of different lengths, all in flight at once."""
+
+    async def complete_all() -> list[Completion]:
         requests = [
             request(
                 f"質問{i}: " + "日本語の文章です。" * (i % 7),
                 seed=i,
                 step="judge",
-                temperature=1.0,
+                temperature=temperature,
                 top_p=1.0,
                 max_tokens=8,
-                choices=("はい", "いいえ"),
+                choices=JUDGE_CHOICES,
             )
-            for i in range(40)
+            for i in range(count)
         ]
-        return [c.text for c in await asyncio.gather(*(engine.complete(r) for r in requests))]
+        return list(await asyncio.gather(*(engine.complete(r) for r in requests)))
 
-    texts = run(judge_all())
+    return run(complete_all())
+
+
+def test_judge_is_constrained_to_yes_or_no(engine: Any, run: Run) -> None:
+    """At temperature 1 a random model emits noise; the constraint must still hold."""
+    texts = [c.text for c in judge_all(engine, run, 40, temperature=1.0)]
     assert set(texts) <= {"はい", "いいえ"}
     assert len(texts) == 40
+
+
+def test_judge_gives_the_probability_of_each_choice(engine: Any, run: Run) -> None:
+    """The log-probabilities vLLM returns are those of the constrained distribution: the
+    allowed tokens are found among them, so every verdict, greedy or sampled, has one."""
+    completions = [*judge_all(engine, run, 10, 0.0), *judge_all(engine, run, 10, 1.0)]
+    for completion in completions:
+        assert completion.text in JUDGE_CHOICES
+        probabilities = completion.choice_probabilities
+        assert probabilities is not None and set(probabilities) == set(JUDGE_CHOICES)
+        assert all(0.0 <= p <= 1.0 for p in probabilities.values())
+        assert abs(sum(probabilities.values()) - 1.0) < 1e-5
+    assert engine._params(request("x")).logprobs is None  # only the judge asks for them
+
+
+def test_pipeline_records_the_judges_confidence_through_vllm(
+    tiny_model: Path, engine: Any, run: Run
+) -> None:
+    config = tiny_config(tiny_model, pipeline={"min_judge_confidence": 0.5})
+    inputs = load_inputs(config)
+    pipeline = Pipeline(config, inputs.templates, inputs.source, engine)
+
+    async def collect() -> list[Outcome]:
+        return [o async for o in pipeline.run(range(6))]
+
+    outcomes = run(collect())
+    judges = [s for o in outcomes for s in o.steps if s.step == "judge"]
+    assert judges
+    for step in judges:
+        assert step.text in ("はい", "いいえ")
+        assert step.yes_probability is not None and 0.0 <= step.yes_probability <= 1.0
+        assert step.to_dict()["yes_probability"] == step.yes_probability
+    for outcome in outcomes:
+        if (outcome.drop_reason or "").endswith("_low_confidence"):
+            last = outcome.steps[-1]
+            assert last.verdict is True and (last.yes_probability or 0.0) < 0.5
 
 
 def test_repetition_penalty_reaches_the_sampler(engine: Any, run: Run) -> None:

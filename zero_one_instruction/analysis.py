@@ -291,7 +291,8 @@ class FunnelAnalysis:
             self.asked[judge] += 1
             self.accepted[judge] += step.get("verdict") is True
             if judge == "after_fixer" and step.get("verdict") is True:
-                self.rescued += 1
+                # a はい doubted by min_judge_confidence rescued nothing
+                self.rescued += item.drop_reason != "fix_low_confidence"
         self.fixer_ran += bool(item.fixer_ran)
 
     def figures(self) -> dict[str, Any]:

@@ -83,6 +83,9 @@ class PipelineSettings(_Strict):
     min_japanese_share: float | None = Field(default=None, gt=0.0, le=1.0)
     drop_leaked_questions: bool = False
     drop_looping_answers: bool = False
+    # A judge's はい whose probability (where the engine gives one) is below this counts as a
+    # いいえ (`confidence`). None is off.
+    min_judge_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
     concurrency: int | None = Field(default=None, ge=1)
 
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from .confidence import confident, rejection
 from .config import Config
 from .engines.base import Engine, Message, Request, RequestError, Step
 from .filters import FILTER_REASONS, Filters
@@ -47,14 +48,17 @@ DROP_REASONS: dict[str, str] = {
     "judge_failed": "a judge request failed",
     "judge_invalid": "a judge answered neither はい nor いいえ",
     "judge_rejected": "the first judge said いいえ and the fixer is off",
+    "judge_low_confidence": "the first judge's はい was below min_judge_confidence, fixer off",
     "fix_failed": "the fixer request failed",
     "fix_empty": "the fixer returned nothing",
     "fix_rejected": "the judge said いいえ again after the fixer",
+    "fix_low_confidence": "the judge's はい after the fixer was below min_judge_confidence",
     "depth_failed": "a depth request failed",
     "depth_empty": "a depth step returned nothing",
     "flatten_failed": "the flatten request failed",
     "flatten_empty": "flatten returned nothing",
     "final_rejected": "the final judge said いいえ",
+    "final_low_confidence": "the final judge's はい was below min_judge_confidence",
     "answer_failed": "the answer request failed",
     "answer_empty": "the answer was empty",
     **FILTER_REASONS,
@@ -89,6 +93,7 @@ class StepTrace:
     depth: int | None = None
     text: str | None = None
     verdict: bool | None = None
+    yes_probability: float | None = None
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -99,6 +104,8 @@ class StepTrace:
         depth index: traces written before and after the two had names read alike."""
         data = asdict(self)
         del data["judge"], data["depth"]
+        if self.yes_probability is None:  # traces without it read as they always have
+            del data["yes_probability"]
         return {"step": data.pop("step"), "attempt": request_number(self.judge, self.depth), **data}
 
 
@@ -236,16 +243,16 @@ class Pipeline:
         prompt = await self._generate(o, "width", prompt=o.base_prompt, allow_empty=True)
         if not prompt or not await self._judge(o, prompt, JudgeKind.FIRST):
             if not self.settings.fixer:
-                raise _Dropped("judge_rejected" if prompt else "width_empty")
+                raise _Dropped(rejection("judge", o.steps[-1].verdict) if prompt else "width_empty")
             o.fixer_ran = True
             prompt = await self._generate(o, "fix", prompt=prompt or o.base_prompt)
             if not await self._judge(o, prompt, JudgeKind.AFTER_FIX):
-                raise _Dropped("fix_rejected")
+                raise _Dropped(rejection("fix", o.steps[-1].verdict))
         for depth in range(self.settings.depth_steps):
             prompt = await self._generate(o, "depth", depth=depth, prompt=prompt)
         question = await self._generate(o, "flatten", prompt=prompt)
         if not await self._judge(o, question, JudgeKind.FINAL):
-            raise _Dropped("final_rejected")
+            raise _Dropped(rejection("final", o.steps[-1].verdict))
         _drop_if(self.filters.question(question))
         answer = await self._generate(
             o, "answer", question=question, refusal_marker=self.settings.refusal_marker
@@ -272,7 +279,8 @@ class Pipeline:
             o.steps[-1].error = f"not one of the choices: {verdict!r}"
             raise _Dropped("judge_invalid")
         o.steps[-1].verdict = verdict == YES
-        return verdict == YES
+        minimum = self.settings.min_judge_confidence
+        return verdict == YES and confident(o.steps[-1].yes_probability, minimum)
 
     async def _ask(
         self,
@@ -295,6 +303,7 @@ class Pipeline:
         trace.finish_reason = completion.finish_reason
         trace.prompt_tokens = completion.prompt_tokens
         trace.completion_tokens = completion.completion_tokens
+        trace.yes_probability = (completion.choice_probabilities or {}).get(YES)
         _check_text(trace)
         return completion.text.strip()
 

@@ -43,6 +43,7 @@ ADDED_PIPELINE_SETTINGS: dict[str, object] = {
     "min_japanese_share": None,
     "drop_leaked_questions": False,
     "drop_looping_answers": False,
+    "min_judge_confidence": None,
 }
 
 

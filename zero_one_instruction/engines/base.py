@@ -43,10 +43,15 @@ class Request:
 
 @dataclass(frozen=True)
 class Completion:
+    """What the engine made of a request. `choice_probabilities`, for a request with
+    `choices`, is how likely the model was to give each of them under the constraint (the
+    judge's confidence); None where the engine cannot tell, which changes nothing else."""
+
     text: str
     finish_reason: str | None  # "stop", "length", or None when the engine cannot tell
     prompt_tokens: int
     completion_tokens: int
+    choice_probabilities: dict[str, float] | None = None
 
 
 class RequestError(Exception):

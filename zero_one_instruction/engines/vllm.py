@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigError, EnvironmentFailure, ZoiError
 from ..gpus import default_tensor_parallel_size
 from .base import Completion, EngineDead, Request, RequestError
+from .choices import choice_probabilities
 from .reaper import guard_children
 
 if TYPE_CHECKING:
@@ -180,6 +181,10 @@ def read_chat_template(value: str | None) -> str | None:
 
 
 RENDER_THREADS = 4
+# Candidates per position for a choice's probability: vLLM's default `max_logprobs` (-1 lifts
+# it, 0 turns log-probabilities off and the probability with them), and more than the few
+# tokens a constraint between two words leaves allowed.
+CHOICE_LOGPROBS = 20
 
 
 class LengthGuard:
@@ -245,6 +250,7 @@ class VLLMEngine:
         self._chat_template = read_chat_template(config.chat_template)
         self._template_kwargs = dict(config.chat_template_kwargs)
         self._render_pool = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="zoi-render")
+        self._choice_logprobs = 0
         try:
             engine_arguments = AsyncEngineArgs(**engine_args(config))
         except TypeError as exc:
@@ -270,6 +276,8 @@ class VLLMEngine:
             self._length = LengthGuard.for_tokenizer(
                 self._tokenizer, self._engine.model_config.max_model_len
             )
+            limit = getattr(self._engine.model_config, "max_logprobs", CHOICE_LOGPROBS)
+            self._choice_logprobs = CHOICE_LOGPROBS if limit < 0 else min(CHOICE_LOGPROBS, limit)
         except Exception:
             self.close()
             raise
@@ -294,6 +302,11 @@ class VLLMEngine:
 
     def _params(self, request: Request) -> Any:
         extra = self._choice(list(request.choices)) if request.choices else {}
+        if request.choices and self._choice_logprobs:
+            # The structured-output mask is applied to the logits before vLLM takes their
+            # log-probabilities, so these are the constrained distribution's (and asking for
+            # them changes nothing that is sampled).
+            extra["logprobs"] = self._choice_logprobs
         return self._sampling_params(
             temperature=request.temperature,
             top_p=request.top_p,
@@ -333,11 +346,30 @@ class VLLMEngine:
         if out.finish_reason == "error":
             raise RequestError("vLLM reported an error for this request")
         text = out.text.strip() if request.choices else out.text
+        probabilities = None
+        if request.choices and out.logprobs:
+            probabilities = await asyncio.get_running_loop().run_in_executor(
+                self._render_pool, self._choice_probabilities, request.choices, out
+            )
         return Completion(
             text=text,
             finish_reason=out.finish_reason,
             prompt_tokens=len(final.prompt_token_ids or ()),
             completion_tokens=len(out.token_ids),
+            choice_probabilities=probabilities,
+        )
+
+    def _choice_probabilities(self, choices: tuple[str, ...], out: Any) -> dict[str, float] | None:
+        """In a thread, like the chat template: it decodes a few dozen short token lists."""
+        positions = [
+            {token: entry.logprob for token, entry in (position or {}).items()}
+            for position in out.logprobs
+        ]
+        return choice_probabilities(
+            choices,
+            list(out.token_ids),
+            positions,
+            lambda ids: self._tokenizer.decode(list(ids), skip_special_tokens=True),
         )
 
     def close(self) -> None:
