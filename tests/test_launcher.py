@@ -187,7 +187,11 @@ def test_killed_worker_is_restarted_and_the_run_completes(reference, tmp_path: P
 
 
 def test_interrupt_then_rerun_resumes_without_redoing_chunks(reference, tmp_path: Path) -> None:
-    config, expected, log, _ = reference
+    _, expected, log, _ = reference
+    # Slower requests than the reference's (the delay does not change the data): the Ctrl-C
+    # must land while chunks remain even when a loaded machine starves this test for seconds.
+    (tmp_path / "slow").mkdir()
+    config = scripted_config(tmp_path / "slow", delay=0.25, log=log)
     out = tmp_path / "out.jsonl"
     launcher = subprocess.Popen(
         [ZOI, *run_args(config, out)],
