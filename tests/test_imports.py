@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = "zero_one_instruction"
@@ -105,3 +107,14 @@ def test_no_import_cycle_inside_the_package() -> None:
     assert f"{PACKAGE}.machine" in graph[f"{PACKAGE}.cli"], "the graph reads lazy imports too"
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_command_line_loads_no_heavy_library_until_a_command_needs_it() -> None:
+    """`zoi --help` and the quick commands start in well under a second: the queue (RQ), the
+    report's libraries and the engine are imported by the commands that use them."""
+    heavy = ("rq", "datasketch", "matplotlib", "jinja2", "vllm", "torch", "transformers")
+    probe = f"import sys, {PACKAGE}.cli; print(*sorted(m for m in {heavy!r} if m in sys.modules))"
+    found = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT.parent
+    )
+    assert found.stdout.split() == []

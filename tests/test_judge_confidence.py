@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ import pytest
 from zero_one_instruction.analysis import FunnelAnalysis
 from zero_one_instruction.dataset import Item
 from zero_one_instruction.engines.choices import choice_probabilities
+from zero_one_instruction.engines.vllm import VLLMEngine
 from zero_one_instruction.pipeline import DROP_REASONS, JudgeKind, Outcome, Tally
 from zero_one_instruction.rundir import RUN_FILE, RunError, create_or_open
 from zero_one_instruction.samples import JudgeConfidence
@@ -67,6 +70,36 @@ def test_no_probability_where_the_log_probabilities_cannot_tell() -> None:
     assert choice_probabilities(CHOICES, [2], [], decode_words) is None
     # the text never commits: one choice is the beginning of the other
     assert choice_probabilities(("はい", "はいはい"), [2], [{2: 0.0}], decode_words) is None
+
+
+def test_a_failure_reading_the_probabilities_leaves_them_out_and_the_verdict_stands(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The probabilities are an extra: a tokenizer that fails, or log-probabilities of an
+    unexpected shape, must not fail the request (and so the chunk)."""
+
+    class Broken:
+        def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+            raise RuntimeError("Already borrowed")
+
+    class Entry:
+        logprob = 0.0
+
+    engine = object.__new__(VLLMEngine)
+    engine._tokenizer, engine._probability_failed = Broken(), False
+    out = SimpleNamespace(token_ids=[2], logprobs=[{2: Entry(), 1: Entry()}])
+    with caplog.at_level(logging.WARNING):
+        assert engine._choice_probabilities(CHOICES, out) is None
+        assert (
+            engine._choice_probabilities(CHOICES, SimpleNamespace(token_ids=[2], logprobs=[7]))
+            is None
+        )
+    warnings = [r for r in caplog.records if "judge probabilities left out" in r.getMessage()]
+    assert len(warnings) == 1 and "Already borrowed" in warnings[0].getMessage()
+    engine._tokenizer = SimpleNamespace(
+        decode=lambda ids, skip_special_tokens=True: decode_words(ids)
+    )
+    assert engine._choice_probabilities(CHOICES, out) == {"はい": 1.0, "いいえ": 0.0}
 
 
 # --- the trace and the threshold, through the scripted engine --------------------------------

@@ -137,8 +137,8 @@ def test_work_serves_a_queued_run_with_its_gpus_in_pci_bus_order(
 def test_generate_writes_what_merge_writes_with_every_output_option(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signals: None
 ) -> None:
-    """`zoi generate` and `zoi merge` of a run of the same config, both with `--format
-    messages --with-meta --dedup --id-start 3`: the same bytes (one encoder)."""
+    """`zoi generate`, `zoi merge` of a run of the same config and `zoi run`, each with
+    `--format messages --with-meta --dedup --id-start 3`: the same bytes (one encoder)."""
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
@@ -155,8 +155,12 @@ def test_generate_writes_what_merge_writes_with_every_output_option(
     cli("enqueue", *base, "--run", str(run_dir), "--num-prompts", str(N), "--chunk-size", "4")
     assert machine.work(run_dir, burst=True, heartbeat=0.3, heartbeat_ttl=2, janitor=0.5)
     told = cli("merge", "--run", str(run_dir), "-o", str(merged), *chosen)
+    ran = tmp_path / "ran.jsonl"
+    run_said = cli(
+        "run", *base, "--num-prompts", str(N), "--chunk-size", "4", "-o", str(ran), *chosen
+    )
 
-    assert generated.read_bytes() == merged.read_bytes()
+    assert generated.read_bytes() == merged.read_bytes() == ran.read_bytes()
     records = [json.loads(line) for line in generated.read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in records] == [f"record_{3 + i}" for i in range(len(records))]
     assert all(list(r) == ["id", "messages", "meta"] for r in records)
@@ -166,6 +170,8 @@ def test_generate_writes_what_merge_writes_with_every_output_option(
     dropped = N // 3 - 1  # two of every six prompts are dup; each after the first repeats
     assert f"wrote     {len(records)} records to {generated} ({dropped} duplicate" in said
     assert f"{len(records)} records," in told and f"({dropped} duplicate questions" in told
+    assert f"wrote     {len(records)} records to {ran} (run directory" in run_said
+    assert f"({dropped} duplicate questions dropped)" in run_said
 
 
 def cli(*args: str) -> str:

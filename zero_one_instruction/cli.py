@@ -24,7 +24,6 @@ from .options import (
     config_option,
     encoding_options,
     heartbeat_options,
-    id_start_option,
     index_range,
     job_policy_options,
     overwrite_option,
@@ -206,7 +205,7 @@ def enqueue_cmd(
     naming the settings that differ.
     """
     from .machine import enqueue
-    from .producer import JobPolicy
+    from .policy import JobPolicy
 
     first, last = index_range(num_prompts, start, end)
     policy = JobPolicy(retries=retries, timeout=job_timeout)
@@ -318,7 +317,7 @@ def status_cmd(run_dir: Path, redis_url: str | None, as_json: bool) -> None:
     help="GPUs per worker (tensor parallel). Default: one group per power of two, "
     "as the original tool (7 GPUs: 4+2+1).",
 )
-@id_start_option
+@encoding_options
 @chunk_size_option
 @redis_option
 @overwrite_option
@@ -341,6 +340,7 @@ def run_cmd(
     from .machine import run
 
     first, last = index_range(num_prompts, start, end)
+    encoding = EncodeOptions(**take_encoding(options))
     line = StatusLine()
     try:
         report = run(
@@ -348,13 +348,14 @@ def run_cmd(
             output,
             first,
             last,
+            encoding=encoding,
             on_event=line.event,
             on_progress=line.progress,
             **options,
         )
     finally:
         line.close()
-    click.echo(render.ran(report))
+    click.echo(render.ran(report, encoding.dedup))
 
 
 @main.command("report")

@@ -21,18 +21,6 @@ from . import rqinternals
 
 log = logging.getLogger(__name__)
 MAX_ABANDONED = 10
-# Seconds between a worker's heartbeats of its running chunks, and between janitor sweeps:
-# the defaults of `zoi worker`, the workers `zoi run` starts, and the library calls.
-HEARTBEAT_SECONDS = 10.0
-SWEEP_SECONDS = 15.0
-
-
-def default_heartbeat_ttl(interval: float) -> int:
-    """How long a running chunk may go without a heartbeat before it counts as abandoned,
-    for heartbeats every `interval` seconds: three missed beats and a margin, so a busy worker
-    is not taken for a dead one. A worker's default, and what the launcher's janitor allows
-    the workers it starts."""
-    return int(3 * interval) + 5
 
 
 def _fetch(queue: Queue, job_id: str) -> Job | None:

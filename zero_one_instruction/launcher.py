@@ -29,11 +29,12 @@ import redis
 
 from . import shards
 from .errors import ZoiError
-from .janitor import HEARTBEAT_SECONDS, SWEEP_SECONDS, Janitor, default_heartbeat_ttl
+from .janitor import Janitor
 from .jobs import chunk_queue, failed_chunks
 from .liveprogress import funnels, read
 from .merger import describe_ranges, index_ranges
-from .producer import EnqueueReport, JobPolicy, enqueue
+from .policy import HEARTBEAT_SECONDS, SWEEP_SECONDS, JobPolicy, default_heartbeat_ttl
+from .producer import EnqueueReport, enqueue
 from .progress import Progress
 from .rundir import Chunk, Run
 from .workerplan import WorkerSpec

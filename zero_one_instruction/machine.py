@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import redis
@@ -23,13 +23,14 @@ import redis
 from .broker import connect
 from .config import load_config
 from .embeddedredis import revive
+from .encoder import EncodeOptions, duplicates_path
 from .gpus import cuda_environment, groups, select, visible_gpus
-from .janitor import HEARTBEAT_SECONDS, SWEEP_SECONDS
 from .launcher import Launcher
 from .merger import MergeOptions, MergeReport, merge
 from .outputs import check_output, remember_output
 from .pipeline import Tally
-from .producer import EnqueueReport, JobPolicy
+from .policy import HEARTBEAT_SECONDS, SWEEP_SECONDS, JobPolicy
+from .producer import EnqueueReport
 from .producer import enqueue as enqueue_chunks
 from .progress import Progress
 from .rundir import Run, create_or_open, open_run
@@ -124,6 +125,11 @@ def work(
         )
 
 
+def _outputs(output: Path, encoding: EncodeOptions) -> list[Path]:
+    """The files the merge writes: the output, and with a near dedup its sidecar."""
+    return [output, duplicates_path(output)] if encoding.dedup == "near" else [output]
+
+
 def run(
     config_path: Path,
     output: Path,
@@ -134,7 +140,7 @@ def run(
     gpus: str | None = None,
     num_gpus: int | None = None,
     tp: int | None = None,
-    id_start: int = 0,
+    encoding: EncodeOptions | None = None,
     chunk_size: int = 100,
     redis_url: str | None = None,
     overwrite: bool = False,
@@ -145,7 +151,7 @@ def run(
     split the GPUs into groups (`gpus` ids or the first `num_gpus`, `tp` per group; by
     default every visible GPU in power-of-two groups; none: one CPU worker), create or resume
     the run in `run_dir` (default: OUTPUT.run), launch and supervise one worker per group
-    until every chunk is done, and merge.
+    until every chunk is done, and merge as `encoding` says (as `zoi merge` would).
 
     Rerun after an interrupt, a crash or a reboot, it resumes; on a finished run it only
     merges. `on_event` gets one line per thing worth saying (idle GPUs, the plan, restarts),
@@ -153,8 +159,11 @@ def run(
     `KeyboardInterrupt` after stopping the workers, `launcher.LaunchError` if the run cannot
     complete."""
     config = load_config(config_path)
+    encoding = encoding or EncodeOptions()
     run_dir = run_dir or Path(f"{output}.run")
-    check_output(output, config, config_path=config_path, run=run_dir, overwrite=overwrite)
+    outputs = _outputs(output, encoding)
+    for path in outputs:
+        check_output(path, config, config_path=config_path, run=run_dir, overwrite=overwrite)
     gpu_groups, idle = groups(select(visible_gpus(), gpus, num_gpus), tp)
     specs = plan(gpu_groups)
     if not gpu_groups:
@@ -180,6 +189,7 @@ def run(
             + ", ".join(f"{s.name} (tp {s.tp})" for s in specs)
         )
         progress = launcher.execute()
-    merged = merge(run, output, MergeOptions(id_start=id_start))
-    remember_output(run.path, output)
+    merged = merge(run, output, MergeOptions(**asdict(encoding)))
+    for path in outputs:
+        remember_output(run.path, path)
     return RunReport(run.path, output, specs, progress.funnel, merged, time.monotonic() - began)

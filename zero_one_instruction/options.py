@@ -11,8 +11,7 @@ import click
 
 from .detectors import NEAR_THRESHOLD
 from .encoder import DEDUPS, FORMATS
-from .janitor import HEARTBEAT_SECONDS, SWEEP_SECONDS
-from .producer import JobPolicy
+from .policy import HEARTBEAT_SECONDS, SWEEP_SECONDS, JobPolicy
 
 if TYPE_CHECKING:
     from .tokens import TokenRequest

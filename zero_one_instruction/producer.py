@@ -23,18 +23,11 @@ from rq.queue import Queue
 from . import rqinternals, shards
 from .errors import ZoiError
 from .jobs import CHUNK_FUNCTION, ChunkJob, chunk_args, chunk_queue
+from .policy import JobPolicy
 from .rundir import Chunk, Run
 
 ACTIVE = {"queued", "started", "scheduled", "deferred"}
 BATCH = 1000
-
-
-@dataclass(frozen=True)
-class JobPolicy:
-    retries: int = 3
-    timeout: int = 24 * 3600
-    result_ttl: int = 24 * 3600
-    failure_ttl: int = 7 * 24 * 3600
 
 
 @dataclass

@@ -67,11 +67,11 @@ def generated(report: GenerateReport) -> str:
     )
 
 
-def ran(report: RunReport) -> str:
+def ran(report: RunReport, dedup: str | None = None) -> str:
     return (
         summary(report.funnel, report.seconds)
         + f"\nwrote     {report.merge.records} records to {report.output} "
-        f"(run directory {report.run})"
+        f"(run directory {report.run})" + _duplicates(report.merge, dedup)
     )
 
 

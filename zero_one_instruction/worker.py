@@ -43,10 +43,11 @@ from . import shards
 from .enginehost import EngineHost
 from .engines.base import EngineDead
 from .errors import ZoiError
-from .janitor import HEARTBEAT_SECONDS, SWEEP_SECONDS, Janitor, default_heartbeat_ttl
+from .janitor import Janitor
 from .jobs import ChunkJob, chunk_queue, failed_chunks
 from .liveprogress import LiveBoard
 from .merger import describe_ranges, index_ranges
+from .policy import HEARTBEAT_SECONDS, SWEEP_SECONDS, default_heartbeat_ttl
 from .rqinternals import StoppableWorker
 from .rundir import Run
 from .runner import ChunkRunner

@@ -250,6 +250,7 @@ class VLLMEngine:
         self._chat_template = read_chat_template(config.chat_template)
         self._template_kwargs = dict(config.chat_template_kwargs)
         self._render_pool = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="zoi-render")
+        self._probability_failed = False  # warned once: the probabilities are an extra
         self._choice_logprobs = 0
         try:
             engine_arguments = AsyncEngineArgs(**engine_args(config))
@@ -360,17 +361,25 @@ class VLLMEngine:
         )
 
     def _choice_probabilities(self, choices: tuple[str, ...], out: Any) -> dict[str, float] | None:
-        """In a thread, like the chat template: it decodes a few dozen short token lists."""
-        positions = [
-            {token: entry.logprob for token, entry in (position or {}).items()}
-            for position in out.logprobs
-        ]
-        return choice_probabilities(
-            choices,
-            list(out.token_ids),
-            positions,
-            lambda ids: self._tokenizer.decode(list(ids), skip_special_tokens=True),
-        )
+        """In a thread, like the chat template: it decodes a few dozen short token lists.
+        The probabilities are an extra: whatever goes wrong reading them (an unexpected
+        logprob shape, a tokenizer error) leaves them out, and the verdict stands."""
+        try:
+            positions = [
+                {token: entry.logprob for token, entry in (position or {}).items()}
+                for position in out.logprobs
+            ]
+            return choice_probabilities(
+                choices,
+                list(out.token_ids),
+                positions,
+                lambda ids: self._tokenizer.decode(list(ids), skip_special_tokens=True),
+            )
+        except Exception as exc:
+            if not self._probability_failed:
+                self._probability_failed = True
+                log.warning("judge probabilities left out: %s: %s", type(exc).__name__, exc)
+            return None
 
     def close(self) -> None:
         """Stop EngineCore and its workers; safe to call twice."""
