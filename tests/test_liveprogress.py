@@ -182,6 +182,31 @@ def test_status_moves_during_a_chunk_and_settles_on_the_marker(tmp_path: Path) -
         broker.close()
 
 
+def test_a_worker_listening_for_its_next_chunk_while_one_runs_is_busy(tmp_path: Path) -> None:
+    """Every prompt of the one chunk has its slot at once, so the worker goes back to RQ's
+    loop to listen for the next chunk while this one runs: it is still busy, and idle again
+    once the chunk is done."""
+    config, run_dir = scripted_file(tmp_path, delay=1.0), tmp_path / "run"
+    enqueue_run(config, run_dir, 4, 4)
+    run, broker = open_run(run_dir), Broker(run_dir)
+    try:
+        proc = worker(run_dir, "--heartbeat", "0.3")
+        wait_until(lambda: status(run, broker.client).chunks["running"], timeout=60, what="work")
+        time.sleep(1.0)  # the prompts each have their slot; RQ's loop listens again
+        now = status(run, broker.client)
+        assert now.chunks["running"] == 1 and [w["state"] for w in now.workers] == ["busy"]
+        wait_until(lambda: list(run.shards.glob("*.done")), timeout=60, what="the marker")
+        wait_until(
+            lambda: [w["state"] for w in status(run, broker.client).workers] == ["idle"],
+            timeout=10,
+            what="the worker idle again",
+        )
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        broker.close()
+
+
 def test_the_launcher_line_moves_before_the_first_chunk_ends(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

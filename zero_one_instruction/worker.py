@@ -38,6 +38,7 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty
+from rq.worker import WorkerStatus
 
 from . import shards
 from .enginehost import EngineHost
@@ -147,6 +148,14 @@ class ChunkWorker(StoppableWorker):
         with self._lock:
             return [job.id for job, _, _ in self._active.values()]
 
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        """RQ's loop, made for one job at a time, says idle whenever it listens for the next
+        job; this worker listens while its chunks run, and is busy until they end (`zoi
+        status` shows it). The heartbeat says idle again once the last one has ended."""
+        if state == WorkerStatus.IDLE and self.active_jobs():
+            state = WorkerStatus.BUSY
+        super().set_state(state, pipeline)
+
     def _join_active(self, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -213,6 +222,8 @@ class ChunkWorker(StoppableWorker):
                     self.maintain_heartbeats(job, execution)
                 if not active:
                     self.heartbeat()
+                    if self.get_state() == WorkerStatus.BUSY:
+                        self.set_state(WorkerStatus.IDLE)
                 if time.monotonic() - last_sweep >= self.janitor_interval:
                     last_sweep = time.monotonic()
                     for janitor in self.janitors:
