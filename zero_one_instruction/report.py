@@ -19,7 +19,7 @@ from .analysis import FunnelAnalysis, RecordAnalysis, Tokenizer
 from .coverage import TaskCoverage, coverage_of, not_available
 from .dataset import DatasetError, Item, open_reader, read_file
 from .detectors import scaffolding
-from .neardup import THRESHOLD, NearDuplicates
+from .neardup import THRESHOLD, Bands
 from .outputs import enclosing_run
 from .page import write_page
 from .pipeline import DROP_REASONS
@@ -120,9 +120,7 @@ def make_report(
         raise DatasetError("give a merged FILE.jsonl or --run RUN, not both and not neither")
     _check_outputs(json_path, html_path, [p for p in (file, run_dir) if p is not None], run_dir)
     began = time.monotonic()
-    analysis = RecordAnalysis(
-        labels=(), tokenizer=tokenizer, near=NearDuplicates(threshold=near_threshold)
-    )
+    analysis = RecordAnalysis(labels=(), tokenizer=tokenizer, bands=Bands(near_threshold))
     extras = _Extras(Samples(), JudgeConfidence())
     if run_dir is not None:
         head = _run_figures(run_dir, analysis, extras)
