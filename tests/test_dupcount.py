@@ -3,6 +3,7 @@ of its buffers and files, and in agreement with the near-dedup merge."""
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 from typing import Any
@@ -140,3 +141,13 @@ def test_the_report_and_the_near_dedup_merge_agree() -> None:
     agreed = {member: root for member, root in roots.items() if root not in dropped}
     assert {m: r for m, r in repeats.items() if m in agreed} == agreed
     assert len(agreed) >= 7 and len(roots) - len(agreed) == 1  # 13 rewords dropped 12
+
+
+def test_a_report_stopped_early_leaves_no_temporary_files() -> None:
+    counter = DuplicateCounter(BANDS.count)
+    counter.add(0, "質問", "回答", BANDS.keys("質問"), "質問")
+    spill = counter._spill.root
+    assert spill.is_dir()
+    del counter
+    gc.collect()
+    assert not spill.exists()

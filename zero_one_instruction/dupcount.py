@@ -30,6 +30,7 @@ import itertools
 import shutil
 import struct
 import tempfile
+import weakref
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -86,6 +87,8 @@ class _Spill:
 
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="zoi-report-"))
+        # Removed however the report ends: counted, stopped by a bad line, or interrupted.
+        self._remove = weakref.finalize(self, shutil.rmtree, self.root, ignore_errors=True)
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -132,7 +135,7 @@ class _Spill:
         path.unlink()
 
     def close(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        self._remove()
 
 
 class DuplicateCounter:
