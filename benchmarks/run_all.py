@@ -15,7 +15,15 @@ from datetime import datetime, timezone
 
 from .common import machine
 
-BENCHMARKS = ["occupancy", "overhead", "real_engine", "merge", "enqueue", "scaling"]
+BENCHMARKS = [
+    "occupancy",
+    "overhead",
+    "real_engine",
+    "merge",
+    "report_dedup",
+    "enqueue",
+    "scaling",
+]
 # Run only when named in --only: a real model, 12 GiB and several minutes per run.
 OPT_IN = ["quality"]
 
