@@ -10,7 +10,7 @@ byte strings to sets per band. Two different bands share a key with a chance of 
 
 `NearDuplicates` is the merge's online index: fed questions in order, it says for each the
 earliest kept question it nearly repeats (keeping the lowest index). It holds 14 keys per
-kept question at the default threshold (about 1.3 KB with Python's dict overhead; see
+kept question at the default threshold (about 1 KB with Python's dict overhead; see
 docs/benchmarks.md). The report counts with the same `Bands`, so the two agree.
 """
 
