@@ -27,7 +27,9 @@ def smoke(name: str) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("name", ["occupancy", "overhead", "merge", "enqueue", "scaling"])
+@pytest.mark.parametrize(
+    "name", ["occupancy", "overhead", "merge", "report_dedup", "enqueue", "scaling"]
+)
 def test_benchmark_smoke(name: str) -> None:
     out = smoke(name)
     assert f"## {name}" in out

@@ -2,14 +2,14 @@
 
 `RecordAnalysis` looks at kept records (lengths, duplicates, diversity, language, flags) and
 `FunnelAnalysis` at every prompt's trace (where prompts were dropped, how the judges and the
-fixer did). Both take one item at a time and keep counters, never the items, except the
-duplicate indexes, which hold a hash or a signature per record (see `neardup`). `figures`
-returns plain JSON data: the JSON file, the terminal summary and the HTML page all read it.
+fixer did). Both take one item at a time and keep counters, never the items; the duplicate
+counts spill their keys to temporary files and count them at the end (`dupcount`), so memory
+does not grow with the records. `figures` returns plain JSON data: the JSON file, the
+terminal summary and the HTML page all read it.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +27,8 @@ from .detectors import (
     restates,
     script_share,
 )
-from .neardup import NearDuplicates
+from .dupcount import Counts, DuplicateCounter
+from .neardup import Bands
 from .pipeline import JudgeKind
 from .textstats import Distribution, Reservoir, TopCounter, distinct_ngram_ratio
 
@@ -46,10 +47,6 @@ JUDGES = {JudgeKind.FIRST: "first", JudgeKind.AFTER_FIX: "after_fixer", JudgeKin
 
 def _short(text: str) -> str:
     return text if len(text) <= EXAMPLE_CHARS else text[:EXAMPLE_CHARS] + "…"
-
-
-def _digest(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=12).digest()
 
 
 @dataclass
@@ -81,13 +78,10 @@ class Side:
 
     chars: Distribution = field(default_factory=Distribution)
     tokens: Distribution = field(default_factory=Distribution)
-    seen: set[bytes] = field(default_factory=set)
-    exact_duplicates: int = 0
     script_sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SCRIPTS, 0.0))
     other_language: Flag = field(default_factory=Flag)
 
-    def add(self, index: int, text: str, tokenizer: Tokenizer | None) -> bool:
-        """Count `text`; True if it is an exact repeat of an earlier one."""
+    def add(self, index: int, text: str, tokenizer: Tokenizer | None) -> None:
         self.chars.add(len(text))
         if tokenizer is not None:
             self.tokens.add(tokenizer(text))
@@ -97,27 +91,12 @@ class Side:
         language = other_language(text)
         if language is not None:
             self.other_language.add(index, text, language)
-        key = _digest(text)
-        if key in self.seen:
-            self.exact_duplicates += 1
-            return True
-        self.seen.add(key)
-        return False
 
     def scripts(self) -> dict[str, float]:
         """The mean share of each script over the texts (each text weighs the same)."""
         n = self.chars.total
         means = {s: round(v / n, 4) if n else 0.0 for s, v in self.script_sums.items()}
         return {**means, "japanese": round(sum(means[s] for s in JAPANESE_SCRIPTS), 4)}
-
-
-@dataclass
-class Cluster:
-    """Near-duplicates of one question: its first index, its size, and some members."""
-
-    root: int
-    size: int = 1
-    examples: list[dict[str, Any]] = field(default_factory=list)
 
 
 class RecordAnalysis:
@@ -127,17 +106,17 @@ class RecordAnalysis:
         self,
         labels: tuple[str, ...],
         tokenizer: Tokenizer | None = None,
-        near: NearDuplicates | None = None,
+        bands: Bands | None = None,
         refusal_marker: str = REFUSAL_MARKER,
     ) -> None:
         self.labels = labels
         self.refusal_marker = refusal_marker
         self.tokenizer = tokenizer
-        self.near = near or NearDuplicates()
+        self.bands = bands or Bands()
+        self.duplicates = DuplicateCounter(self.bands.count, CLUSTERS, EXAMPLES)
+        self._counts: Counts | None = None
         self.records = 0
         self.question, self.answer = Side(), Side()
-        self.near_duplicates = 0
-        self.clusters: dict[int, Cluster] = {}
         self.truncated = 0
         self.traced = 0
         self.leaked, self.looping, self.restating = Flag(), Flag(), Flag()
@@ -149,25 +128,16 @@ class RecordAnalysis:
     def add(self, item: Item) -> None:
         question, answer = item.question or "", item.answer or ""
         self.records += 1
-        if not self.question.add(item.index, question, self.tokenizer):
-            self._near(item.index, question)
+        self.question.add(item.index, question, self.tokenizer)
         self.answer.add(item.index, answer, self.tokenizer)
+        keys = self.bands.keys(question)
+        self.duplicates.add(item.index, question, answer, keys, _short(question))
         self._trace(item)
         self._flags(item.index, question, answer)
         stripped = question.strip()
         self.openings.add(stripped[:OPENING])
         self.endings.add(stripped[-ENDING:])
         self.sample.add((question, answer))
-
-    def _near(self, index: int, question: str) -> None:
-        root = self.near.add(index, question)
-        if root is None:
-            return
-        self.near_duplicates += 1
-        cluster = self.clusters.setdefault(root, Cluster(root))
-        cluster.size += 1
-        if len(cluster.examples) < EXAMPLES:
-            cluster.examples.append({"index": index, "question": _short(question)})
 
     def _trace(self, item: Item) -> None:
         if item.steps is None:
@@ -191,20 +161,20 @@ class RecordAnalysis:
             self.refusing.add(index, answer, declined)
 
     def _duplicates(self) -> dict[str, Any]:
-        largest = sorted(self.clusters.values(), key=lambda c: (-c.size, c.root))[:CLUSTERS]
+        if self._counts is None:  # counted once: counting removes the spilled keys
+            self._counts = self.duplicates.count()
+        counts = self._counts
         return {
-            "exact_duplicate_questions": self.question.exact_duplicates,
-            "exact_duplicate_answers": self.answer.exact_duplicates,
-            "near_duplicate_questions": self.near_duplicates,
+            "exact_duplicate_questions": counts.exact_questions,
+            "exact_duplicate_answers": counts.exact_answers,
+            "near_duplicate_questions": counts.near_questions,
             "near": {
                 "method": "MinHash LSH over character n-grams (datasketch)",
-                "shingle": self.near.shingle,
-                "threshold": self.near.threshold,
-                "num_perm": self.near.num_perm,
-                "clusters": len(self.clusters),
-                "largest_clusters": [
-                    {"first_index": c.root, "size": c.size, "repeats": c.examples} for c in largest
-                ],
+                "shingle": self.bands.shingle,
+                "threshold": self.bands.threshold,
+                "num_perm": self.bands.num_perm,
+                "clusters": counts.clusters,
+                "largest_clusters": counts.largest,
             },
         }
 

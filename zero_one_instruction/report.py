@@ -19,7 +19,7 @@ from .analysis import FunnelAnalysis, RecordAnalysis, Tokenizer
 from .coverage import TaskCoverage, coverage_of, not_available
 from .dataset import DatasetError, Item, RunReader, open_reader, read_file
 from .detectors import scaffolding
-from .neardup import THRESHOLD, NearDuplicates
+from .neardup import THRESHOLD, Bands
 from .outputs import enclosing_run
 from .page import write_page
 from .pipeline import DROP_REASONS
@@ -138,7 +138,7 @@ def make_report(
     reader = open_reader(run_dir) if run_dir is not None else None
     counting = choose(tokens, reader.run if reader is not None else None, tokenizer)
     analysis = RecordAnalysis(
-        labels=(), tokenizer=counting.count, near=NearDuplicates(threshold=near_threshold)
+        labels=(), tokenizer=counting.count, bands=Bands(near_threshold)
     )
     extras = _Extras(Samples(), JudgeConfidence())
     if run_dir is not None and reader is not None:
