@@ -137,9 +137,7 @@ def make_report(
     began = time.monotonic()
     reader = open_reader(run_dir) if run_dir is not None else None
     counting = choose(tokens, reader.run if reader is not None else None, tokenizer)
-    analysis = RecordAnalysis(
-        labels=(), tokenizer=counting.count, bands=Bands(near_threshold)
-    )
+    analysis = RecordAnalysis(labels=(), tokenizer=counting.count, bands=Bands(near_threshold))
     extras = _Extras(Samples(), JudgeConfidence())
     if run_dir is not None and reader is not None:
         head = _run_figures(run_dir, reader, analysis, extras)
