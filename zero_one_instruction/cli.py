@@ -29,6 +29,7 @@ from .options import (
     overwrite_option,
     range_options,
     redis_option,
+    report_outputs,
     run_option,
     take_encoding,
     take_tokens,
@@ -366,19 +367,7 @@ def run_cmd(
     type=click.Path(path_type=Path),
     help="Report on this run directory's verified shards (drops and traces included).",
 )
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write every figure to this JSON file.",
-)
-@click.option(
-    "-o",
-    "--output",
-    "html_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the report as a self-contained HTML page (plots inline, opens offline).",
-)
+@report_outputs
 @token_options
 @friendly
 def report_cmd(

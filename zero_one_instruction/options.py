@@ -134,6 +134,22 @@ def take_encoding(options: dict[str, Any]) -> dict[str, Any]:
     return chosen
 
 
+report_outputs = _options(
+    click.option(
+        "--json",
+        "json_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Write every figure to this JSON file.",
+    ),
+    click.option(
+        "-o",
+        "--output",
+        "html_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Write the report as a self-contained HTML page (plots inline, opens offline).",
+    ),
+)
+
 job_policy_options = _options(
     click.option(
         "--retries",
