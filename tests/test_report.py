@@ -196,6 +196,22 @@ def test_cli_on_a_file_and_bad_inputs(tmp_path: Path) -> None:
     assert_one_line_error(zoi("report", str(path), "--json", str(path)), "is the input")
 
 
+def test_a_lone_surrogate_in_a_file_is_refused_naming_its_line(tmp_path: Path) -> None:
+    """JSON's `\\ud800` escape parses to half a character, which the terminal cannot print:
+    one line naming the file's line, not an encoding error after the analysis."""
+    path = _write(tmp_path / "data.jsonl", CLEAN[:2])
+    emoji = json.dumps(original_record("pair", "絵文字\U0001f600の質問", "答え", "s"))
+    assert "\\ud83d\\ude00" in emoji  # an escaped pair reads as one whole character
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(emoji + "\n")
+    assert zoi("report", str(path), "--no-tokens").exit_code == 0
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(original_record("cut", "質問\ud800です", "答え", "s")) + "\n")
+    assert_one_line_error(
+        zoi("report", str(path), "--no-tokens"), str(path), "line 4", "lone surrogate", "U+D800"
+    )
+
+
 def test_cli_on_a_run_matches_its_merged_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
