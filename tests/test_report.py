@@ -212,6 +212,22 @@ def test_a_lone_surrogate_in_a_file_is_refused_naming_its_line(tmp_path: Path) -
     )
 
 
+@pytest.mark.parametrize("option", ["--json", "-o"])
+def test_an_output_that_cannot_be_written_is_refused_before_reading(
+    tmp_path: Path, option: str
+) -> None:
+    """The input here fails once read, so the output's refusal shows it came first: on a
+    large run the pass takes hours, and a missing directory must not end it."""
+    path = tmp_path / "data.jsonl"
+    path.write_text("{not json\n", encoding="utf-8")
+    missing = tmp_path / "missing" / "report.out"
+    refused = zoi("report", str(path), option, str(missing), "--no-tokens")
+    assert_one_line_error(refused, str(missing), "does not exist")
+    assert_one_line_error(zoi("report", str(path), option, "/dev/null"), "/dev/null")
+    assert_one_line_error(zoi("report", str(path), option, str(tmp_path)), "is a directory")
+    assert_one_line_error(zoi("report", str(path)), "line 1 is not JSON")  # the control
+
+
 def test_cli_on_a_run_matches_its_merged_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
