@@ -109,7 +109,7 @@ def _copy_chunk(
         count += 1
         try:
             line = encoder.line(raw, meta)
-        except (ValueError, KeyError, TypeError):  # damage that is no longer a record
+        except ValueError:  # damage that is no longer a record (`encoder.parse_record`)
             return f"{files['records']['name']} does not match its marker"
         if line is not None:
             out.write(line)
