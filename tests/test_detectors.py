@@ -67,6 +67,22 @@ def test_scaffolding_comes_from_the_templates_in_use(labels: tuple[str, ...]) ->
     assert "手本の依頼文:" not in custom
 
 
+def test_a_short_line_of_a_template_is_no_scaffolding() -> None:
+    """A custom template's line "質問" is a word, not a request: were it scaffolding,
+    `drop_leaked_questions` would drop every question that holds the word."""
+    templates = load_templates()
+    own = type(templates.flatten)(
+        name="flatten",
+        user="質問\n{prompt}\n例\n質問として仕上げて。\n答え:",
+        system=templates.flatten.system,
+    )
+    custom = scaffolding(type(templates)(**{**templates.__dict__, "flatten": own}))
+    assert "質問" not in custom and "例" not in custom
+    assert leaked("日本の質問の仕方について、例を挙げて説明してください。", custom) is None
+    control = {"質問として仕上げて。", "答え:", "テーマ:", "手本の依頼文:"}
+    assert control <= set(custom)
+
+
 @pytest.mark.parametrize(
     ("question", "found"),
     [

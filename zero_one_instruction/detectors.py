@@ -36,6 +36,10 @@ _COLON_LABEL = re.compile(r"「([^「」\n]{1,20}[:：])」")
 _LINE_LABEL = re.compile(r"^\s*([^\s{}:：]{1,20}[:：])\s*$", re.MULTILINE)
 _HEADING = re.compile(r"^\s*([^\s{}:：]{1,20}[:：])", re.MULTILINE)
 _PLACEHOLDER = re.compile(r"\{[A-Za-z_]\w*\}")
+# A user template's line without a placeholder is a request a model may copy ("この文章を質問文
+# として仕上げてください。"), but only at this length is it one: a shorter line ("質問", "例") is
+# a word any question may hold. A short label has its colon, and is found as a label.
+MIN_REQUEST_CHARS = 8
 # A phrase of 8 to 200 characters said three times in a row: "はいはいはい" is too short to
 # count, a sentence caught in a loop is not.
 PHRASE_MIN, PHRASE_MAX = 8, 200
@@ -177,8 +181,9 @@ def _bad_examples(templates: Templates) -> Iterator[str]:
 def scaffolding(templates: Templates) -> tuple[str, ...]:
     """What of the templates must never reach a question: their labels and headings, the
     headings of the texts they show as wrong, and the one-line requests of the user messages
-    (a model that copies its instructions copies these). Taken from the templates in use, so
-    a user's own templates are checked for their own scaffolding, not the shipped ones'."""
+    of `MIN_REQUEST_CHARS` or more (a model that copies its instructions copies these).
+    Taken from the templates in use, so a user's own templates are checked for their own
+    scaffolding, not the shipped ones'."""
     found: dict[str, None] = {}
     steps = ("width", "judge", "fix", "depth", "flatten")
     for name in steps:
@@ -187,7 +192,7 @@ def scaffolding(templates: Templates) -> tuple[str, ...]:
             found.update(dict.fromkeys(_labels_in(text)))
         for line in step.user.splitlines():
             line = normalized(line.strip())
-            if line and not _PLACEHOLDER.search(line):
+            if len(line) >= MIN_REQUEST_CHARS and not _PLACEHOLDER.search(line):
                 found[line] = None
     for text in _bad_examples(templates):
         found.update(dict.fromkeys(normalized(m.group(1)) for m in _HEADING.finditer(text)))
