@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from zero_one_instruction import machine
+from zero_one_instruction import machine, samples
 from zero_one_instruction.records import original_record
 from zero_one_instruction.report import make_report
-from zero_one_instruction.textstats import Distribution, Reservoir, TopCounter
+from zero_one_instruction.textstats import Distribution, Reservoir, TopCounter, shortened
 
 from .clitools import assert_one_line_error, zoi
 from .queue_helpers import ROOT, scripted_config
@@ -176,6 +176,12 @@ def test_reservoir_is_a_fixed_size_sample_made_the_same_each_time() -> None:
         return reservoir.items
 
     assert len(sample()) == 10 and sample() == sample() and max(sample()) >= 10
+
+
+def test_a_shown_text_is_cut_at_its_limit_and_marked() -> None:
+    assert shortened("あいう", 3) == "あいう"
+    assert shortened("あいうえ", 3) == "あいう…"
+    assert samples._cut("あいうえ", 2) == "あい…" and samples._cut(None, 2) is None
 
 
 def test_cli_on_a_file_and_bad_inputs(tmp_path: Path) -> None:

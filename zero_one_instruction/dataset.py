@@ -144,9 +144,7 @@ def read_file(path: Path) -> Iterator[Item]:
 
 
 def _lines(path: Path) -> Iterator[Any]:
-    with path.open("rb") as handle:
-        for line in handle:
-            yield json.loads(line)
+    return map(json.loads, shards.read_lines(path))
 
 
 def _chunk_items(run: Run, chunk: Chunk) -> Iterator[Item]:
