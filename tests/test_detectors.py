@@ -3,8 +3,12 @@ it is for and stays quiet on ordinary Japanese text."""
 
 from __future__ import annotations
 
+import random
+import re
+
 import pytest
 
+from zero_one_instruction import detectors
 from zero_one_instruction.detectors import (
     leaked,
     looping,
@@ -63,6 +67,22 @@ def test_scaffolding_comes_from_the_templates_in_use(labels: tuple[str, ...]) ->
     assert "手本の依頼文:" not in custom
 
 
+def test_a_short_line_of_a_template_is_no_scaffolding() -> None:
+    """A custom template's line "質問" is a word, not a request: were it scaffolding,
+    `drop_leaked_questions` would drop every question that holds the word."""
+    templates = load_templates()
+    own = type(templates.flatten)(
+        name="flatten",
+        user="質問\n{prompt}\n例\n質問として仕上げて。\n答え:",
+        system=templates.flatten.system,
+    )
+    custom = scaffolding(type(templates)(**{**templates.__dict__, "flatten": own}))
+    assert "質問" not in custom and "例" not in custom
+    assert leaked("日本の質問の仕方について、例を挙げて説明してください。", custom) is None
+    control = {"質問として仕上げて。", "答え:", "テーマ:", "手本の依頼文:"}
+    assert control <= set(custom)
+
+
 @pytest.mark.parametrize(
     ("question", "found"),
     [
@@ -90,6 +110,52 @@ def test_leaked(labels: tuple[str, ...], question: str, found: str | None) -> No
 )
 def test_looping(answer: str, loops: bool) -> None:
     assert (looping(answer) is not None) == loops
+
+
+def _long_answer(sentences: int) -> str:
+    """A long answer that never repeats itself: every sentence has its own numbers."""
+    return "".join(
+        f"{n}番目の手順では、材料を{n * 7 % 97}グラム量って{n % 13 + 2}分ほど混ぜます。\n"
+        for n in range(sentences)
+    )
+
+
+def test_looping_checks_few_places_in_a_long_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 50,000-character answer is checked only where a phrase could begin again, a couple of
+    times per character even in a list of alike lines, not at each of the 193 lengths at
+    every position as the regex this replaced did (it took seconds)."""
+    checked: list[int] = []
+    said_thrice = detectors._said_thrice
+
+    def counted(text: str, start: int, length: int) -> bool:
+        checked.append(start)
+        return said_thrice(text, start, length)
+
+    monkeypatch.setattr(detectors, "_said_thrice", counted)
+    answer = _long_answer(1600)
+    assert len(answer) > 50_000
+    assert looping(answer) is None
+    assert 0 < len(checked) < 2 * len(answer)
+    assert looping(answer + "ずっと同じ言葉を繰り返す" * 3) == "ずっと同じ言葉を繰り返す"
+
+
+def test_looping_finds_the_phrase_the_regex_found() -> None:
+    """The phrase found is the one `(.{8,200}?)\\1{2,}` finds (the leftmost, then the
+    shortest), on texts made of repeats of every length around the limits."""
+    regex = re.compile(r"(.{8,200}?)\1{2,}", re.DOTALL)
+    rng = random.Random(7)
+    for _ in range(3000):
+        alphabet = rng.choice(["ab", "あいう\n ", "abcdefgh"])
+        text = "".join(
+            "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) * rng.randint(1, 4)
+            for _ in range(rng.randint(1, 6))
+        )
+        match = regex.search(text)
+        assert detectors._phrase_loop(text) == (match.group(1) if match else None), text
+    distinct = "".join(chr(0x4E00 + i) for i in range(201))
+    for length, found in ((7, False), (8, True), (200, True), (201, False)):
+        phrase = distinct[:length]
+        assert detectors._phrase_loop("前置き" + phrase * 3) == (phrase if found else None)
 
 
 def test_restates() -> None:

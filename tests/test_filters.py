@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
-from zero_one_instruction import render
+from zero_one_instruction import filters, render
 from zero_one_instruction.config import load_config
 from zero_one_instruction.errors import ConfigError
 from zero_one_instruction.filters import FILTER_REASONS
@@ -107,6 +108,25 @@ def test_the_original_answer_checks_keep_their_reasons_first() -> None:
         pipeline={"drop_looping_answers": True},
     )
     assert asyncio.run(made.evolve(0)).drop_reason == "answer_refused"
+
+
+def test_the_filters_run_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's output handling runs on the event loop; a check over a long answer there
+    would stall every request in flight."""
+    threads: list[str] = []
+    for name in ("question", "answer"):
+        check = getattr(filters.Filters, name)
+
+        def spy(self: filters.Filters, *args: object, _check=check, _name=name) -> object:
+            threads.append(f"{_name} {threading.current_thread() is threading.main_thread()}")
+            return _check(self, *args)
+
+        monkeypatch.setattr(filters.Filters, name, spy)
+    found = outcomes(**FILTERS_ON)
+    assert sorted(threads) == ["answer False"] * 2 + ["question False"] * len(CASES)
+    assert {case: o.drop_reason for case, o in found.items()} == {
+        case: reason for case, (_, reason) in CASES.items()
+    }
 
 
 def test_every_filter_reason_is_described_and_shown_in_the_preview() -> None:

@@ -12,6 +12,7 @@ import pytest
 from zero_one_instruction import shards
 from zero_one_instruction.errors import ZoiError
 from zero_one_instruction.merger import MergeIncomplete, MergeOptions, MergeReport, merge_run
+from zero_one_instruction.records import dumps
 from zero_one_instruction.rundir import Run
 
 from .unit_runs import SYSTEM, finish, finish_all, flip_a_byte, make_run, outcome
@@ -126,6 +127,28 @@ def test_a_shard_found_damaged_while_copying_is_cut_back_out(
     assert (report.merged, report.records) == (2, 4)
     assert report.missing == [(damaged.start, damaged.end)]
     assert report.bytes == (run.path.parent / "out.jsonl").stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("input", 7), ("output", None), ("conversation", [{"from": "x"}])]
+)
+@pytest.mark.parametrize("fmt", ["original", "messages"])
+def test_a_shard_line_that_parses_but_is_no_record_is_cut_out(
+    run: Run, field: str, value: object, fmt: str
+) -> None:
+    """Damage that leaves valid JSON (a number where the question was) is refused like any
+    other damage: the chunk is cut out and named, never a traceback from deeper down."""
+    finish_all(run)
+    damaged = run.chunks()[1]
+    path = shards.path_of(run.shards, damaged, "records")
+    first, rest = path.read_bytes().split(b"\n", 1)
+    line = dumps({**json.loads(first), field: value}).encode().rstrip(b"\n")
+    assert len(line) < len(first)  # padded to the same size: only the parse can find it
+    path.write_bytes(line[:-1] + b" " * (len(first) - len(line)) + b"}\n" + rest)
+    options = MergeOptions(fmt=fmt, dedup="exact", allow_partial=True)  # type: ignore[arg-type]
+    report, records = _merge(run, options)
+    assert report.problems == [f"chunk {damaged.id}: {damaged.id}.jsonl does not match its marker"]
+    assert (len(records), report.missing) == (4, [(damaged.start, damaged.end)])
 
 
 def test_messages_format_gives_role_and_content_only(run: Run) -> None:

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from zero_one_instruction import machine
+from zero_one_instruction import machine, samples
 from zero_one_instruction.records import original_record
 from zero_one_instruction.report import make_report
-from zero_one_instruction.textstats import Distribution, Reservoir, TopCounter
+from zero_one_instruction.textstats import Distribution, Reservoir, TopCounter, shortened
 
 from .clitools import assert_one_line_error, zoi
 from .queue_helpers import ROOT, scripted_config
@@ -178,6 +178,12 @@ def test_reservoir_is_a_fixed_size_sample_made_the_same_each_time() -> None:
     assert len(sample()) == 10 and sample() == sample() and max(sample()) >= 10
 
 
+def test_a_shown_text_is_cut_at_its_limit_and_marked() -> None:
+    assert shortened("あいう", 3) == "あいう"
+    assert shortened("あいうえ", 3) == "あいう…"
+    assert samples._cut("あいうえ", 2) == "あい…" and samples._cut(None, 2) is None
+
+
 def test_cli_on_a_file_and_bad_inputs(tmp_path: Path) -> None:
     path = _write(tmp_path / "data.jsonl", [*CLEAN, (EXACT[0], "重複した質問への答えです。")])
     result = zoi("report", str(path), "--json", str(tmp_path / "r.json"))
@@ -194,6 +200,38 @@ def test_cli_on_a_file_and_bad_inputs(tmp_path: Path) -> None:
     assert_one_line_error(zoi("report", str(tmp_path)), "is a directory")
     assert_one_line_error(zoi("report"), "give a merged FILE.jsonl or --run RUN")
     assert_one_line_error(zoi("report", str(path), "--json", str(path)), "is the input")
+
+
+def test_a_lone_surrogate_in_a_file_is_refused_naming_its_line(tmp_path: Path) -> None:
+    """JSON's `\\ud800` escape parses to half a character, which the terminal cannot print:
+    one line naming the file's line, not an encoding error after the analysis."""
+    path = _write(tmp_path / "data.jsonl", CLEAN[:2])
+    emoji = json.dumps(original_record("pair", "絵文字\U0001f600の質問", "答え", "s"))
+    assert "\\ud83d\\ude00" in emoji  # an escaped pair reads as one whole character
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(emoji + "\n")
+    assert zoi("report", str(path), "--no-tokens").exit_code == 0
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(original_record("cut", "質問\ud800です", "答え", "s")) + "\n")
+    assert_one_line_error(
+        zoi("report", str(path), "--no-tokens"), str(path), "line 4", "lone surrogate", "U+D800"
+    )
+
+
+@pytest.mark.parametrize("option", ["--json", "-o"])
+def test_an_output_that_cannot_be_written_is_refused_before_reading(
+    tmp_path: Path, option: str
+) -> None:
+    """The input here fails once read, so the output's refusal shows it came first: on a
+    large run the pass takes hours, and a missing directory must not end it."""
+    path = tmp_path / "data.jsonl"
+    path.write_text("{not json\n", encoding="utf-8")
+    missing = tmp_path / "missing" / "report.out"
+    refused = zoi("report", str(path), option, str(missing), "--no-tokens")
+    assert_one_line_error(refused, str(missing), "does not exist")
+    assert_one_line_error(zoi("report", str(path), option, "/dev/null"), "/dev/null")
+    assert_one_line_error(zoi("report", str(path), option, str(tmp_path)), "is a directory")
+    assert_one_line_error(zoi("report", str(path)), "line 1 is not JSON")  # the control
 
 
 def test_cli_on_a_run_matches_its_merged_file(

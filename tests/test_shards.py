@@ -3,6 +3,7 @@ trusted (`read_marker`, `check`), how a bad shard is set aside, and the `Verifie
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -208,3 +209,14 @@ def test_verified_ignores_a_corrupt_hint_file(run: Run) -> None:
     assert verified.check(first).done
     verified.save()
     assert first.id in json.loads((run.shards / shards.Verified.FILE).read_text(encoding="utf-8"))
+
+
+def test_read_lines_gives_each_line_and_feeds_the_digest(run: Run) -> None:
+    """The merger checks a shard with the digest of the very lines it copies."""
+    finish(run, run.chunks()[0])
+    path = shards.path_of(run.shards, run.chunks()[0], "records")
+    digest = hashlib.sha256()
+    lines = list(shards.read_lines(path, digest))
+    assert b"".join(lines) == path.read_bytes() and len(lines) == 3
+    assert digest.hexdigest() == shards.sha256_of(path)
+    assert list(shards.read_lines(path)) == lines

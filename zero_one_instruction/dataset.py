@@ -10,6 +10,7 @@ what it covers.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,11 @@ from typing import Any
 from . import shards
 from .errors import ZoiError
 from .pipeline import Tally
+from .records import lone_surrogate
 from .rundir import Chunk, Run, open_run
+
+# JSON's escape of a surrogate: the only way a UTF-8 line can hold a lone one once parsed.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class DatasetError(ZoiError):
@@ -86,8 +91,24 @@ def _parse(path: Path, number: int, line: bytes) -> Any:
         ) from None
 
 
+def _check_text(path: Path, number: int, line: bytes, record: Any) -> None:
+    """Refuse a line whose `\\ud800` escape parsed to half a character: no terminal, file or
+    tokenizer can encode it, and the report would fail later with an exception name. Only a
+    line with such an escape is searched, as an escaped emoji is a pair and reads whole."""
+    if not _SURROGATE_ESCAPE.search(line):
+        return
+    text = json.dumps(record, ensure_ascii=False)
+    position = lone_surrogate(text)
+    if position is not None:
+        raise DatasetError(
+            f"{path}: line {number} holds a lone surrogate (U+{ord(text[position]):04X}, "
+            "half of a character); not valid Unicode text"
+        )
+
+
 def _file_item(path: Path, number: int, line: bytes) -> Item:
     record = _parse(path, number, line)
+    _check_text(path, number, line, record)
     texts = _texts(record)
     if texts is None:
         raise DatasetError(
@@ -123,9 +144,7 @@ def read_file(path: Path) -> Iterator[Item]:
 
 
 def _lines(path: Path) -> Iterator[Any]:
-    with path.open("rb") as handle:
-        for line in handle:
-            yield json.loads(line)
+    return map(json.loads, shards.read_lines(path))
 
 
 def _chunk_items(run: Run, chunk: Chunk) -> Iterator[Item]:

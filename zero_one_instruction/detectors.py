@@ -36,9 +36,13 @@ _COLON_LABEL = re.compile(r"「([^「」\n]{1,20}[:：])」")
 _LINE_LABEL = re.compile(r"^\s*([^\s{}:：]{1,20}[:：])\s*$", re.MULTILINE)
 _HEADING = re.compile(r"^\s*([^\s{}:：]{1,20}[:：])", re.MULTILINE)
 _PLACEHOLDER = re.compile(r"\{[A-Za-z_]\w*\}")
-# A phrase of at least 8 characters said three times in a row: "はいはいはい" is too short to
+# A user template's line without a placeholder is a request a model may copy ("この文章を質問文
+# として仕上げてください。"), but only at this length is it one: a shorter line ("質問", "例") is
+# a word any question may hold. A short label has its colon, and is found as a label.
+MIN_REQUEST_CHARS = 8
+# A phrase of 8 to 200 characters said three times in a row: "はいはいはい" is too short to
 # count, a sentence caught in a loop is not.
-_PHRASE_LOOP = re.compile(r"(.{8,200}?)\1{2,}", re.DOTALL)
+PHRASE_MIN, PHRASE_MAX = 8, 200
 _SENTENCE_END = re.compile(r"(?<=[。！？!?])|\n")
 MIN_REPEATED_UNIT = 10
 LOOP_REPEATS = 3
@@ -177,8 +181,9 @@ def _bad_examples(templates: Templates) -> Iterator[str]:
 def scaffolding(templates: Templates) -> tuple[str, ...]:
     """What of the templates must never reach a question: their labels and headings, the
     headings of the texts they show as wrong, and the one-line requests of the user messages
-    (a model that copies its instructions copies these). Taken from the templates in use, so
-    a user's own templates are checked for their own scaffolding, not the shipped ones'."""
+    of `MIN_REQUEST_CHARS` or more (a model that copies its instructions copies these).
+    Taken from the templates in use, so a user's own templates are checked for their own
+    scaffolding, not the shipped ones'."""
     found: dict[str, None] = {}
     steps = ("width", "judge", "fix", "depth", "flatten")
     for name in steps:
@@ -187,7 +192,7 @@ def scaffolding(templates: Templates) -> tuple[str, ...]:
             found.update(dict.fromkeys(_labels_in(text)))
         for line in step.user.splitlines():
             line = normalized(line.strip())
-            if line and not _PLACEHOLDER.search(line):
+            if len(line) >= MIN_REQUEST_CHARS and not _PLACEHOLDER.search(line):
                 found[line] = None
     for text in _bad_examples(templates):
         found.update(dict.fromkeys(normalized(m.group(1)) for m in _HEADING.finditer(text)))
@@ -213,6 +218,42 @@ def _repeated_unit(units: Iterable[str]) -> str | None:
     return None
 
 
+def _said_thrice(text: str, start: int, length: int) -> bool:
+    """Whether the phrase of `length` characters at `start` follows itself twice more."""
+    if start + 3 * length > len(text):
+        return False
+    unit = text[start : start + length]
+    return text.startswith(unit, start + length) and text.startswith(unit, start + 2 * length)
+
+
+def _phrase_loop(text: str) -> str | None:
+    """The phrase a regex `(.{8,200}?)\\1{2,}` would find (the leftmost start, then the
+    shortest phrase), found in time about linear in the text instead: that regex tries every
+    length at every position and took seconds on a long answer, on the event loop where the
+    filters run. A phrase said three times starts with the same `PHRASE_MIN` characters one
+    phrase further on, so only such pairs of positions are checked, and in natural text they
+    are few."""
+    following = _next_same(text, PHRASE_MIN)
+    for start in range(len(text) - 3 * PHRASE_MIN + 1):
+        later = following[start]
+        while later >= 0 and later - start <= PHRASE_MAX:
+            if later - start >= PHRASE_MIN and _said_thrice(text, start, later - start):
+                return text[start:later]
+            later = following[later]
+    return None
+
+
+def _next_same(text: str, width: int) -> list[int]:
+    """For each position, the next one where the same `width` characters start, or -1."""
+    following = [-1] * len(text)
+    last: dict[str, int] = {}
+    for position in range(len(text) - width, -1, -1):
+        gram = text[position : position + width]
+        following[position] = last.get(gram, -1)
+        last[gram] = position
+    return following
+
+
 def looping(answer: str) -> str | None:
     """What an answer repeats in a loop, or None: a line or a sentence that comes back three
     times, or a phrase said three times in a row. Code is left out: code repeats lines by
@@ -221,10 +262,8 @@ def looping(answer: str) -> str | None:
     found = _repeated_unit(text.splitlines()) or _repeated_unit(_SENTENCE_END.split(text))
     if found:
         return found
-    match = _PHRASE_LOOP.search(text)
-    if match and match.group(1).strip():
-        return match.group(1)
-    return None
+    phrase = _phrase_loop(text)
+    return phrase if phrase is not None and phrase.strip() else None
 
 
 def _compact(text: str) -> str:

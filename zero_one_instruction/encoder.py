@@ -71,6 +71,27 @@ def id_prefix(record_id: int) -> bytes:
     return b'{"id":"record_%d",' % record_id
 
 
+def _is_turn(turn: Any) -> bool:
+    if not isinstance(turn, dict):
+        return False
+    return turn.get("from") in ROLES and isinstance(turn.get("value"), str)
+
+
+def parse_record(raw: bytes) -> dict[str, Any]:
+    """A shard line as a record, or ValueError. A damaged line can still be JSON (a digit
+    where the question was), and the merger cuts a damaged shard out on ValueError: an
+    unchecked record would fail deeper down with an error nobody expects, as a traceback."""
+    record = json.loads(raw)
+    if not isinstance(record, dict):
+        raise ValueError("a shard line is not a JSON object")
+    if not (isinstance(record.get("input"), str) and isinstance(record.get("output"), str)):
+        raise ValueError("a shard line's input or output is not text")
+    turns = record.get("conversation")
+    if not (isinstance(turns, list) and all(_is_turn(turn) for turn in turns)):
+        raise ValueError("a shard line's conversation is not a list of turns")
+    return record
+
+
 def _question_key(record: dict[str, Any]) -> bytes:
     return hashlib.blake2b(record["input"].encode("utf-8"), digest_size=16).digest()
 
@@ -123,7 +144,7 @@ class Encoder:
         or None if `dedup` drops it."""
         if self.fast:
             return self._number(raw)
-        record = json.loads(raw)
+        record = parse_record(raw)
         if self.options.dedup and self._drop(record):
             return None
         out: dict[str, Any] = {"id": f"record_{self._take_id()}"}

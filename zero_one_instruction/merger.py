@@ -82,13 +82,6 @@ def describe_ranges(ranges: list[tuple[int, int]], limit: int = 8) -> str:
     return shown + (f" and {len(ranges) - limit} more" if len(ranges) > limit else "")
 
 
-def _lines(path: Path, digest: Any) -> Iterator[bytes]:
-    with path.open("rb") as handle:
-        for line in handle:
-            digest.update(line)
-            yield line
-
-
 def _copy_chunk(
     run: Run, chunk: Chunk, marker: dict[str, Any], encoder: Encoder, out: IO[bytes]
 ) -> str | None:
@@ -98,9 +91,9 @@ def _copy_chunk(
         return _splice_chunk(run, chunk, files["records"], encoder, out)
     with_meta = encoder.options.with_meta
     record_digest, meta_digest = hashlib.sha256(), hashlib.sha256()
-    records = _lines(shards.path_of(run.shards, chunk, "records"), record_digest)
+    records = shards.read_lines(shards.path_of(run.shards, chunk, "records"), record_digest)
     metas: Iterator[bytes | None] = (
-        _lines(shards.path_of(run.shards, chunk, "meta"), meta_digest)
+        shards.read_lines(shards.path_of(run.shards, chunk, "meta"), meta_digest)
         if with_meta
         else repeat(None)
     )
@@ -109,7 +102,7 @@ def _copy_chunk(
         count += 1
         try:
             line = encoder.line(raw, meta)
-        except (ValueError, KeyError, TypeError):  # damage that is no longer a record
+        except ValueError:  # damage that is no longer a record (`encoder.parse_record`)
             return f"{files['records']['name']} does not match its marker"
         if line is not None:
             out.write(line)

@@ -125,6 +125,28 @@ def _through_special(path: Path, hops: int = 40) -> bool:
     return False
 
 
+def check_destination(path: Path, runs: Iterable[Path] = ()) -> Path:
+    """Refuse a place no output may go, whatever the command and whatever it reads: a
+    directory, a device, a path into /dev or /proc, a run directory (one of `runs`, which may
+    not exist yet, or any that does), a directory that is not there. Return the file the
+    output will really be written to (a symbolic link's target). Checked before the command
+    does its work, so a long pass never ends in a refusal."""
+    existing = _kind(path)
+    if existing == "directory":
+        raise ZoiError(f"{path}: is a directory")
+    if existing == "other":
+        raise ZoiError(f"{path}: is not a regular file (a device, pipe or socket)")
+    if _through_special(path):
+        raise ZoiError(f"{path}: leads into /dev or /proc; write the output to a regular file")
+    target = write_target(path)
+    inside = enclosing_run(target, runs)
+    if inside is not None:
+        raise ZoiError(f"{path}: is inside the run directory {inside}; write the output elsewhere")
+    if not target.parent.is_dir():
+        raise ZoiError(f"{path}: directory {target.parent} does not exist")
+    return target
+
+
 def check_output(
     path: Path,
     config: Config,
@@ -142,20 +164,7 @@ def check_output(
     or inside any other run directory. An existing file is replaced with `overwrite`, or when
     `run` wrote it last time (a rerun of `zoi run` or `zoi merge`)."""
     inputs = protected_inputs(config, config_path)
-    runs = [run] if run is not None else []
-    existing = _kind(path)
-    if existing == "directory":
-        raise ZoiError(f"{path}: is a directory")
-    if existing == "other":
-        raise ZoiError(f"{path}: is not a regular file (a device, pipe or socket)")
-    if _through_special(path):
-        raise ZoiError(f"{path}: leads into /dev or /proc; write the output to a regular file")
-    target = write_target(path)
-    inside = enclosing_run(target, runs)
-    if inside is not None:
-        raise ZoiError(f"{path}: is inside the run directory {inside}; write the output elsewhere")
-    if not target.parent.is_dir():
-        raise ZoiError(f"{path}: directory {target.parent} does not exist")
+    target = check_destination(path, [run] if run is not None else [])
     for source, label in inputs.items():
         if _same_file(target, source):
             raise ZoiError(f"{path}: is the {label} {source}; an input is never overwritten")

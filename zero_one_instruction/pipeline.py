@@ -253,11 +253,13 @@ class Pipeline:
         question = await self._generate(o, "flatten", prompt=prompt)
         if not await self._judge(o, question, JudgeKind.FINAL):
             raise _Dropped(rejection("final", o.steps[-1].verdict))
-        _drop_if(self.filters.question(question))
+        # The filters run off the event loop: the engine's output handling runs on it, and
+        # their checks (loops, scripts, labels) go over every character of a long text.
+        _drop_if(await asyncio.to_thread(self.filters.question, question))
         answer = await self._generate(
             o, "answer", question=question, refusal_marker=self.settings.refusal_marker
         )
-        _drop_if(self.filters.answer(answer, o.steps[-1].finish_reason))
+        _drop_if(await asyncio.to_thread(self.filters.answer, answer, o.steps[-1].finish_reason))
         return question, answer
 
     async def _generate(

@@ -20,7 +20,7 @@ from .coverage import TaskCoverage, coverage_of, not_available
 from .dataset import DatasetError, Item, RunReader, open_reader, read_file
 from .detectors import scaffolding
 from .neardup import THRESHOLD, Bands
-from .outputs import enclosing_run
+from .outputs import check_destination
 from .page import write_page
 from .pipeline import DROP_REASONS
 from .records import atomic_file
@@ -42,19 +42,18 @@ class DataReport:
 
 
 def _check_output(path: Path, inputs: list[Path], run_dir: Path | None, kind: str) -> None:
-    """Refuse an output that would replace the input or land inside a run directory (the
-    run's files are the run's own). Any other existing file is replaced: a report is cheap to
-    make again and is meant to be refreshed."""
+    """Refuse an output that would replace the input, or that no command may write
+    (`outputs.check_destination`: a run's files are the run's own, a missing directory fails
+    the write), before the input is read, not after a pass of hours. Any other existing file
+    is replaced: a report is cheap to make again and is meant to be refreshed."""
     for source in inputs:
         if path.resolve() == source.resolve() or (
             path.exists() and source.exists() and path.samefile(source)
         ):
             raise DatasetError(f"{path}: is the input; write the report to another file")
-    run = enclosing_run(path, [run_dir] if run_dir is not None else [])
-    if run is not None:
-        raise DatasetError(f"{path}: is inside the run directory {run}; write it elsewhere")
     if path.is_dir():
         raise DatasetError(f"{path}: is a directory; give a file name for the {kind} report")
+    check_destination(path, [run_dir] if run_dir is not None else [])
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 from .analysis import JUDGES, step_name
 from .dataset import Item
 from .pipeline import DROP_REASONS
-from .textstats import Reservoir
+from .textstats import Reservoir, shortened
 
 SAMPLES = 20
 TEXT_CHARS = 2000
@@ -24,9 +24,8 @@ CONFIDENCE_BINS = 20
 
 
 def _cut(text: Any, limit: int) -> str | None:
-    if not isinstance(text, str):
-        return None
-    return text if len(text) <= limit else text[:limit] + "…"
+    """A trace's text shortened, or None where a damaged trace holds no text."""
+    return shortened(text, limit) if isinstance(text, str) else None
 
 
 def _step(step: dict[str, Any]) -> dict[str, Any]:

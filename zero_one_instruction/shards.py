@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,6 +205,17 @@ def readable_funnel(funnel: Any) -> bool:
     ):
         return False
     return bool(funnel["kept"] + sum(dropped.values()) == funnel["prompts"])
+
+
+def read_lines(path: Path, digest: Any = None) -> Iterator[bytes]:
+    """A shard file's lines, one at a time, so a reader of any run holds one line; each is
+    fed to `digest` (a hashlib object) if given, so the copy that reads a shard also checks
+    it against its marker."""
+    with path.open("rb") as handle:
+        for line in handle:
+            if digest is not None:
+                digest.update(line)
+            yield line
 
 
 def sha256_of(path: Path) -> str:

@@ -123,6 +123,12 @@ class Reservoir(Generic[T]):
             self.items[slot] = item
 
 
+def shortened(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, with "…" where it was cut: an example shown in a
+    report or on its page must not carry a whole runaway answer."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def distinct_ngram_ratio(texts: Iterable[str], n: int) -> float | None:
     """Distinct character n-grams over all n-grams of `texts` ("distinct-n"): near 1 for
     varied text, low for text that says the same things. It falls as more text is counted,
