@@ -13,7 +13,7 @@ earliest kept question it nearly repeats (keeping the lowest index). A band in c
 makes two questions candidates (at 0.7, a pair at Jaccard 0.54 shares a band about one time
 in twenty): the index keeps each kept question's signature too and drops a question only for
 a candidate whose estimated Jaccard similarity reaches the threshold. That is 14 keys and 128
-values per kept question at the default threshold (about 1.7 KB with Python's overhead; see
+values per kept question at the default threshold (about 1.6 KB with Python's overhead; see
 docs/benchmarks.md). The report counts candidates with the same `Bands`, without verifying
 them (its memory stays flat), so its near count is an estimate that can include pairs
 somewhat below the threshold.
