@@ -9,11 +9,14 @@ neighbours once a file is sorted, so the earliest of each is known without any o
 
 - An exact duplicate is a record whose question's hash is not the earliest with that hash.
 - A near duplicate is a record, not an exact one, that shares a band key with an earlier
-  record; its *root* is the earliest record it shares one with. An exact repeat never is a
+  record; its *root* is the earliest record it shares one with. That is an LSH candidate,
+  unchecked (checking needs every signature): it can be somewhat below the threshold, where
+  the near-dedup merge, which checks each pair, keeps it. An exact repeat never is a
   root (the question it repeats comes earlier with the same keys), so including the exact
   repeats changes nobody's root, and they are taken out afterwards by `seq`.
 - A cluster is a root and the near duplicates whose root it is: what a near-dedup merge would
-  drop in favour of that root, when nothing in between is dropped first.
+  drop in favour of that root, when nothing in between is dropped first and the pair
+  reaches the threshold.
 
 The (seq, root) pairs go to files by ranges of `seq`, and from there to files by ranges of
 root, read in slices: any one file or slice is bounded, whatever the number of records (a

@@ -9,9 +9,14 @@ ints, or numbers spilled to disk by the report (`dupcount`), instead of datasket
 byte strings to sets per band. Two different bands share a key with a chance of 2**-64.
 
 `NearDuplicates` is the merge's online index: fed questions in order, it says for each the
-earliest kept question it nearly repeats (keeping the lowest index). It holds 14 keys per
-kept question at the default threshold (about 1 KB with Python's dict overhead; see
-docs/benchmarks.md). The report counts with the same `Bands`, so the two agree.
+earliest kept question it nearly repeats (keeping the lowest index). A band in common only
+makes two questions candidates (at 0.7, a pair at Jaccard 0.54 shares a band about one time
+in twenty): the index keeps each kept question's signature too and drops a question only for
+a candidate whose estimated Jaccard similarity reaches the threshold. That is 14 keys and 128
+values per kept question at the default threshold (about 1.6 KB with Python's overhead; see
+docs/benchmarks.md). The report counts candidates with the same `Bands`, without verifying
+them (its memory stays flat), so its near count is an estimate that can include pairs
+somewhat below the threshold.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 from datasketch import MinHash, MinHashLSH
 
 from .detectors import NEAR_THRESHOLD, char_ngrams, normalized
@@ -79,8 +85,11 @@ class Bands:
 
     def keys(self, text: str) -> list[int]:
         """One 64-bit key per band: equal for two texts exactly when that band's rows are."""
+        return self.band_keys(self.signature(text).hashvalues)
+
+    def band_keys(self, values: np.ndarray) -> list[int]:
+        """`keys` from a signature already made, for a caller that also needs its values."""
         bands, rows = self._layout
-        values = self.signature(text).hashvalues
         data, width = values.tobytes(), rows * values.itemsize
         return [
             int.from_bytes(
@@ -95,17 +104,25 @@ class Bands:
         ]
 
 
+Owners = int | list[int]
+"""The kept questions holding a band key: almost always one, so a bare int saves a list."""
+
+
 @dataclass
 class NearDuplicates:
     """The merge's index of kept questions: `add_unique` returns the key of the earliest
-    indexed question sharing a band with `text` (its estimated Jaccard similarity is probably
-    at or above `threshold`: LSH has a few false negatives and positives near it), or None,
-    and then indexes `text`."""
+    indexed question sharing a band with `text` whose estimated Jaccard similarity to it is at
+    least `threshold` (LSH still misses a few pairs near it), or None, and then indexes
+    `text`."""
 
     threshold: float = THRESHOLD
     bands: Bands = field(init=False, repr=False)
-    # A question is indexed only if none of its bands is, so each band key has one owner.
-    _owner: dict[int, int] = field(default_factory=dict, init=False, repr=False)
+    # Band key -> the kept questions holding it. Several when a question shared a band with a
+    # kept one but was not similar enough to be dropped.
+    _owners: dict[int, Owners] = field(default_factory=dict, init=False, repr=False)
+    # Kept question -> its MinHash values as uint32 bytes (512 at 128 permutations): the
+    # smallest object numpy can compare against without a copy.
+    _signatures: dict[int, bytes] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.bands = Bands(threshold=self.threshold)
@@ -115,14 +132,43 @@ class NearDuplicates:
         For dedup: a dropped text is not indexed, so a later text is dropped only for nearly
         repeating one that is kept (no chains of texts each a little further off). Keys must
         grow: the earliest is the smallest."""
-        band_keys = self.bands.keys(text)
-        owner = self._owner
-        found = [owner[k] for k in band_keys if k in owner]
-        if found:
-            return min(found)
-        for band_key in band_keys:
-            owner[band_key] = key
+        values = self.bands.signature(text).hashvalues
+        band_keys = self.bands.band_keys(values)
+        for candidate in self._candidates(band_keys):
+            if self._similarity(candidate, values) >= self.threshold:
+                return candidate
+        self._index(key, band_keys, values)
         return None
+
+    def _candidates(self, band_keys: list[int]) -> list[int]:
+        """The kept questions sharing a band with these keys, earliest first."""
+        found: set[int] = set()
+        for band_key in band_keys:
+            owners = self._owners.get(band_key)
+            if isinstance(owners, int):
+                found.add(owners)
+            elif owners is not None:
+                found.update(owners)
+        return sorted(found)
+
+    def _similarity(self, candidate: int, values: np.ndarray) -> float:
+        """The estimated Jaccard similarity: the share of equal MinHash values, as
+        datasketch's `MinHash.jaccard` computes it."""
+        kept = np.frombuffer(self._signatures[candidate], dtype=np.uint32)
+        return int(np.count_nonzero(kept == values)) / len(values)
+
+    def _index(self, key: int, band_keys: list[int], values: np.ndarray) -> None:
+        # datasketch's values are below 2**32, in uint64 before its version 2.
+        self._signatures[key] = values.astype(np.uint32).tobytes()
+        owners = self._owners
+        for band_key in band_keys:
+            held = owners.get(band_key)
+            if held is None:
+                owners[band_key] = key
+            elif isinstance(held, int):
+                owners[band_key] = [held, key]
+            else:
+                held.append(key)
 
     def forget(self, keys: Iterable[int]) -> None:
         """Take texts back out of the index (the records of a merged shard that failed its
@@ -131,5 +177,29 @@ class NearDuplicates:
         gone = set(keys)
         if not gone:
             return
-        for band_key in [k for k, owner in self._owner.items() if owner in gone]:
-            del self._owner[band_key]
+        for key in gone:
+            self._signatures.pop(key, None)
+        owners = self._owners
+        # Only the changed entries are listed: a copy of the whole index would double it.
+        changed = [
+            (band_key, left)
+            for band_key, held in owners.items()
+            if (left := _without(held, gone)) is not held
+        ]
+        for band_key, left in changed:
+            if left is None:
+                del owners[band_key]
+            else:
+                owners[band_key] = left
+
+
+def _without(owners: Owners, gone: set[int]) -> Owners | None:
+    """`owners` less those `gone`: None when none is left, `owners` itself when none went."""
+    if isinstance(owners, int):
+        return None if owners in gone else owners
+    left = [owner for owner in owners if owner not in gone]
+    if len(left) == len(owners):
+        return owners
+    if not left:
+        return None
+    return left[0] if len(left) == 1 else left
