@@ -30,7 +30,7 @@ from .detectors import (
 from .dupcount import Counts, DuplicateCounter
 from .neardup import Bands
 from .pipeline import JudgeKind
-from .textstats import Distribution, Reservoir, TopCounter, distinct_ngram_ratio
+from .textstats import Distribution, Reservoir, TopCounter, distinct_ngram_ratio, shortened
 
 # Counts a text's tokens, e.g. with the run's tokenizer; None leaves tokens out.
 Tokenizer = Callable[[str], int]
@@ -46,7 +46,7 @@ JUDGES = {JudgeKind.FIRST: "first", JudgeKind.AFTER_FIX: "after_fixer", JudgeKin
 
 
 def _short(text: str) -> str:
-    return text if len(text) <= EXAMPLE_CHARS else text[:EXAMPLE_CHARS] + "…"
+    return shortened(text, EXAMPLE_CHARS)
 
 
 @dataclass
@@ -231,12 +231,16 @@ class RecordAnalysis:
         }
 
 
+def judge_name(step: dict[str, Any]) -> str:
+    """Which judgement a traced judge step is (first, after_fixer, final): the trace's
+    `attempt` number says it."""
+    return JUDGES.get(step.get("attempt", -1), "unknown")
+
+
 def step_name(step: dict[str, Any]) -> str:
     """A trace step as the funnel names it: the judges apart by which judgement they are."""
     name = str(step.get("step"))
-    if name == "judge":
-        return f"judge_{JUDGES.get(step.get('attempt', -1), 'unknown')}"
-    return name
+    return f"judge_{judge_name(step)}" if name == "judge" else name
 
 
 @dataclass
@@ -257,7 +261,7 @@ class FunnelAnalysis:
         for step in steps:
             if step.get("step") != "judge":
                 continue
-            judge = JUDGES.get(step.get("attempt", -1), "unknown")
+            judge = judge_name(step)
             self.asked[judge] += 1
             self.accepted[judge] += step.get("verdict") is True
             if judge == "after_fixer" and step.get("verdict") is True:

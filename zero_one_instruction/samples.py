@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .analysis import JUDGES, step_name
+from .analysis import judge_name, step_name
 from .dataset import Item
 from .pipeline import DROP_REASONS
 from .textstats import Reservoir, shortened
@@ -93,7 +93,7 @@ class JudgeConfidence:
             probability = _probability(step)
             if probability is None:
                 continue
-            judge = JUDGES.get(step.get("attempt", -1), "unknown")
+            judge = judge_name(step)
             slot = min(int(probability * CONFIDENCE_BINS), CONFIDENCE_BINS - 1)
             self.bins.setdefault(judge, Counter())[slot] += 1
             self.sums[judge] += probability
