@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 from zero_one_instruction import machine
 from zero_one_instruction.report import make_report
@@ -59,10 +60,12 @@ def make_demo_page(directory: Path, model: Path, prompts: int = PROMPTS) -> Path
     """Run the demo (twice over every task x domain pair by default) with `model` (a tiny
     model's directory) as the run's model, and write its page."""
     directory.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PYTHONPATH", str(ROOT))
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
     out = directory / "out.jsonl"
-    machine.run(_config(directory, model), out, 0, prompts, chunk_size=12)
+    # The workers find the scripted engine on PYTHONPATH; the environment is this process's
+    # only while the run lasts (a GPU id left behind would plan GPU workers in later tests).
+    workers = {"PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT)), "CUDA_VISIBLE_DEVICES": "0"}
+    with mock.patch.dict(os.environ, workers):
+        machine.run(_config(directory, model), out, 0, prompts, chunk_size=12)
     page = directory / "report.html"
     make_report(run_dir=Path(f"{out}.run"), html_path=page, json_path=directory / "report.json")
     return page
