@@ -65,7 +65,9 @@ EXACT = [CLEAN[0][0], CLEAN[1][0]]
 NEAR = [
     CLEAN[2][0].replace("書き", "作り"),
     CLEAN[3][0].replace("中学生", "小学生"),
-    CLEAN[5][0].replace("まとめて", "整理して"),
+    # Not 「整理して」: that rewording shares a band with the original at an estimated Jaccard
+    # similarity of 0.68, below the threshold, so neither the report nor the merge counts it.
+    CLEAN[5][0].replace("取るとき", "取る際"),
 ]
 ENGLISH = [
     (

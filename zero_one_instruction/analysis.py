@@ -113,7 +113,7 @@ class RecordAnalysis:
         self.refusal_marker = refusal_marker
         self.tokenizer = tokenizer
         self.bands = bands or Bands()
-        self.duplicates = DuplicateCounter(self.bands.count, CLUSTERS, EXAMPLES)
+        self.duplicates = DuplicateCounter(self.bands, CLUSTERS, EXAMPLES)
         self._counts: Counts | None = None
         self.records = 0
         self.question, self.answer = Side(), Side()
@@ -130,8 +130,7 @@ class RecordAnalysis:
         self.records += 1
         self.question.add(item.index, question, self.tokenizer)
         self.answer.add(item.index, answer, self.tokenizer)
-        keys = self.bands.keys(question)
-        self.duplicates.add(item.index, question, answer, keys, _short(question))
+        self.duplicates.add(item.index, question, answer, _short(question))
         self._trace(item)
         self._flags(item.index, question, answer)
         stripped = question.strip()

@@ -3,26 +3,30 @@
 A set of every question's hash, or an LSH index of every question, grows by a hash or a
 kilobyte a record: a gigabyte at a million. So nothing is looked up while the records stream
 by. Each record's hashes and band keys (`neardup.Bands`) are numbered by the record's place in
-the stream (its `seq`) and spilled to temporary files, 256 of a kind, chosen by the hash.
-At the end each file is counted on its own with numpy: records with the same key are
-neighbours once a file is sorted, so the earliest of each is known without any other file.
+the stream (its `seq`) and spilled to temporary files, 256 of a kind, chosen by the hash; its
+MinHash signature goes to one file in seq order, read back through a memory map. At the end
+each file of keys is counted on its own with numpy: records with the same key are neighbours
+once a file is sorted, so the earliest of each is known without any other file.
 
 - An exact duplicate is a record whose question's hash is not the earliest with that hash.
 - A near duplicate is a record, not an exact one, that shares a band key with an earlier
-  record; its *root* is the earliest record it shares one with. That is an LSH candidate,
-  unchecked (checking needs every signature): it can be somewhat below the threshold, where
-  the near-dedup merge, which checks each pair, keeps it. An exact repeat never is a
-  root (the question it repeats comes earlier with the same keys), so including the exact
-  repeats changes nobody's root, and they are taken out afterwards by `seq`.
+  record whose estimated Jaccard similarity to it (`neardup.similarity`, as the merge checks
+  it) reaches the threshold. Only the earliest record holding each band key (the band's
+  *root*) is checked, so a record has at most one candidate a band and the work stays
+  linear; its root is the earliest of its candidates that reaches the threshold. What this
+  misses: a record similar enough only to a later holder of a band it shares (one that was
+  not itself similar enough to that band's root), which the merge would find. An exact
+  repeat never is a root (the question it repeats comes earlier with the same keys), so
+  including the exact repeats changes nobody's root, and they are taken out by `seq`.
 - A cluster is a root and the near duplicates whose root it is: what a near-dedup merge would
-  drop in favour of that root, when nothing in between is dropped first and the pair
-  reaches the threshold.
+  drop in favour of that root, when nothing in between is dropped first.
 
 The (seq, root) pairs go to files by ranges of `seq`, and from there to files by ranges of
 root, read in slices: any one file or slice is bounded, whatever the number of records (a
 file of one key repeated millions of times is the exception). What stays in memory is a
-buffer of `CHUNK` records and the largest clusters. The disk holds about 200 bytes a record
-plus each question's example text, in the system's temporary directory, removed at the end.
+buffer of `CHUNK` records, `BATCH` pairs of signatures and the largest clusters. The disk
+holds about 200 bytes a record for the keys, 512 for the signature (128 uint32 values) and
+each question's example text, in the system's temporary directory, removed at the end.
 """
 
 from __future__ import annotations
@@ -42,10 +46,13 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from .neardup import Bands, similarity
+
 FANOUT = 256  # files per kind of key, by one byte of the key (so 256, no other)
 CHUNK = 1 << 16  # records buffered before they are spilled
 RANGE = 1 << 16  # seqs per file of (seq, root) pairs
 LIMIT = 1 << 23  # bytes of one file read at once; a larger one is split by the next byte
+BATCH = 1 << 13  # candidate pairs whose signatures are compared at once (8 MB at 128 values)
 ENTRY = np.dtype([("key", "<u8"), ("seq", "<u4")])
 PAIR = np.dtype([("seq", "<u4"), ("root", "<u4")])
 _TEXT = struct.Struct("<qI")  # a record's index and its example text's length in bytes
@@ -146,25 +153,26 @@ class DuplicateCounter:
     duplicate answers and the largest near-duplicate clusters (`count`), holding only a
     buffer of keys in memory."""
 
-    def __init__(self, keys_per_record: int, clusters: int = 10, examples: int = 5) -> None:
-        self.keys_per_record = keys_per_record
+    def __init__(self, bands: Bands, clusters: int = 10, examples: int = 5) -> None:
+        self.bands = bands
+        self.keys_per_record = bands.count
         self.clusters, self.examples = clusters, examples
         self.records = 0
         self._spill = _Spill()
         self._texts: BinaryIO = self._spill.path("texts").open("wb")
+        self._signatures: BinaryIO = self._spill.path("signatures").open("wb")
         self._buffers = {kind: array("Q") for kind in ("question", "answer", "band")}
         self._flushed = 0
 
-    def add(
-        self, index: int, question: str, answer: str, band_keys: list[int], example: str
-    ) -> None:
-        """One record: its index (as reports name it), texts, the question's band keys, and
-        the question as an example would show it."""
-        if len(band_keys) != self.keys_per_record:
-            raise ValueError(f"{len(band_keys)} band keys, not {self.keys_per_record}")
+    def add(self, index: int, question: str, answer: str, example: str) -> None:
+        """One record: its index (as reports name it), texts, and the question as an example
+        would show it."""
+        values = self.bands.signature(question).hashvalues
+        # datasketch's values are below 2**32, in uint64 before its version 2.
+        self._signatures.write(values.astype(np.uint32).tobytes())
         self._buffers["question"].append(digest(question))
         self._buffers["answer"].append(digest(answer))
-        self._buffers["band"].extend(band_keys)
+        self._buffers["band"].extend(self.bands.band_keys(values))
         text = example.encode("utf-8")
         self._texts.write(_TEXT.pack(index, len(text)) + text)
         self.records += 1
@@ -186,6 +194,7 @@ class DuplicateCounter:
         """The counts; the temporary files are gone afterwards."""
         self._flush()
         self._texts.close()
+        self._signatures.close()
         try:
             exact_answers = sum(int((~first).sum()) for _, first in self._kind("answer"))
             exact_questions = self._exact_questions()
@@ -213,8 +222,8 @@ class DuplicateCounter:
 
     def _near_pairs(self) -> int:
         """Files every band entry's (seq, earliest seq with that key) by range of seq; then,
-        a range at a time, keeps each seq's earliest root, takes the exact repeats out, and
-        files (seq, root) by range of root, in seq order. Returns the near duplicates."""
+        a range at a time, keeps each seq's earliest root similar enough and files (seq, root)
+        by range of root, in seq order. Returns the near duplicates."""
         for entries, first in self._kind("band"):
             starts = np.maximum.accumulate(np.where(first, np.arange(len(first)), 0))
             pairs = np.empty(int((~first).sum()), dtype=PAIR)
@@ -224,17 +233,41 @@ class DuplicateCounter:
                 self._spill.append(f"pairs-{r}", pairs[part])
         near = 0
         for r in range(self._ranges):
-            pairs = self._spill.whole(f"pairs-{r}", PAIR)
-            pairs = pairs[np.lexsort((pairs["root"], pairs["seq"]))]
+            pairs = self._candidates(r)
+            pairs = pairs[self._similar(pairs)]
             earliest = np.ones(len(pairs), dtype=bool)
             earliest[1:] = pairs["seq"][1:] != pairs["seq"][:-1]
             pairs = pairs[earliest]
-            pairs = pairs[~np.isin(pairs["seq"], self._spill.whole(f"exact-{r}", np.uint32))]
             near += len(pairs)
             pairs = pairs[np.argsort(pairs["root"] // RANGE, kind="stable")]
             for root_range, part in _cut(pairs["root"] // RANGE):
                 self._spill.append(f"members-{root_range}", pairs[part])
         return near
+
+    def _candidates(self, r: int) -> np.ndarray:
+        """Range `r`'s distinct (seq, root) pairs by seq then root, less the exact repeats
+        (a repeat shares every band with the question it repeats: it would always pass)."""
+        pairs = np.unique(self._spill.whole(f"pairs-{r}", PAIR))
+        return pairs[~np.isin(pairs["seq"], self._spill.whole(f"exact-{r}", np.uint32))]
+
+    def _similar(self, pairs: np.ndarray) -> np.ndarray:
+        """Which pairs reach the threshold, `BATCH` at a time. The map is opened for one
+        range of seqs only, so the pages it read are let go with it."""
+        similar = np.zeros(len(pairs), dtype=bool)
+        if not len(pairs):
+            return similar
+        signatures = np.memmap(
+            self._spill.path("signatures"),
+            dtype=np.uint32,
+            mode="r",
+            shape=(self.records, self.bands.num_perm),
+        )
+        for start in range(0, len(pairs), BATCH):
+            part = pairs[start : start + BATCH]
+            found = similarity(signatures[part["seq"]], signatures[part["root"]])
+            similar[start : start + BATCH] = found >= self.bands.threshold
+        del signatures
+        return similar
 
     @property
     def _ranges(self) -> int:

@@ -14,9 +14,8 @@ makes two questions candidates (at 0.7, a pair at Jaccard 0.54 shares a band abo
 in twenty): the index keeps each kept question's signature too and drops a question only for
 a candidate whose estimated Jaccard similarity reaches the threshold. That is 14 keys and 128
 values per kept question at the default threshold (about 1.6 KB with Python's overhead; see
-docs/benchmarks.md). The report counts candidates with the same `Bands`, without verifying
-them (its memory stays flat), so its near count is an estimate that can include pairs
-somewhat below the threshold.
+docs/benchmarks.md). The report (`dupcount`) checks its candidates with the same `Bands` and
+the same `similarity`, from signatures spilled to disk, so the two mean the same threshold.
 """
 
 from __future__ import annotations
@@ -104,6 +103,13 @@ class Bands:
         ]
 
 
+def similarity(one: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """The estimated Jaccard similarity of two signatures, or of each row of two stacks of
+    them: the share of equal MinHash values, as datasketch's `MinHash.jaccard` computes it.
+    One definition for the merge and the report, so a pair is near in both or in neither."""
+    return np.count_nonzero(one == other, axis=-1) / one.shape[-1]
+
+
 Owners = int | list[int]
 """The kept questions holding a band key: almost always one, so a bare int saves a list."""
 
@@ -152,10 +158,8 @@ class NearDuplicates:
         return sorted(found)
 
     def _similarity(self, candidate: int, values: np.ndarray) -> float:
-        """The estimated Jaccard similarity: the share of equal MinHash values, as
-        datasketch's `MinHash.jaccard` computes it."""
         kept = np.frombuffer(self._signatures[candidate], dtype=np.uint32)
-        return int(np.count_nonzero(kept == values)) / len(values)
+        return float(similarity(kept, values))
 
     def _index(self, key: int, band_keys: list[int], values: np.ndarray) -> None:
         # datasketch's values are below 2**32, in uint64 before its version 2.
