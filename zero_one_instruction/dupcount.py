@@ -252,21 +252,21 @@ class DuplicateCounter:
 
     def _similar(self, pairs: np.ndarray) -> np.ndarray:
         """Which pairs reach the threshold, `BATCH` at a time. The map is opened for one
-        range of seqs only, so the pages it read are let go with it."""
+        batch only, so the pages it read are let go with it: the roots of a range's pairs
+        lie anywhere in the file, and one map per range held most of it at a million
+        records (630 MB peak against 200 MB at 100,000)."""
         similar = np.zeros(len(pairs), dtype=bool)
-        if not len(pairs):
-            return similar
-        signatures = np.memmap(
-            self._spill.path("signatures"),
-            dtype=np.uint32,
-            mode="r",
-            shape=(self.records, self.bands.num_perm),
-        )
         for start in range(0, len(pairs), BATCH):
+            signatures = np.memmap(
+                self._spill.path("signatures"),
+                dtype=np.uint32,
+                mode="r",
+                shape=(self.records, self.bands.num_perm),
+            )
             part = pairs[start : start + BATCH]
             found = similarity(signatures[part["seq"]], signatures[part["root"]])
             similar[start : start + BATCH] = found >= self.bands.threshold
-        del signatures
+            del signatures
         return similar
 
     @property
