@@ -28,7 +28,8 @@ def smoke(name: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "name", ["occupancy", "overhead", "merge", "report_dedup", "enqueue", "scaling"]
+    "name",
+    ["occupancy", "overhead", "merge", "report_dedup", "report_memory", "enqueue", "scaling"],
 )
 def test_benchmark_smoke(name: str) -> None:
     out = smoke(name)
