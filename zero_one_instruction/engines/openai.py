@@ -48,7 +48,7 @@ from .aimd import Aimd
 from .backoff import BASE_SECONDS, CAP_SECONDS, backoff_delay, retry_after
 from .base import Completion, EngineDead, Request, RequestError, Step
 from .pool import Endpoint, EndpointStats, Lease, Pool
-from .servercheck import EndpointError, check_endpoint
+from .servercheck import EndpointError, check_endpoint, connect_reason
 
 if TYPE_CHECKING:
     from ..config import Config, OpenAISettings
@@ -350,7 +350,7 @@ class OpenAIEngine:
             raise _Transient("timeout", f"no answer in time ({type(exc).__name__})") from None
         except httpx.ConnectError as exc:
             lease.refused(_refusal_pause(endpoint.refusals))
-            raise _Transient("connect", str(exc) or "connection failed") from None
+            raise _Transient("connect", connect_reason(exc)) from None
         except httpx.TransportError as exc:
             lease.failed()
             raise _Transient("dropped", f"{type(exc).__name__}: {exc}") from None

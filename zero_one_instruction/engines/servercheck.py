@@ -9,6 +9,7 @@ variable that holds it is named instead.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -60,16 +61,26 @@ async def _get_models(endpoint: Endpoint) -> tuple[str | None, httpx.Response | 
     try:
         return None, await endpoint.client.get(f"{endpoint.url}/models")
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        return f"unreachable ({_reason(exc)})", None
+        return f"unreachable ({connect_reason(exc)})", None
     except httpx.TimeoutException:
         return "unreachable (no answer in time; see openai.request_timeout)", None
     except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
         return "is not an OpenAI-compatible server (it does not answer HTTP)", None
     except httpx.HTTPError as exc:
-        return f"unreachable ({type(exc).__name__}: {_reason(exc)})", None
+        return f"unreachable ({type(exc).__name__}: {connect_reason(exc)})", None
 
 
-def _reason(exc: Exception) -> str:
+def connect_reason(exc: BaseException) -> str:
+    """Why a connection failed, in the system's words where the cause has them ("Connection
+    refused", "Name or service not known"), not the client's ("All connection attempts
+    failed")."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno is not None:
+            # asyncio words a refusal "Connect call failed (...)": the errno's own text is
+            # plainer; a resolver error's errno is negative and has no text of its own.
+            return os.strerror(cause.errno) if cause.errno > 0 else str(cause.strerror)
+        cause = cause.__cause__ or cause.__context__
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
