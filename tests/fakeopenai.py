@@ -24,8 +24,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 
+LoopbackT = TypeVar("LoopbackT", bound="_Loopback")
 DEFAULT_TEXT = "これはテスト用に生成された、十分な長さのある日本語の文章です。"
 
 
@@ -72,7 +73,39 @@ def choices_of(body: dict[str, Any], honours: str | None) -> list[str] | None:
     return None
 
 
-class FakeOpenAI:
+class _Loopback:
+    """A socketserver on a loopback port, served by a thread while in a `with` block."""
+
+    _server: socketserver.TCPServer
+
+    def _serve(self, server: socketserver.TCPServer) -> None:
+        self._server = server
+        self._port = int(server.server_address[1])  # kept: the URL outlives the socket
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self: LoopbackT) -> LoopbackT:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class FakeOpenAI(_Loopback):
     def __init__(
         self,
         models: tuple[str, ...] = ("served-model",),
@@ -89,31 +122,12 @@ class FakeOpenAI:
         self.model_lists = 0  # GET /models answered
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
-        self._server = _Server(("127.0.0.1", 0), _handler(self))
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __enter__(self) -> FakeOpenAI:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._serve(_Server(("127.0.0.1", 0), _handler(self)))
 
     def stop(self) -> None:
         """Stop listening and cut every open connection (kept-alive ones too): from now on
         the port refuses, as a killed server's would."""
-        self._server.shutdown()
-        self._server.server_close()
+        super().stop()
         with self._lock:
             for connection in list(self._connections):
                 with contextlib.suppress(OSError):
@@ -222,7 +236,7 @@ def dead_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class NotHttp:
+class NotHttp(_Loopback):
     """A server that answers every connection with a line of another protocol."""
 
     def __init__(self) -> None:
@@ -230,20 +244,6 @@ class NotHttp:
             def handle(self) -> None:
                 self.request.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
 
-        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Greeter)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
-
-    def __enter__(self) -> NotHttp:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Greeter)
+        server.daemon_threads = True
+        self._serve(server)

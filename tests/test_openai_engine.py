@@ -41,6 +41,15 @@ def openai_config(urls: list[str], **overrides: Any) -> Config:
     return parse_config(data, "test.yml")
 
 
+def judge_pool_config(main_url: str, judge_url: str) -> Config:
+    """The judge asks `big-judge`, served at `judge_url`; the other steps `main_url`."""
+    return openai_config(
+        [main_url],
+        step_models={"judge": "big-judge"},
+        openai={"models": {"big-judge": {"endpoints": [judge_url]}}},
+    )
+
+
 def request(step: str = "answer", seed: int = 1, **fields: Any) -> Request:
     values: dict[str, Any] = {
         "step": step,
@@ -128,11 +137,7 @@ def test_repetition_penalty_and_engine_kwargs_are_sent_when_set() -> None:
 
 def test_step_models_send_the_judge_to_its_own_model_and_pool() -> None:
     with FakeOpenAI() as main, FakeOpenAI(models=("big-judge",)) as judges:
-        config = openai_config(
-            [main.url],
-            step_models={"judge": "big-judge"},
-            openai={"models": {"big-judge": {"endpoints": [judges.url]}}},
-        )
+        config = judge_pool_config(main.url, judges.url)
 
         async def body(engine: OpenAIEngine) -> Any:
             return [await engine.complete(request(step)) for step in ("width", "judge", "answer")]
@@ -471,11 +476,7 @@ def test_start_refuses_a_model_the_server_does_not_serve() -> None:
 
 def test_start_checks_every_step_model_on_its_own_pool() -> None:
     with FakeOpenAI() as main, FakeOpenAI(models=("small-judge",)) as judges:
-        config = openai_config(
-            [main.url],
-            step_models={"judge": "big-judge"},
-            openai={"models": {"big-judge": {"endpoints": [judges.url]}}},
-        )
+        config = judge_pool_config(main.url, judges.url)
         message = start_error(config)
     assert message.startswith(f"openai.models.big-judge.endpoints: {judges.url} does not serve")
 
