@@ -111,7 +111,10 @@ BAD_CONFIGS = [
         "model_name: m\nmodel_name: n\n",
         "line 2, column 1: invalid YAML: duplicate key 'model_name'",
     ),
-    ("model_name: m\nengine: nonsense\n", "engine: must be 'vllm' or 'package.module:ClassName'"),
+    (
+        "model_name: m\nengine: nonsense\n",
+        "engine: must be 'vllm', 'openai' or 'package.module:ClassName'",
+    ),
     ("model_name: m\nengine: ':'\n", "engine: must be 'vllm'"),
     ("model_name: m\nprompts: {source: web}\n", "prompts.source: Input should be 'builtin'"),
     (

@@ -11,8 +11,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -26,8 +28,10 @@ from .templates import placeholders
 from .yamlfile import read_yaml
 
 LaxPath = Annotated[Path, Field(strict=False)]
-ENGINE_SPEC = re.compile(r"^vllm$|^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+ENGINE_SPEC = re.compile(r"^(vllm|openai)$|^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 MAX_SEED = 2**32 - 1
+STEPS = ("width", "judge", "fix", "depth", "flatten", "answer")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class _Strict(BaseModel):
@@ -68,6 +72,79 @@ class Sampling(_Strict):
             if isinstance(data.get(step), dict):
                 merged[step] = {**defaults, **data[step]}
         return merged
+
+
+def _http_url(value: str) -> str:
+    """An endpoint's base URL: http(s), with a host, without credentials (the key comes
+    from `api_key_env`, so a URL can be shown and frozen). The trailing slash is dropped so
+    that `{base}/chat/completions` is one URL whichever way it was written."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ValueError("not a URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http(s) URL")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("credentials do not belong in the URL: name them in api_key_env")
+    if parts.query or parts.fragment:
+        raise ValueError("a base URL takes no query or fragment")
+    return value.rstrip("/")
+
+
+def _distinct(urls: list[str]) -> list[str]:
+    if len(set(urls)) != len(urls):
+        raise ValueError("lists the same URL twice")
+    return urls
+
+
+def _env_name(value: str | None) -> str | None:
+    """The *name* of the variable holding the key: the key itself never enters a config,
+    so it never reaches run.json, a log or a message (and a value that is no name is never
+    echoed back: it may be a key pasted in the wrong place)."""
+    if value is not None and not ENV_NAME.match(value):
+        raise ValueError(
+            "not an environment variable name (name the variable that holds the key; "
+            "never write the key itself)"
+        )
+    return value
+
+
+Endpoints = Annotated[list[Annotated[str, AfterValidator(_http_url)]], AfterValidator(_distinct)]
+EnvName = Annotated[str | None, AfterValidator(_env_name)]
+
+
+class ServedModel(_Strict):
+    """A model served somewhere else than `openai.endpoints` (a big judge on its own node)."""
+
+    endpoints: Endpoints = Field(min_length=1)
+    api_key_env: EnvName = None
+
+
+class OpenAISettings(_Strict):
+    """The `openai:` section: where `engine: openai` finds its servers and how hard it may
+    push them. All of it is this machine's (like `hardware_kwargs`): URLs and keys are out
+    of the run's fingerprint, so every worker may bring its own."""
+
+    endpoints: Endpoints = Field(default_factory=list)
+    api_key_env: EnvName = None
+    models: dict[str, ServedModel] = Field(default_factory=dict)
+    max_in_flight: int = Field(default=64, ge=1)
+    initial_in_flight: int = Field(default=8, ge=1)
+    request_timeout: float = Field(default=600.0, gt=0.0)
+    connect_timeout: float = Field(default=10.0, gt=0.0)
+    retry_deadline: float = Field(default=600.0, ge=0.0)
+    startup_wait: float = Field(default=0.0, ge=0.0)
+    judge_constraint: Literal["auto", "structured_outputs", "guided_choice", "json_schema"] = "auto"
+
+    @model_validator(mode="after")
+    def _initial_within_maximum(self) -> OpenAISettings:
+        if self.initial_in_flight > self.max_in_flight:
+            raise ValueError(
+                f"initial_in_flight {self.initial_in_flight} is above max_in_flight "
+                f"{self.max_in_flight}"
+            )
+        return self
 
 
 class PipelineSettings(_Strict):
@@ -158,13 +235,63 @@ class Config(_Strict):
     prompts: Prompts = Prompts()
     templates: LaxPath | None = None
     system_prompt: str | None = Field(default=None, pattern=r"\S")
+    # Which served model each step asks (`engine: openai`); a step not named asks model_name.
+    step_models: dict[str, str] = Field(default_factory=dict)
+    openai: OpenAISettings = OpenAISettings()
 
     @field_validator("engine")
     @classmethod
     def _engine_form(cls, value: str) -> str:
         if not ENGINE_SPEC.match(value):
-            raise ValueError("must be 'vllm' or 'package.module:ClassName'")
+            raise ValueError("must be 'vllm', 'openai' or 'package.module:ClassName'")
         return value
+
+    @field_validator("step_models")
+    @classmethod
+    def _known_steps(cls, value: dict[str, str]) -> dict[str, str]:
+        for step, model in value.items():
+            if step not in STEPS:
+                raise ValueError(f"unknown step {step!r} (the steps: {', '.join(STEPS)})")
+            if not model.strip():
+                raise ValueError(f"{step}: empty model name")
+        return value
+
+    @model_validator(mode="after")
+    def _engine_sections_fit(self) -> Config:
+        """Settings only one engine reads are refused with another: silently ignored, they
+        would make a dataset nobody asked for (a judge model that never judged)."""
+        if self.engine == "vllm":
+            if self.step_models:
+                raise ValueError(
+                    "step_models: only engine openai routes steps to other models "
+                    "(engine vllm serves model_name alone)"
+                )
+            if self.openai != OpenAISettings():
+                raise ValueError("openai: this section is for engine openai (engine is vllm)")
+        if self.engine == "openai":
+            self._check_openai()
+        return self
+
+    def _check_openai(self) -> None:
+        if self.chat_template is not None:
+            raise ValueError(
+                "chat_template: engine openai cannot set it (the server applies its own chat "
+                "template; chat_template_kwargs are passed to it)"
+            )
+        unserved = [m for m in self.served_models() if m not in self.openai.models]
+        if unserved and not self.openai.endpoints:
+            raise ValueError(
+                f"openai.endpoints: required with engine openai (model {unserved[0]!r} is "
+                "not in openai.models)"
+            )
+
+    def step_model(self, step: str) -> str:
+        """The model a step asks: its `step_models` entry, else `model_name`."""
+        return self.step_models.get(step, self.model_name)
+
+    def served_models(self) -> list[str]:
+        """Every model some step asks, in step order, each once."""
+        return list(dict.fromkeys(self.step_model(step) for step in STEPS))
 
     @field_validator("system_prompt")
     @classmethod
@@ -181,7 +308,7 @@ class Config(_Strict):
     def _lengths_fit(self) -> Config:
         if self.max_model_len is None:
             return self
-        for step in ("width", "judge", "fix", "depth", "flatten", "answer"):
+        for step in STEPS:
             tokens = getattr(self.sampling, step).max_tokens or self.max_tokens
             if tokens >= self.max_model_len:
                 raise ValueError(
@@ -202,6 +329,24 @@ class Config(_Strict):
         return self.pipeline.concurrency or 4 * self.batch_size
 
 
+# Settings added after run format 2, with the value every config made before them has. At
+# that value they are left out of a dump (`zoi config show`, run.json and its spec), so the
+# files and fingerprints of configs that do not use them stay exactly as they were.
+ADDED_SETTINGS: dict[str, Any] = {
+    "step_models": {},
+    "openai": OpenAISettings().model_dump(mode="json"),
+}
+
+
+def config_data(config: Config) -> dict[str, Any]:
+    """The config as JSON data, the added settings left out where they are at their default."""
+    data = config.model_dump(mode="json")
+    for key, before in ADDED_SETTINGS.items():
+        if data[key] == before:
+            del data[key]
+    return data
+
+
 def _format_location(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
@@ -215,7 +360,8 @@ def _first_error(exc: ValidationError) -> str:
         return f"{where}: required key is missing"
     message = err["msg"].removeprefix("Value error, ")
     shown = repr(err.get("input"))
-    if len(shown) > 60 or isinstance(err.get("input"), dict):
+    secret = bool(err["loc"]) and err["loc"][-1] == "api_key_env"  # may be a key: never echo it
+    if secret or len(shown) > 60 or isinstance(err.get("input"), dict):
         return f"{where}: {message}"
     return f"{where}: {message} (got {shown})"
 
@@ -254,7 +400,8 @@ def _resolve_paths(config: Config, base: Path, source: str) -> Config:
         "chat_template": _resolve_chat_template(config.chat_template, base, source),
     }
     model = Path(config.model_name).expanduser()
-    if config.model_name.startswith((".", "~")) or (base / model).is_dir():
+    served = config.engine == "openai"  # a name the server knows, not a path of this machine
+    if not served and (config.model_name.startswith((".", "~")) or (base / model).is_dir()):
         update["model_name"] = str(_resolve(model, base))
     return config.model_copy(update=update)
 
@@ -274,13 +421,15 @@ def parse_config(data: Any, source: str, base: Path | None = None) -> Config:
 
 
 def check_engine_arguments(config: Config, source: str) -> None:
-    """vLLM's arguments are known, so they are checked when the config loads (and before a
-    worker builds its engine from a run's frozen config); another engine
+    """The built-in engines' arguments are known, so they are checked when the config loads
+    (and before a worker builds its engine from a run's frozen config); another engine
     reads its own `engine_kwargs` and `hardware_kwargs` and answers for them itself."""
-    if config.engine != "vllm":
+    if config.engine == "vllm":
+        from .engines.vllm import check_arguments
+    elif config.engine == "openai":
+        from .engines.openai import check_arguments
+    else:
         return
-    from .engines.vllm import check_arguments
-
     try:
         check_arguments(config.engine_kwargs, config.hardware_kwargs)
     except ConfigError as exc:
@@ -297,5 +446,5 @@ def dump_config(config: Config) -> str:
     """The effective config as YAML, defaults included: what `zoi config show` prints."""
     import yaml
 
-    data = config.model_dump(mode="json")
+    data = config_data(config)
     return yaml.safe_dump(data, allow_unicode=True, sort_keys=False)

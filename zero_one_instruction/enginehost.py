@@ -14,7 +14,7 @@ from collections.abc import Callable, Coroutine
 from contextlib import aclosing
 from typing import Any
 
-from .engines import EngineDead, load_engine
+from .engines import EngineDead, close_engine, start_engine
 from .pipeline import Outcome, Pipeline
 from .rundir import Chunk, Run
 
@@ -45,7 +45,7 @@ class EngineHost:
 
     async def _start(self) -> Any:
         self._slots = asyncio.Semaphore(self.run.config.concurrency())
-        return load_engine(self.run.engine_config())
+        return await start_engine(self.run.engine_config())
 
     def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -85,10 +85,7 @@ class EngineHost:
         self._thread.join(timeout=30)
 
     def close(self) -> None:
-        async def close_engine() -> None:
-            self.engine.close()
-
         try:
-            self.call(close_engine())
+            self.call(close_engine(self.engine))
         finally:
             self._stop_loop()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import Config, load_config
 from .encoder import EncodeOptions, Encoder, duplicates_path
-from .engines import engine_class, load_engine
+from .engines import close_engine, engine_class, start_engine
 from .errors import ZoiError
 from .outputs import check_output
 from .pipeline import Outcome, Pipeline, Tally
@@ -129,7 +129,7 @@ async def evolve_range(
 ) -> Tally:
     """Run prompts [start, end) through a fresh engine, handing each outcome over in order."""
     tally = Tally()
-    engine = load_engine(config)
+    engine = await start_engine(config)
     try:
         pipeline = Pipeline(config, inputs.templates, inputs.source, engine)
         async with aclosing(pipeline.run(range(start, end))) as outcomes:
@@ -137,7 +137,7 @@ async def evolve_range(
                 tally.add(outcome)
                 on_outcome(outcome)
     finally:
-        engine.close()
+        await close_engine(engine)
     return tally
 
 

@@ -3,8 +3,9 @@
 `run.json` freezes everything that shapes the data: the model and sampling, the pipeline
 settings, the templates' text, the base prompts' content hash, the index range and the chunk
 size. Its fingerprint names the run. Hardware settings (`gpu_memory_utilization`,
-`tensor_parallel_size`, `batch_size`, `pipeline.concurrency`, `hardware_kwargs`) stay out of it,
-so each machine can size its own engine and still work on the same run.
+`tensor_parallel_size`, `batch_size`, `pipeline.concurrency`, `hardware_kwargs`, and the
+`openai` section's URLs, keys and limits) stay out of it, so each machine can size its own
+engine, or reach its own servers, and still work on the same run.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .config import Config, check_engine_arguments
+from .config import ADDED_SETTINGS, Config, check_engine_arguments, config_data
 from .errors import ZoiError
 from .prompt_sources import PromptSource, load_source
 from .records import temporary_name
@@ -30,7 +31,15 @@ RUN_DIR_MODE = 0o700
 # 2: the base prompts' hash became length-prefixed and templates are checked exactly, so a run
 # of format 1 cannot be reopened as it was made.
 FORMAT = 2
-HARDWARE_KEYS = ("gpu_memory_utilization", "tensor_parallel_size", "batch_size", "hardware_kwargs")
+# `openai` holds URLs, key names, limits and timeouts: where the records are computed and how
+# fast, never what they are (the models that shape them are `model_name` and `step_models`).
+HARDWARE_KEYS = (
+    "gpu_memory_utilization",
+    "tensor_parallel_size",
+    "batch_size",
+    "hardware_kwargs",
+    "openai",
+)
 # Each chunk is a queue job (about 1.2 KB of Redis memory) and four files in one directory.
 # 100,000 chunks measured 122 MB in Redis, a 57 s enqueue and a 13 s status on two cores;
 # a million is ten times that, about as far as one run directory should go. Past it, a
@@ -97,6 +106,9 @@ def data_spec(
         mode="json", exclude={*HARDWARE_KEYS, "templates", "system_prompt", "chat_template"}
     )
     spec["pipeline"].pop("concurrency")
+    for key, before in ADDED_SETTINGS.items():
+        if spec.get(key) == before:
+            del spec[key]
     for key, before in ADDED_PIPELINE_SETTINGS.items():
         if spec["pipeline"][key] == before:
             del spec["pipeline"][key]
@@ -304,7 +316,7 @@ def create_or_open(path: Path, config: Config, start: int, end: int, chunk_size:
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "created_by": f"{os.uname().nodename}:{os.getpid()}",
         "spec": spec,
-        "config": config.model_dump(mode="json"),
+        "config": config_data(config),
     }
     tmp = temporary_name(path / RUN_FILE)
     tmp.write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

@@ -31,17 +31,24 @@ __all__ = [
     "Request",
     "RequestError",
     "Step",
+    "close_engine",
     "engine_class",
     "load_engine",
+    "start_engine",
 ]
 
 
 def engine_class(spec: str) -> type:
-    """`vllm` or `package.module:ClassName` -> the class, with import errors as config errors."""
+    """`vllm`, `openai` or `package.module:ClassName` -> the class, with import errors as
+    config errors."""
     if spec == "vllm":
         from .vllm import VLLMEngine
 
         return VLLMEngine
+    if spec == "openai":
+        from .openai import OpenAIEngine
+
+        return OpenAIEngine
     module_name, _, class_name = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -59,3 +66,28 @@ def engine_class(spec: str) -> type:
 def load_engine(config: Config) -> Engine:
     """Build the engine the config names. This is where a model gets loaded: call it once."""
     return engine_class(config.engine)(config)
+
+
+async def start_engine(config: Config) -> Engine:
+    """Build the engine and await its `start()`, if it has one, on the loop it will serve
+    from: an engine that talks to servers checks them there, before any record starts, and
+    a failed start closes what was built."""
+    engine = load_engine(config)
+    start = getattr(engine, "start", None)
+    if start is not None:
+        try:
+            await start()
+        except BaseException:
+            await close_engine(engine)
+            raise
+    return engine
+
+
+async def close_engine(engine: Engine) -> None:
+    """Close the engine, awaiting its `aclose()` where it has one (connections close on the
+    loop), else calling `close()`."""
+    aclose = getattr(engine, "aclose", None)
+    if aclose is not None:
+        await aclose()
+    else:
+        engine.close()

@@ -1,0 +1,200 @@
+"""Endpoints and pools: where `engine: openai` sends each request, and how many at once.
+
+An endpoint is one base URL with its own HTTP client and its own AIMD limit (`aimd`). A pool is
+the endpoints that serve the same models. A request goes to the endpoint of its pool with the
+fewest requests outstanding among those with room under their limit and not paused: a slow or
+overloaded server gets fewer, a dead one (paused after each refused connection) none.
+
+Requests that find no room wait in one first-come-first-served queue per pool, and each freed
+slot goes to the oldest waiter: none is starved by the ones that came later, and nobody polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from .aimd import Aimd, Ticket
+
+
+@dataclass
+class EndpointStats:
+    """One endpoint as `zoi status` and the progress line show it: its current limit on
+    requests in flight, how many are, how many were sent (retries included), how many of
+    those were retries, and the errors by kind (`rate_limited`, `unavailable`, `timeout`,
+    `server_error`, `connect`, `dropped`, `rejected`, `bad_response`)."""
+
+    url: str
+    limit: int
+    in_flight: int
+    requests: int
+    retries: int
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class Endpoint:
+    """One server's base URL, the client that talks to it, and its limit."""
+
+    def __init__(self, url: str, client: Any, aimd: Aimd, key_env: str | None = None) -> None:
+        self.url = url
+        self.client = client  # an httpx.AsyncClient, or any object with its post/get
+        self.aimd = aimd
+        self.key_env = key_env
+        self.requests = 0
+        self.retries = 0
+        self.errors: Counter[str] = Counter()
+        self.refusals = 0  # connections refused in a row: the pause after each grows
+        self.pools: list[Pool] = []
+
+    def stats(self) -> EndpointStats:
+        return EndpointStats(
+            url=self.url,
+            limit=self.aimd.capacity,
+            in_flight=self.aimd.in_flight,
+            requests=self.requests,
+            retries=self.retries,
+            errors=dict(sorted(self.errors.items())),
+        )
+
+    def freed(self) -> None:
+        """A slot may have opened (an answer, a larger limit, a pause over): every pool this
+        endpoint serves hands it to its oldest waiter."""
+        for pool in self.pools:
+            pool.dispatch()
+
+
+@dataclass
+class Lease:
+    """One request's slot on one endpoint, from sending to its outcome."""
+
+    pool: Pool
+    endpoint: Endpoint
+    ticket: Ticket
+    started: float
+
+    def succeeded(self, tokens: int) -> None:
+        now = time.monotonic()
+        self.endpoint.aimd.succeeded(self.ticket, now - self.started, tokens)
+        self.endpoint.refusals = 0
+        self.pool.last_success = now
+        self.endpoint.freed()
+
+    def overloaded(self, pause: float | None = None) -> None:
+        """The server is overloaded (429, 503, a timeout): halve, and pause the endpoint
+        for `pause` seconds if it said how long (Retry-After)."""
+        self.endpoint.aimd.overloaded(self.ticket)
+        if pause:
+            self.endpoint.aimd.pause(time.monotonic() + pause)
+            self.pool.wake_after_pauses()
+        self.endpoint.freed()
+
+    def refused(self, pause: float) -> None:
+        """No connection: the server is down or restarting. Pause the endpoint so that the
+        pool's other endpoints take the requests meanwhile."""
+        self.endpoint.aimd.failed()
+        self.endpoint.refusals += 1
+        self.endpoint.aimd.pause(time.monotonic() + pause)
+        self.pool.wake_after_pauses()
+        self.endpoint.freed()
+
+    def failed(self) -> None:
+        """Any other end: the slot is free, the limit stays."""
+        self.endpoint.aimd.failed()
+        self.endpoint.freed()
+
+
+class Pool:
+    """The endpoints serving some models; `label` names them in messages (`openai.endpoints`,
+    `openai.models.NAME.endpoints`)."""
+
+    def __init__(self, label: str, endpoints: list[Endpoint]) -> None:
+        self.label = label
+        self.endpoints = endpoints
+        self.last_success = -math.inf  # time.monotonic() of the last answer
+        self._waiters: deque[asyncio.Future[Lease]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        for endpoint in endpoints:
+            endpoint.pools.append(self)
+
+    @property
+    def urls(self) -> str:
+        return ", ".join(endpoint.url for endpoint in self.endpoints)
+
+    def _pick(self, now: float) -> Endpoint | None:
+        """The endpoint with room and the fewest requests outstanding; on a tie, the one with
+        the most room, then the first listed."""
+        best: Endpoint | None = None
+        best_key: tuple[int, int] | None = None
+        for endpoint in self.endpoints:
+            room = endpoint.aimd.room(now)
+            if room <= 0:
+                continue
+            key = (endpoint.aimd.in_flight, -room)
+            if best_key is None or key < best_key:
+                best, best_key = endpoint, key
+        return best
+
+    def _lease(self, endpoint: Endpoint) -> Lease:
+        return Lease(self, endpoint, endpoint.aimd.send(), time.monotonic())
+
+    def try_acquire(self) -> Lease | None:
+        """A slot now, if one is free and nobody asked before."""
+        if self._waiters:
+            return None
+        endpoint = self._pick(time.monotonic())
+        return None if endpoint is None else self._lease(endpoint)
+
+    async def acquire(self) -> Lease:
+        """A slot on the best endpoint, as soon as one has room, in order of asking."""
+        lease = self.try_acquire()
+        if lease is not None:
+            return lease
+        waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self.wake_after_pauses()
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                waiter.result().failed()  # handed a slot just as it was cancelled
+            raise
+
+    def dispatch(self) -> None:
+        """Hand free slots to the oldest waiters."""
+        now = time.monotonic()
+        while self._waiters:
+            if self._waiters[0].done():  # cancelled while waiting
+                self._waiters.popleft()
+                continue
+            endpoint = self._pick(now)
+            if endpoint is None:
+                self.wake_after_pauses()
+                return
+            self._waiters.popleft().set_result(self._lease(endpoint))
+
+    def wake_after_pauses(self) -> None:
+        """Nothing else would wake a waiter when the only endpoints with room are paused:
+        dispatch again when the first pause ends."""
+        if not self._waiters:
+            return
+        now = time.monotonic()
+        ends = [
+            e.aimd.paused_until
+            for e in self.endpoints
+            if e.aimd.paused_until > now and e.aimd.in_flight < e.aimd.capacity
+        ]
+        if not ends or min(ends) >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = min(ends)
+        self._timer = asyncio.get_running_loop().call_later(self._timer_at - now, self._woken)
+
+    def _woken(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        self.dispatch()
