@@ -27,9 +27,12 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 FAST = ["--heartbeat", "0.3", "--heartbeat-ttl", "2", "--janitor", "0.5"]
 
 
-def zoi(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def zoi(
+    *args: str, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`zoi ARGS` as a process, with the test environment (or `env`)."""
     return subprocess.run(
-        [ZOI, *args], capture_output=True, text=True, env=ENV, timeout=timeout, check=False
+        [ZOI, *args], capture_output=True, text=True, env=env or ENV, timeout=timeout, check=False
     )
 
 

@@ -139,3 +139,43 @@ def scripted_config(**overrides: Any) -> Config:
     }
     data.update(overrides)
     return Config.model_validate(data)
+
+
+THIN_ENGINE = "tests.scripted_engine:ThinScriptedEngine"
+# Where the thin engine says its requests went: the first with credentials, which must never
+# reach Redis or a screen.
+THIN_ENDPOINTS = ("http://user:secret@127.0.0.1:8001/v1?key=k", "http://127.0.0.1:8002/v1")
+THIN_LIMIT = 8  # each endpoint's limit, per worker
+
+
+class ThinScriptedEngine(ScriptedEngine):
+    """The scripted engine as an engine that talks to served models does: it holds no GPU,
+    so `zoi run` starts `--workers N` thin workers for it, and `stats()` reports its requests
+    as shared between two endpoints, one in ten of them a retry after a 429. `gate` names a
+    file: requests wait while it exists, so a test can hold a run until it has seen what it
+    looks for."""
+
+    holds_gpu = False
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.gate = config.engine_options().get("gate")
+
+    async def complete(self, request: Request) -> Completion:
+        while self.gate and os.path.exists(self.gate):
+            await asyncio.sleep(0.02)
+        return await super().complete(request)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        sent = len(self.requests)
+        shares = (sent - sent // 2, sent // 2)
+        return {
+            url: {
+                "limit": THIN_LIMIT,
+                "in_flight": 0,
+                "requests": share,
+                "retries": share // 10,
+                "errors": {"429": share // 10},
+            }
+            for url, share in zip(THIN_ENDPOINTS, shares, strict=True)
+        }

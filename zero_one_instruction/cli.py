@@ -318,6 +318,12 @@ def status_cmd(run_dir: Path, redis_url: str | None, as_json: bool) -> None:
     help="GPUs per worker (tensor parallel). Default: one group per power of two, "
     "as the original tool (7 GPUs: 4+2+1).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Worker processes for an engine that holds no GPU (engine: openai) [default: 1, "
+    "which runs many records at once]. An engine on GPUs runs one worker per GPU group.",
+)
 @encoding_options
 @chunk_size_option
 @redis_option
@@ -331,8 +337,8 @@ def run_cmd(
     end: int | None,
     **options: Any,
 ) -> None:
-    """Generate a dataset on this machine in one command: enqueue, one worker per GPU group,
-    live progress, merge.
+    """Generate a dataset on this machine in one command: enqueue, one worker per GPU group
+    (or --workers N thin workers for served models), live progress, merge.
 
     Rerun the same command after Ctrl-C, a crash or a reboot to resume; chunks already done
     are not run again, and a finished run just merges. Ctrl-C stops warmly (the chunks in hand

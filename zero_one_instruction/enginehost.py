@@ -15,8 +15,11 @@ from contextlib import aclosing
 from typing import Any
 
 from .engines import EngineDead, close_engine, start_engine
+from .engines.endpointstats import snapshot
 from .pipeline import Outcome, Pipeline
 from .rundir import Chunk, Run
+
+STATS_WAIT = 5.0  # seconds a figures reader waits for a busy loop before it skips a turn
 
 
 class EngineHost:
@@ -73,6 +76,26 @@ class EngineHost:
         except EngineDead as exc:
             self.dead = exc
             self.dead_chunks.append(chunk)
+            raise
+
+    @property
+    def keeps_stats(self) -> bool:
+        """Whether the engine reports figures per endpoint (an optional `stats()`)."""
+        return callable(getattr(self.engine, "stats", None))
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """The engine's figures per endpoint, JSON-safe (`endpointstats.snapshot`), read and
+        copied on the engine's loop, where its counters change, so a reader never sees one
+        half-updated. Raises TimeoutError if the loop stays busy for STATS_WAIT seconds."""
+
+        async def on_loop() -> dict[str, dict[str, Any]]:
+            return snapshot(self.engine.stats())
+
+        future = asyncio.run_coroutine_threadsafe(on_loop(), self._loop)
+        try:
+            return future.result(timeout=STATS_WAIT)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
             raise
 
     def cancel_all(self) -> None:

@@ -1,13 +1,14 @@
 """The launcher: one machine's worker processes for a run, supervised until every chunk is done.
 
 It is given a run that its caller created or reopened (`machine.run`, behind `zoi run`). It
-enqueues the chunks that are not done, starts one worker process per GPU group and supervises
-them: a worker that dies is restarted with backoff, a janitor returns abandoned chunks, and
-chunks that the queue lost or that ran out of retries are queued again (a few times, then the
-run is declared stuck). Progress is computed from the done markers, and from the workers' live
-counters of the chunks in hand (`liveprogress`) while they run. When every chunk is done,
-it stops the workers and returns the progress; it does not merge, its caller does. On a run
-whose chunks are all done it returns at once, without starting a worker.
+enqueues the chunks that are not done, starts the planned worker processes (one per GPU group,
+or thin ones) and supervises them: a worker that dies is restarted with backoff, a janitor
+returns abandoned chunks, and chunks that the queue lost or that ran out of retries are queued
+again (a few times, then the run is declared stuck). Progress is computed from the done
+markers, and from the workers' live counters of the chunks in hand (`liveprogress`) while they
+run, with the served models' figures per endpoint where the engine keeps them. When every
+chunk is done, it stops the workers and returns the progress; it does not merge, its caller
+does. On a run whose chunks are all done it returns at once, without starting a worker.
 
 Workers run in their own sessions: a Ctrl-C at the terminal reaches only the launcher, which
 then asks each worker for a warm stop (and, on a second Ctrl-C, a cold one).
@@ -28,10 +29,11 @@ from typing import IO
 import redis
 
 from . import shards
+from .engines.endpointstats import fleet
 from .errors import ZoiError
 from .janitor import Janitor
 from .jobs import chunk_queue, failed_chunks
-from .liveprogress import funnels, read
+from .liveprogress import funnels, read, read_endpoints
 from .merger import describe_ranges, index_ranges
 from .policy import HEARTBEAT_SECONDS, SWEEP_SECONDS, JobPolicy, default_heartbeat_ttl
 from .producer import EnqueueReport, enqueue
@@ -153,7 +155,8 @@ class Launcher:
             if not self.run.shards.is_dir():  # deleted under us: nothing can be kept now
                 raise LaunchError(f"{self.run.path}: the run directory was removed during the run")
             live = funnels(read(self.connection, self.run))  # before the markers: see `read`
-            self.progress.update(self.run, self.grid, live)
+            endpoints = fleet(read_endpoints(self.connection, self.run).values())
+            self.progress.update(self.run, self.grid, live, endpoints)
             self.on_progress(self.progress)
             if self._complete():
                 return

@@ -10,6 +10,11 @@ Each chunk's counters are one Redis key with a TTL, listed in a set of the run: 
 dies stops refreshing them and they expire (on Redis's clock, whatever the machines' clocks
 say), and readers find the chunks in hand without scanning the keyspace. Publishing is a
 hint: a Redis failure is logged, never raised into the chunk.
+
+A worker whose engine talks to servers (an engine with `stats()`) also publishes its figures
+per endpoint, the same way but per worker rather than per chunk: they describe the engine,
+which outlives its chunks. The worker removes its key when it leaves; a killed worker's
+expires.
 """
 
 from __future__ import annotations
@@ -20,16 +25,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
+from .engines.endpointstats import EndpointFigures, parse
 from .pipeline import Outcome, Tally
 from .rundir import Chunk, Run
 from .shards import readable_funnel
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 PUBLISH_EVERY = 2.0  # seconds between publications of a chunk's counters, at the most
 
 
@@ -41,6 +48,16 @@ def index_key(run: Run) -> str:
 def counters_key(run: Run, chunk_id: str) -> str:
     """One chunk's live counters: a JSON object with its funnel so far."""
     return f"zoi:{run.key}:live:{chunk_id}"
+
+
+def endpoints_index_key(run: Run) -> str:
+    """The set of the names of the run's workers that publish endpoint figures."""
+    return f"zoi:{run.key}:endpoints"
+
+
+def endpoints_key(run: Run, worker: str) -> str:
+    """One worker's endpoint figures: a JSON object of figures by endpoint URL."""
+    return f"zoi:{run.key}:endpoints:{worker}"
 
 
 @dataclass(frozen=True)
@@ -131,18 +148,33 @@ def read(connection: redis.Redis, run: Run) -> dict[str, LiveCounters]:
     markers: a chunk that ends in between is then counted by its marker, and a reader that
     drops the counters of chunks with a marker never counts a chunk twice. Expired, foreign
     or unreadable entries are left out; an unreachable Redis gives none (a hint only)."""
+    return _read_listed(
+        connection,
+        index_key(run),
+        lambda chunk_id: counters_key(run, chunk_id),
+        _parse,
+        "live counters unreadable (%s); counting done chunks only",
+    )
+
+
+def _read_listed(
+    connection: redis.Redis,
+    index: str,
+    key: Callable[[str], str],
+    parse_value: Callable[[bytes | None], T | None],
+    failure: str,
+) -> dict[str, T]:
+    """The members of the set `index`, sorted, each with what `parse_value` makes of its
+    key's value; members whose key is gone or unreadable (None) are left out. An unreachable
+    Redis gives none, with `failure` logged: live figures are a hint."""
     try:
-        ids = sorted(member.decode() for member in connection.smembers(index_key(run)))
-        values = connection.mget([counters_key(run, chunk_id) for chunk_id in ids]) if ids else []
+        names = sorted(member.decode() for member in connection.smembers(index))
+        values = connection.mget([key(name) for name in names]) if names else []
     except (redis.RedisError, UnicodeDecodeError) as exc:
-        log.warning("live counters unreadable (%s); counting done chunks only", exc)
+        log.warning(failure, exc)
         return {}
-    found = {}
-    for chunk_id, value in zip(ids, values, strict=True):
-        counters = _parse(value)
-        if counters is not None:
-            found[chunk_id] = counters
-    return found
+    parsed = ((name, parse_value(value)) for name, value in zip(names, values, strict=True))
+    return {name: found for name, found in parsed if found is not None}
 
 
 def _parse(value: bytes | None) -> LiveCounters | None:
@@ -162,3 +194,93 @@ def _parse(value: bytes | None) -> LiveCounters | None:
 def funnels(counters: dict[str, LiveCounters]) -> dict[str, Tally]:
     """Each chunk's funnel so far, as `progress.Progress.update` takes them."""
     return {chunk_id: live.funnel for chunk_id, live in counters.items()}
+
+
+class EndpointGauge:
+    """A worker's endpoint figures, read from its engine (`read`: JSON-safe figures by URL,
+    `EngineHost.stats`) and published every `board.every` seconds on a thread of its own
+    until `stop`, which removes them. Neither a failing engine nor Redis ever reaches a
+    chunk: failures are logged once per spell."""
+
+    def __init__(
+        self, board: LiveBoard, worker: str, read: Callable[[], dict[str, dict[str, Any]]]
+    ) -> None:
+        self.board, self.worker, self.read = board, worker, read
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="endpoint-gauge", daemon=True)
+        self._failing = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop publishing and remove this worker's figures: a worker that left serves no
+        endpoint, and the sums must not count it until its key expires."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self._quietly(self._remove)
+
+    def publish(self) -> None:
+        self._quietly(self._write)
+
+    def _loop(self) -> None:
+        while True:
+            self.publish()
+            if self._stop.wait(self.board.every):
+                return
+
+    def _write(self) -> None:
+        key = endpoints_key(self.board.run, self.worker)
+        index = endpoints_index_key(self.board.run)
+        data = json.dumps({"endpoints": self.read()})
+        with self.board.connection.pipeline() as pipe:
+            pipe.set(key, data, ex=self.board.ttl)
+            pipe.sadd(index, self.worker)
+            pipe.expire(index, self.board.ttl)
+            pipe.execute()
+
+    def _remove(self) -> None:
+        with self.board.connection.pipeline() as pipe:
+            pipe.delete(endpoints_key(self.board.run, self.worker))
+            pipe.srem(endpoints_index_key(self.board.run), self.worker)
+            pipe.execute()
+
+    def _quietly(self, action: Callable[[], None]) -> None:
+        """Endpoint figures are a hint: anything going wrong (Redis, the engine's `stats()`,
+        figures that are not JSON) is logged once per spell of failures and skipped."""
+        try:
+            action()
+            self._failing = False
+        except Exception as exc:  # a hint must never take the worker down
+            if not self._failing:
+                log.warning("worker %s: endpoint figures not published (%s)", self.worker, exc)
+            self._failing = True
+
+
+def read_endpoints(connection: redis.Redis, run: Run) -> dict[str, dict[str, EndpointFigures]]:
+    """Each live worker's endpoint figures, by worker name then URL (`endpointstats.fleet`
+    adds them up). Expired or malformed entries are left out; an unreachable Redis gives
+    none."""
+    return _read_listed(
+        connection,
+        endpoints_index_key(run),
+        lambda name: endpoints_key(run, name),
+        _parse_endpoints,
+        "endpoint figures unreadable (%s)",
+    )
+
+
+def _parse_endpoints(value: bytes | None) -> dict[str, EndpointFigures] | None:
+    """One worker's figures as it wrote them, or None (expired, not a worker's, or no
+    endpoint in it)."""
+    if value is None:
+        return None
+    try:
+        data = json.loads(value)["endpoints"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    parsed = (parse(url, figures) for url, figures in data.items())
+    return {figures.url: figures for figures in parsed if figures is not None} or None

@@ -21,9 +21,10 @@ from pathlib import Path
 import redis
 
 from .broker import connect
-from .config import load_config
+from .config import Config, load_config
 from .embeddedredis import revive
 from .encoder import EncodeOptions, duplicates_path
+from .engines import holds_gpu
 from .gpus import cuda_environment, groups, select, visible_gpus
 from .launcher import Launcher
 from .merger import MergeOptions, MergeReport, merge
@@ -35,9 +36,15 @@ from .producer import enqueue as enqueue_chunks
 from .progress import Progress
 from .rundir import Run, create_or_open, open_run
 from .worker import exit_with_parent, serve
-from .workerplan import WorkerSpec, plan
+from .workerplan import WorkerSpec, check_options, plan, plan_thin
 
 log = logging.getLogger(__name__)
+
+# Thin workers `run` starts by default. One is enough for most fleets: it runs many records at
+# once (`pipeline.concurrency`) and its engine spreads their requests over every endpoint, so
+# the servers, not the worker, set the pace. More help only when one process's parsing and
+# scheduling cannot keep up with many servers.
+DEFAULT_THIN_WORKERS = 1
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,36 @@ def work(
         )
 
 
+def _plan(
+    config: Config,
+    gpus: str | None,
+    num_gpus: int | None,
+    tp: int | None,
+    workers: int | None,
+    on_event: Callable[[str], None],
+) -> list[WorkerSpec]:
+    """The workers `run` starts: thin ones for an engine that holds no GPU (no GPU is looked
+    for), else one per GPU group, saying which GPUs stay idle."""
+    gpu = holds_gpu(config)
+    check_options(config.engine, gpu, workers, {"gpus": gpus, "num_gpus": num_gpus, "tp": tp})
+    if not gpu:
+        return plan_thin(workers or DEFAULT_THIN_WORKERS)
+    gpu_groups, idle = groups(select(visible_gpus(), gpus, num_gpus), tp)
+    if not gpu_groups:
+        on_event("no GPU found: one CPU worker (needs a CPU build of vLLM or another engine)")
+    if idle:
+        on_event(f"GPUs {','.join(idle)} stay idle: they do not fill a group of {tp}")
+    return plan(gpu_groups)
+
+
+def _describe(specs: list[WorkerSpec], config: Config) -> str:
+    """The workers, as `run` announces them."""
+    if specs and specs[0].thin:
+        many = "worker" if len(specs) == 1 else "workers"
+        return f"{len(specs)} {many} (engine {config.engine}, no GPU)"
+    return "workers: " + ", ".join(f"{s.name} (tp {s.tp})" for s in specs)
+
+
 def _outputs(output: Path, encoding: EncodeOptions) -> list[Path]:
     """The files the merge writes: the output, and with a near dedup its sidecar."""
     return [output, duplicates_path(output)] if encoding.dedup == "near" else [output]
@@ -140,6 +177,7 @@ def run(
     gpus: str | None = None,
     num_gpus: int | None = None,
     tp: int | None = None,
+    workers: int | None = None,
     encoding: EncodeOptions | None = None,
     chunk_size: int = 100,
     redis_url: str | None = None,
@@ -151,7 +189,9 @@ def run(
     split the GPUs into groups (`gpus` ids or the first `num_gpus`, `tp` per group; by
     default every visible GPU in power-of-two groups; none: one CPU worker), create or resume
     the run in `run_dir` (default: OUTPUT.run), launch and supervise one worker per group
-    until every chunk is done, and merge as `encoding` says (as `zoi merge` would).
+    until every chunk is done, and merge as `encoding` says (as `zoi merge` would). An engine
+    that holds no GPU (`engines.holds_gpu`) gets `workers` thin workers instead (default 1),
+    and GPU options are refused for it, as `workers` is for an engine that holds GPUs.
 
     Rerun after an interrupt, a crash or a reboot, it resumes; on a finished run it only
     merges. `on_event` gets one line per thing worth saying (idle GPUs, the plan, restarts),
@@ -164,12 +204,7 @@ def run(
     outputs = _outputs(output, encoding)
     for path in outputs:
         check_output(path, config, config_path=config_path, run=run_dir, overwrite=overwrite)
-    gpu_groups, idle = groups(select(visible_gpus(), gpus, num_gpus), tp)
-    specs = plan(gpu_groups)
-    if not gpu_groups:
-        on_event("no GPU found: one CPU worker (needs a CPU build of vLLM or another engine)")
-    if idle:
-        on_event(f"GPUs {','.join(idle)} stay idle: they do not fill a group of {tp}")
+    specs = _plan(config, gpus, num_gpus, tp, workers, on_event)
     run = create_or_open(run_dir, config, start, end, chunk_size)
     began = time.monotonic()
     with connect(redis_url, run.path, "launcher") as connection:
@@ -184,10 +219,7 @@ def run(
             output=output,
             config_path=config_path.resolve(),  # this invocation's hardware settings
         )
-        on_event(
-            f"run {run.path}: {len(run.chunks())} chunks, workers: "
-            + ", ".join(f"{s.name} (tp {s.tp})" for s in specs)
-        )
+        on_event(f"run {run.path}: {len(run.chunks())} chunks, {_describe(specs, config)}")
         progress = launcher.execute()
     merged = merge(run, output, MergeOptions(**asdict(encoding)))
     for path in outputs:

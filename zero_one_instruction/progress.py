@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from . import shards
+from .engines.endpointstats import EndpointFigures, headline
 from .pipeline import Tally
 from .rundir import Chunk, Run
 
@@ -63,7 +64,8 @@ class Progress:
     chunks in the run's grid count, and only once `shards.check` accepts them; a marker that
     disappears (set aside) stops counting. `funnel` adds up every counted chunk; `recent`
     only those finished since the launcher began, which set the pace; `live` the chunks in
-    hand, not yet done. `funnel` alone is the run's final figure."""
+    hand, not yet done; `endpoints` the served models' figures, added up over the workers
+    (none for an engine on GPUs). `funnel` alone is the run's final figure."""
 
     total_chunks: int
     total_prompts: int
@@ -72,13 +74,19 @@ class Progress:
     funnel: Tally = field(default_factory=Tally)
     recent: Tally = field(default_factory=Tally)
     live: Tally = field(default_factory=Tally)
+    endpoints: list[EndpointFigures] = field(default_factory=list)
 
     def update(
-        self, run: Run, grid: dict[str, Chunk], live: dict[str, Tally] | None = None
+        self,
+        run: Run,
+        grid: dict[str, Chunk],
+        live: dict[str, Tally] | None = None,
+        endpoints: list[EndpointFigures] | None = None,
     ) -> None:
         """Read the markers that are new or gone, and take `live`, the funnels so far of the
         chunks in hand (`liveprogress`), read before the markers: a chunk with a marker is
-        counted by its marker alone."""
+        counted by its marker alone. `endpoints` are the workers' endpoint figures."""
+        self.endpoints = list(endpoints or [])
         present = shards.present_markers(run)
         gone = [c for c in self.counted if present.get(c) != self.counted[c].inode]
         for chunk_id in gone:
@@ -128,10 +136,11 @@ class Progress:
         left = self.total_prompts - shown.prompts
         eta = rate.eta(left)
         until = "?" if eta is None else (f"{eta / 60:.1f} min" if left else "0 min")
+        fleet = f" | {headline(self.endpoints)}" if self.endpoints else ""
         return (
             f"chunks {len(self.counted)}/{self.total_chunks} | records {shown.kept} "
             f"({shown.kept_percent:.0f}% kept) | {rate.records_per_s:.2f} records/s | "
-            f"{rate.tokens_per_s:.0f} tokens/s | ETA {until}"
+            f"{rate.tokens_per_s:.0f} tokens/s | ETA {until}{fleet}"
         )
 
     def _with_live(self, funnel: Tally) -> Tally:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from .engines.endpointstats import EndpointFigures, headline
 from .merger import describe_ranges
 from .pipeline import DROP_REASONS, JudgeKind, Outcome, Tally
 from .progress import per_second
@@ -203,10 +204,29 @@ def status(state: RunStatus, as_json: bool = False) -> str:
         f"workers   {len(state.workers)}"
         + "".join(f"\n  {w['name']} {w['state']}" for w in state.workers),
     ]
+    lines += _endpoints(state.endpoints)
     if state.missing_ranges:
         lines.append(f"to do     {describe_ranges(state.missing_ranges)}")
     lines += [f"problem   {p}" for p in state.problems]
     return "\n".join(lines)
+
+
+def _endpoints(endpoints: list[EndpointFigures]) -> list[str]:
+    """Each served endpoint, added up over the workers: the concurrency its controllers
+    allow now and what is in flight, requests sent, retries and errors (none for vLLM)."""
+    if not endpoints:
+        return []
+    lines = ["endpoints " + headline(endpoints).removeprefix("endpoints: ")]
+    for e in endpoints:
+        kinds = ", ".join(f"{kind} {count}" for kind, count in e.errors.items() if count)
+        down = "" if e.up else " DOWN"
+        workers = "worker" if e.workers == 1 else "workers"
+        lines.append(
+            f"  {e.url}{down}  conc {e.limit:.0f} ({e.in_flight} in flight, {e.workers} "
+            f"{workers})  requests {e.requests}  retries {e.retries}  errors "
+            f"{100 * e.error_rate:.1f}%" + (f" ({kinds})" if kinds else "")
+        )
+    return lines
 
 
 def data_report(report: DataReport) -> str:

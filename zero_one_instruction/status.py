@@ -1,4 +1,5 @@
-"""Where a run stands: chunks by state, the funnel, recent throughput, live workers.
+"""Where a run stands: chunks by state, the funnel, recent throughput, live workers, and
+for served models each endpoint's concurrency, requests, retries and errors.
 
 Progress comes from the done markers: they are the truth, and they carry the funnel and
 timings. Redis adds what is queued, running or failed, and the live counters of the chunks in
@@ -21,9 +22,10 @@ from rq.worker import Worker
 
 from . import shards
 from .broker import connect
+from .engines.endpointstats import EndpointFigures, fleet
 from .errors import ZoiError
 from .jobs import chunk_queue
-from .liveprogress import LiveCounters, read
+from .liveprogress import LiveCounters, read, read_endpoints
 from .merger import index_ranges
 from .pipeline import Tally
 from .producer import job_states
@@ -49,9 +51,16 @@ class RunStatus:
     missing_ranges: list[tuple[int, int]]
     problems: list[str]
     workers: list[dict[str, Any]] = field(default_factory=list)
+    endpoints: list[EndpointFigures] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """`zoi status --json`. `endpoints` is there only when an engine reports them, so
+        a run on GPUs reads as before."""
+        data = asdict(self)
+        del data["endpoints"]
+        if self.endpoints:
+            data["endpoints"] = [figures.as_dict() for figures in self.endpoints]
+        return data
 
 
 def _timestamp(value: Any) -> float | None:
@@ -180,4 +189,5 @@ def _summarise(
         missing_ranges=index_ranges(absent),
         problems=problems,
         workers=_workers(connection, run) if connection else [],
+        endpoints=fleet(read_endpoints(connection, run).values()) if connection else [],
     )

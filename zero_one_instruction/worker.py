@@ -46,7 +46,7 @@ from .engines.base import EngineDead
 from .errors import ZoiError
 from .janitor import Janitor
 from .jobs import ChunkJob, chunk_queue, failed_chunks
-from .liveprogress import LiveBoard
+from .liveprogress import EndpointGauge, LiveBoard
 from .merger import describe_ranges, index_ranges
 from .policy import HEARTBEAT_SECONDS, SWEEP_SECONDS, default_heartbeat_ttl
 from .rqinternals import StoppableWorker
@@ -307,9 +307,10 @@ def serve(
     host = EngineHost(run)
     unique_name = worker_name(name)
     ttl = heartbeat_ttl or default_heartbeat_ttl(heartbeat_interval)
+    board = LiveBoard(connection, run, ttl)
     worker = ChunkWorker(
         [chunk_queue(connection, run)],
-        ChunkRunner(run, host, unique_name, LiveBoard(connection, run, ttl)),
+        ChunkRunner(run, host, unique_name, board),
         heartbeat_interval=heartbeat_interval,
         heartbeat_ttl=ttl,
         janitor_interval=janitor_interval,
@@ -317,9 +318,12 @@ def serve(
         name=unique_name,
     )
     worker.revive = revive
+    gauge = _gauge(host, board, unique_name)
     try:
         worked = _work(worker, burst)
     finally:
+        if gauge is not None:
+            gauge.stop()
         host.close()
     if host.dead is not None:
         held = describe_ranges(index_ranges(host.dead_chunks), 5)
@@ -330,6 +334,15 @@ def serve(
     if worker.drained:
         _check_nothing_failed(connection, run)
     return worked
+
+
+def _gauge(host: EngineHost, board: LiveBoard, worker: str) -> EndpointGauge | None:
+    """The publisher of the engine's endpoint figures, started, if the engine keeps any."""
+    if not host.keeps_stats:
+        return None
+    gauge = EndpointGauge(board, worker, host.stats)
+    gauge.start()
+    return gauge
 
 
 def _work(worker: ChunkWorker, burst: bool, attempts: int = 5) -> bool:

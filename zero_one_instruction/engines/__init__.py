@@ -33,9 +33,14 @@ __all__ = [
     "Step",
     "close_engine",
     "engine_class",
+    "holds_gpu",
     "load_engine",
     "start_engine",
 ]
+
+# Built-in engines by name, and whether their workers need GPUs of their own: vLLM loads the
+# model into its process; `openai` only talks to servers that hold the model elsewhere.
+BUILTIN_HOLDS_GPU = {"vllm": True, "openai": False}
 
 
 def engine_class(spec: str) -> type:
@@ -61,6 +66,16 @@ def engine_class(spec: str) -> type:
         if not callable(getattr(cls, method, None)):
             raise ConfigError(f"engine: {spec} has no {method}() method (see docs/engines.md)")
     return cls
+
+
+def holds_gpu(config: Config) -> bool:
+    """Whether the engine the config names loads a model onto this machine's GPUs. It decides
+    what `zoi run` starts: one worker per GPU group (True), or `--workers N` thin workers that
+    get no GPU (False). A plug-in engine says so with a class attribute `holds_gpu`; without
+    one it is planned as vLLM is, since an engine that loads a model is the safe guess."""
+    if config.engine in BUILTIN_HOLDS_GPU:
+        return BUILTIN_HOLDS_GPU[config.engine]
+    return bool(getattr(engine_class(config.engine), "holds_gpu", True))
 
 
 def load_engine(config: Config) -> Engine:
