@@ -1,4 +1,5 @@
-"""Shared fixtures. Tests that need the real vLLM engine are marked `vllm`."""
+"""Shared fixtures. Tests that need the real vLLM engine are marked `vllm`; those that also
+need `vllm serve` (tests/servedvllm.py) are marked `served` too."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from zero_one_instruction.prompt_sources import PromptSource
 from zero_one_instruction.templates import load_templates
 
 from .scripted_engine import ScriptedEngine, scripted_config
+from .servedvllm import fault_proxy, vllm_server, vllm_server_session
+
+__all__ = ["fault_proxy", "make_pipeline", "vllm_server", "vllm_server_session"]
 
 
 def make_pipeline(prompts: list[str], **overrides: object) -> tuple[Pipeline, ScriptedEngine]:

@@ -19,9 +19,7 @@ from typing import Any
 
 import psutil
 import pytest
-import yaml
 
-from zero_one_instruction.config import Config
 from zero_one_instruction.engines.base import (
     Completion,
     EngineDead,
@@ -33,19 +31,13 @@ from zero_one_instruction.generator import load_inputs
 from zero_one_instruction.pipeline import Outcome, Pipeline
 from zero_one_instruction.prompt_sources import PromptSource
 
+from .servedvllm import tiny_config
+
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.skipif(os.environ.get("ZOI_SKIP_VLLM") == "1", reason="ZOI_SKIP_VLLM=1"),
 ]
-ROOT = Path(__file__).resolve().parent.parent
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
-
-
-def tiny_config(model: Path, **overrides: Any) -> Config:
-    """The shipped demo config (examples/tiny_cpu.yml), pointed at the test's tiny model."""
-    data = yaml.safe_load((ROOT / "examples" / "tiny_cpu.yml").read_text(encoding="utf-8"))
-    data.update(model_name=str(model), max_model_len=1024, **overrides)
-    return Config.model_validate(data)
 
 
 @pytest.fixture(scope="module")
@@ -290,12 +282,18 @@ def test_unknown_engine_argument_is_a_config_error(tiny_model: Path) -> None:
 
 
 def engine_processes() -> list[psutil.Process]:
+    """This module's engine processes: vLLM descendants in this process group. The session's
+    `vllm serve` (tests/servedvllm.py) is a descendant too, in a group of its own."""
     alive = []
     for child in psutil.Process().children(recursive=True):
         try:
-            if child.status() != psutil.STATUS_ZOMBIE and "VLLM" in child.name():
+            if (
+                child.status() != psutil.STATUS_ZOMBIE
+                and "VLLM" in child.name()
+                and os.getpgid(child.pid) == os.getpgrp()
+            ):
                 alive.append(child)
-        except psutil.NoSuchProcess:
+        except (psutil.NoSuchProcess, ProcessLookupError):
             continue
     return alive
 
