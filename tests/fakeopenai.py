@@ -6,7 +6,9 @@ is kept (`requests`), and answered by the next scripted `Reply` if there is one 
 else by default: for a judge-like request, the first choice in the field the server is told
 to honour (`honours`: "structured_outputs", "guided_choice", "json_schema", or None for a
 server that ignores them all and answers freely); otherwise a Japanese sentence long enough
-to pass the pipeline's filters. `key` makes it want `Authorization: Bearer KEY`.
+to pass the pipeline's filters. `key` makes it want `Authorization: Bearer KEY`; `fails`
+answers the requests it picks with a failure of its choosing, every time (a broken server, a
+prompt that crashes one), and `delay` slows every default answer.
 
 `dead_port()` is a port nobody listens on, and `NotHttp` a server that answers every
 connection with a line that is not HTTP.
@@ -112,11 +114,15 @@ class FakeOpenAI(_Loopback):
         honours: str | None = "structured_outputs",
         key: str | None = None,
         answer: Callable[[dict[str, Any]], str] | None = None,
+        fails: Callable[[dict[str, Any]], Reply | None] | None = None,
+        delay: float = 0.0,
     ) -> None:
         self.models = models
         self.honours = honours
         self.key = key
         self.answer = answer
+        self.fails = fails
+        self.delay = delay
         self.script: deque[Reply] = deque()
         self.requests: list[dict[str, Any]] = []
         self.model_lists = 0  # GET /models answered
@@ -138,6 +144,9 @@ class FakeOpenAI(_Loopback):
             self.requests.append(body)
             if self.script:
                 return self.script.popleft()
+        failure = self.fails(body) if self.fails is not None else None
+        if failure is not None:
+            return failure
         choices = choices_of(body, self.honours)
         if choices:
             text = (
@@ -149,7 +158,7 @@ class FakeOpenAI(_Loopback):
             text = self.answer(body)
         else:
             text = f"{DEFAULT_TEXT} 番号{body.get('seed', 0) % 1000}"
-        return Reply(body=chat_answer(text))
+        return Reply(body=chat_answer(text), delay=self.delay)
 
 
 class _Server(ThreadingHTTPServer):
@@ -206,6 +215,11 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             self._send(fake.reply(body))
 
         def _send(self, reply: Reply) -> None:
+            """Answer; a client that gave up waiting (its timeout) is not an error here."""
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self._answer(reply)
+
+        def _answer(self, reply: Reply) -> None:
             if reply.delay:
                 time.sleep(reply.delay)
             if reply.drop:

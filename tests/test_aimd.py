@@ -15,6 +15,7 @@ from zero_one_instruction.engines.backoff import (
     backoff_delay,
     retry_after,
 )
+from zero_one_instruction.engines.openai import _fault_pause
 
 
 def round_trip(aimd: Aimd, capacity: int, now: float = 0.0) -> tuple[int, int]:
@@ -117,6 +118,13 @@ def test_backoff_grows_exponentially_with_full_jitter_up_to_its_cap() -> None:
     assert min(first) >= 0 and max(first) <= 0.5
     assert max(late) <= CAP_SECONDS and max(late) > 0.5 * CAP_SECONDS
     assert len(set(first)) > 100  # jittered, not one value
+
+
+def test_backoff_and_pauses_stay_numbers_after_hours_of_retries() -> None:
+    """A request the pool keeps refusing for load is retried for as long as the pool answers
+    others: its thousandth retry waits the cap, not a power of two too large for a float."""
+    assert 0.0 <= backoff_delay(5000) <= CAP_SECONDS
+    assert _fault_pause(5000) == CAP_SECONDS
 
 
 def test_retry_after_reads_seconds_and_http_dates() -> None:

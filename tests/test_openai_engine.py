@@ -5,10 +5,15 @@ and the start-up check."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import ssl
 import time
 from collections.abc import Callable, Coroutine
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from zero_one_instruction.config import Config, parse_config
@@ -378,8 +383,9 @@ def test_a_dead_endpoint_is_paused_and_the_pool_carries_on(fast_backoff: None) -
 
 
 def test_a_request_waits_for_a_slot_not_a_deadline() -> None:
-    """A busy pool queues requests in order; queueing is not failing."""
-    with FakeOpenAI() as fake:
+    """A busy pool queues requests; queueing is not failing. (The answers are by seed: two
+    requests in flight may reach the server in either order.)"""
+    with FakeOpenAI(answer=lambda body: f"答え{body['seed']}", delay=0.1) as fake:
         config = openai_config(
             [fake.url],
             openai={
@@ -389,15 +395,237 @@ def test_a_request_waits_for_a_slot_not_a_deadline() -> None:
                 "retry_deadline": 0.0,
             },
         )
-        fake.script.extend(Reply(body=chat_answer(f"答え{i}"), delay=0.1) for i in range(6))
 
         async def body(engine: OpenAIEngine) -> Any:
             done = await asyncio.gather(*(engine.complete(request(seed=i)) for i in range(6)))
             return [c.text for c in done], engine.stats()[fake.url]
 
         texts, stats = with_engine(config, body)
-    assert texts == [f"答え{i}" for i in range(6)]  # first come, first served
-    assert stats.in_flight == 0 and stats.errors == {}
+    assert texts == [f"答え{i}" for i in range(6)]
+    assert stats.in_flight == 0 and stats.errors == {} and stats.requests == 6
+
+
+# --- the pool decides, not one endpoint; queueing is not failing ------------------------------
+
+BROKEN = {
+    "500": Reply(500, {"error": {"message": "EngineCore died"}}),
+    "502": Reply(502, {"error": {"message": "bad gateway"}}),
+    "drop": Reply(drop=True),
+}
+
+
+@pytest.mark.parametrize("failure", BROKEN.values(), ids=BROKEN.keys())
+def test_an_endpoint_that_fails_fast_is_paused_and_its_pool_loses_nothing(failure: Reply) -> None:
+    """A broken server answers at once, so it always has the fewest requests outstanding: it
+    would draw every retry, and records would be lost while the other server is healthy."""
+    with FakeOpenAI(delay=0.2) as good, FakeOpenAI(fails=lambda body: failure) as bad:
+        config = openai_config(
+            [bad.url, good.url],
+            openai={"judge_constraint": "structured_outputs", "retry_deadline": 2.0},
+        )
+
+        async def body(engine: OpenAIEngine) -> Any:
+            tries = (engine.complete(request(seed=i)) for i in range(32))
+            return await asyncio.gather(*tries, return_exceptions=True), engine.stats()
+
+        done, stats = with_engine(config, body)
+    assert [type(c).__name__ for c in done] == ["Completion"] * 32
+    assert len(good.requests) == 32 and stats[good.url].errors == {}
+    assert 1 <= stats[bad.url].requests < 32  # paused after each burst, not hammered
+    assert stats[bad.url].in_flight == 0
+
+
+TRANSIENT = {
+    "500": Reply(500, "Internal Server Error"),
+    "429": Reply(429, {"error": {"message": "slow down"}}),
+    "drop": Reply(drop=True),
+}
+
+
+@pytest.mark.parametrize("failure", TRANSIENT.values(), ids=TRANSIENT.keys())
+def test_time_queued_for_a_slot_after_a_failure_is_not_failing(
+    fast_backoff: None, failure: Reply
+) -> None:
+    """One failure, then a busy pool: the retry waits its turn behind the others, longer than
+    the deadline, and still gets its answer."""
+    with FakeOpenAI(delay=0.15) as fake:
+        section = {"max_in_flight": 1, "initial_in_flight": 1, "retry_deadline": 0.3}
+        config = openai_config(
+            [fake.url], openai={"judge_constraint": "structured_outputs", **section}
+        )
+        fake.script.append(failure)
+
+        async def body(engine: OpenAIEngine) -> Any:
+            tries = (engine.complete(request(seed=i)) for i in range(6))
+            return await asyncio.gather(*tries, return_exceptions=True), engine.stats()[fake.url]
+
+        done, stats = with_engine(config, body)
+    assert [type(c).__name__ for c in done] == ["Completion"] * 6
+    assert (stats.requests, stats.retries, stats.in_flight) == (7, 1, 0)
+
+
+def test_a_request_refused_for_load_waits_as_long_as_the_pool_answers_others(
+    fast_backoff: None,
+) -> None:
+    """429s past the deadline are the pool's load, not this request's fault: while others
+    get answers, it keeps its place rather than failing the engine or its record."""
+    refused = iter(range(8))  # the first 8 tries of seed 5, each 0.1 s, outlast the deadline
+
+    def fails(body: dict[str, Any]) -> Reply | None:
+        if body.get("seed") == 5 and next(refused, None) is not None:
+            return Reply(429, {"error": {"message": "slow down"}}, delay=0.1)
+        return None
+
+    with FakeOpenAI(fails=fails) as fake:
+        config = openai_config(
+            [fake.url], openai={"judge_constraint": "structured_outputs", "retry_deadline": 0.3}
+        )
+
+        async def body(engine: OpenAIEngine) -> Any:
+            background = asyncio.ensure_future(others(engine))
+            try:
+                return await engine.complete(request(seed=5)), engine.stats()[fake.url]
+            finally:
+                background.cancel()
+
+        completion, stats = with_engine(config, body)
+    assert completion.text.startswith("これはテスト用")
+    assert stats.errors == {"rate_limited": 8}
+
+
+async def others(engine: OpenAIEngine) -> None:
+    """Other records, answered one after another meanwhile: the pool is answering."""
+    for seed in range(100, 1100):
+        await engine.complete(request(seed=seed))
+        await asyncio.sleep(0.01)
+
+
+OWN_FAILURES = {
+    "timeout": (Reply(body=chat_answer("遅すぎる答え"), delay=1.5), "timeout"),
+    "drop": (Reply(drop=True), "dropped"),
+    "abort": (Reply(body=chat_answer("途中", finish="abort")), "dropped"),
+}
+
+
+@pytest.mark.parametrize(("failure", "kind"), OWN_FAILURES.values(), ids=OWN_FAILURES.keys())
+def test_a_request_that_keeps_failing_on_its_own_fails_alone(
+    fast_backoff: None, failure: Reply, kind: str
+) -> None:
+    """A prompt that always runs past the timeout, or whose connection is always cut, while
+    the pool answers others: its record fails (`<step>_failed`). Killing the engine would
+    send the chunk back to the queue, to meet the same prompt again, forever."""
+    poison = 666
+    with FakeOpenAI(fails=lambda body: failure if body.get("seed") == poison else None) as fake:
+        section = {"retry_deadline": 0.5, "request_timeout": 1.0}
+        config = openai_config(
+            [fake.url], openai={"judge_constraint": "structured_outputs", **section}
+        )
+
+        async def body(engine: OpenAIEngine) -> Any:
+            background = asyncio.ensure_future(others(engine))
+            try:
+                with pytest.raises(RequestError) as caught:
+                    await engine.complete(request(seed=poison))
+            finally:
+                background.cancel()
+            after = await engine.complete(request(seed=1))  # the engine carries on
+            return caught.value, after
+
+        error, after = with_engine(config, body)
+    assert "kept failing this request" in str(error) and f"last: {kind}" in str(error)
+    assert after.text.startswith("これはテスト用")
+
+
+def test_a_pool_that_dies_after_a_request_began_failing_is_engine_dead(
+    fast_backoff: None,
+) -> None:
+    """The pool answered others after this request's first failure, then died: its
+    answers grow old, and the request gives up with the engine, not never."""
+    poison = 666
+    fake = FakeOpenAI(
+        fails=lambda body: Reply(500, "crash") if body.get("seed") == poison else None
+    ).__enter__()
+    config = openai_config(
+        [fake.url], openai={"judge_constraint": "structured_outputs", "retry_deadline": 0.5}
+    )
+
+    async def body(engine: OpenAIEngine) -> Any:
+        async def kill_soon() -> None:
+            for seed in range(5):
+                await engine.complete(request(seed=seed))
+            fake.stop()
+
+        killer = asyncio.ensure_future(kill_soon())
+        with pytest.raises(EngineDead, match="failed every try"):
+            await asyncio.wait_for(engine.complete(request(seed=poison)), 60)
+        await killer
+
+    with_engine(config, body)
+
+
+BAD_200 = {
+    "usage 1e400": (
+        '{"choices": [{"message": {"role": "assistant", "content": "x"}, '
+        '"finish_reason": "stop"}], "usage": {"completion_tokens": 1e400}}',
+        "bad_response",
+    ),
+    "prompt_tokens a word": (
+        {**chat_answer("x"), "usage": {"prompt_tokens": "many", "completion_tokens": 1}},
+        "bad_response",
+    ),
+    "no choices": ({"object": "chat.completion"}, "bad_response"),
+    "no JSON": ("<html>Gateway</html>", "bad_response"),
+    "an error object": ({"error": {"message": "upstream provider failed"}}, "server_error"),
+}
+
+
+@pytest.mark.parametrize(("answer", "kind"), BAD_200.values(), ids=BAD_200.keys())
+def test_an_unreadable_200_is_retried_and_frees_its_slot(
+    fast_backoff: None, answer: Any, kind: str
+) -> None:
+    """A 200 that is no readable completion is the server's (or a gateway's) fault, like a
+    5xx: retried, never an unhandled exception, and its slot is free again."""
+    with FakeOpenAI() as fake:
+        config = openai_config([fake.url], openai={"judge_constraint": "structured_outputs"})
+        fake.script.append(Reply(body=answer))
+
+        async def body(engine: OpenAIEngine) -> Any:
+            return await engine.complete(request()), engine.stats()[fake.url]
+
+        completion, stats = with_engine(config, body)
+    assert completion.text.startswith("これはテスト用")
+    assert (stats.requests, stats.retries, stats.errors, stats.in_flight) == (2, 1, {kind: 1}, 0)
+
+
+def test_a_key_that_is_not_set_leaves_no_client_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The judge's key is read after the other steps' pool is built: every key is read
+    before any client is made, so a failed start has nothing to close."""
+    monkeypatch.setenv("ZOI_TEST_KEY", KEY)
+    monkeypatch.delenv("ZOI_JUDGE_KEY", raising=False)
+    made: list[object] = []
+    real = httpx.AsyncClient
+
+    def client(**options: Any) -> httpx.AsyncClient:
+        made.append(options)
+        return real(**options)
+
+    monkeypatch.setattr("zero_one_instruction.engines.openai.httpx.AsyncClient", client)
+    config = openai_config(
+        ["http://127.0.0.1:1/v1"],
+        step_models={"judge": "big-judge"},
+        openai={
+            "api_key_env": "ZOI_TEST_KEY",
+            "models": {
+                "big-judge": {
+                    "endpoints": ["http://127.0.0.1:2/v1"],
+                    "api_key_env": "ZOI_JUDGE_KEY",
+                }
+            },
+        },
+    )
+    with pytest.raises(ConfigError, match=r"\$ZOI_JUDGE_KEY is not set"):
+        OpenAIEngine(config)
+    assert made == []
 
 
 def test_close_twice_then_requests_are_refused() -> None:
@@ -498,3 +726,87 @@ def test_start_refuses_an_http_server_without_the_api() -> None:
         f"openai.endpoints: {url} is not an OpenAI-compatible server "
         f"(GET {url}/models answered HTTP 404)"
     )
+
+
+def test_a_judge_probe_names_what_the_server_said() -> None:
+    """A server that refuses every probe for its own reason (a model without a chat template)
+    says what to fix: the line carries its words, not only the constraints tried."""
+    message = (
+        "As of transformers v4.44, default chat template is no longer allowed, so you must "
+        "provide a chat template if the tokenizer does not define one."
+    )
+    refusal = Reply(400, {"error": {"message": message}})
+    with FakeOpenAI(fails=lambda body: refusal) as fake:
+        line = start_error(openai_config([fake.url]))
+    assert "does not hold model 'served-model' to a judge's choices" in line
+    assert "HTTP 400" in line and message in line
+
+
+def test_start_names_a_tls_failure_as_one() -> None:
+    """https to a server that speaks http: the TLS error's errno (1) is not the reason."""
+    with FakeOpenAI() as fake:
+        url = fake.url.replace("http://", "https://")
+        line = start_error(openai_config([url]))
+    assert line.startswith(f"openai.endpoints: {url} unreachable (TLS failed: ")
+    assert "Operation not permitted" not in line
+
+
+def test_start_names_an_untrusted_certificate(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    fake = FakeOpenAI()
+    fake._server.socket = context.wrap_socket(fake._server.socket, server_side=True)
+    with fake:
+        url = fake.url.replace("http://", "https://")
+        line = start_error(openai_config([url]))
+    assert line == (
+        f"openai.endpoints: {url} unreachable (TLS certificate not trusted: self-signed "
+        "certificate; a private CA's certificate can be named in $SSL_CERT_FILE)"
+    )
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by its own key, valid today: (cert, key) files."""
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_a_judge_probe_that_never_gets_an_answer_is_one_line_at_start(
+    fast_backoff: None,
+) -> None:
+    crash = Reply(500, {"error": {"message": "EngineCore encountered an issue"}})
+    with FakeOpenAI(fails=lambda body: crash) as fake:
+        line = start_error(openai_config([fake.url], openai={"retry_deadline": 0.3}))
+    assert line.startswith(f"openai.endpoints: {fake.url} failed every try for 0.3 s")
+    assert line.endswith("(probing the judge's constraint)")

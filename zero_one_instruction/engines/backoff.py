@@ -14,6 +14,9 @@ from email.utils import parsedate_to_datetime
 
 BASE_SECONDS = 0.5
 CAP_SECONDS = 30.0
+# The bound stops doubling well past the cap: a request retried for hours (a pool that keeps
+# answering others) must not reach a power of two too large for a float.
+MAX_DOUBLINGS = 32
 # A Retry-After further out than this is read as this: a server asking for an hour of
 # silence should not stall a worker past every deadline without a word.
 MAX_RETRY_AFTER = 300.0
@@ -21,7 +24,7 @@ MAX_RETRY_AFTER = 300.0
 
 def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
     """The wait before retry number `attempt` (1 for the first), in seconds."""
-    bound = min(CAP_SECONDS, BASE_SECONDS * 2 ** max(0, attempt - 1))
+    bound = min(CAP_SECONDS, BASE_SECONDS * 2 ** min(MAX_DOUBLINGS, max(0, attempt - 1)))
     return (rng or random).uniform(0.0, bound)
 
 

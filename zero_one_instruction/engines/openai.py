@@ -13,16 +13,22 @@ and that model's pool of endpoints (`pool`); waits for a slot under the endpoint
 
 - an answer: the completion, its token counts from `usage`;
 - transient (refused or reset connection, protocol error, timeout, 408, 429, 5xx, an answer
-  aborted by a stopping server): retried with backoff and jitter (`backoff`) until
-  `openai.retry_deadline` seconds after the first failure; 429, 503 and timeouts also halve
-  the endpoint's limit, and `Retry-After` pauses it;
+  aborted by a stopping server, a 200 that is no readable completion): retried with backoff
+  and jitter (`backoff`), on another endpoint of the pool where one has room; 429, 503 and
+  timeouts also halve the endpoint's limit, and `Retry-After` pauses it; a refused or dropped
+  connection and a server error pause it too, longer each time (`pool`);
 - rejected (400, 413, 422...: a prompt longer than the context, say): `RequestError`, with the
   server's message; the pipeline drops that record as `<step>_failed`;
 - 401, 403, 404 (the key was revoked, the model is gone): `EngineDead`, since every other
   request would fail the same way and be dropped;
-- a pool that stays unreachable past the deadline: `EngineDead`; the chunk goes back to the
-  queue. Only a request that keeps getting a server error while the pool answers others
-  fails alone, as a `RequestError`.
+- given up (`_Failing`) only `openai.retry_deadline` seconds after a request first failed, and
+  then by what the pool as a whole did meanwhile: a pool that answered nothing is gone
+  (`EngineDead`: the chunk goes back to the queue); a pool that answers others while this
+  request keeps failing on its own (a server error, a timeout, a dropped connection) fails
+  this record alone (`RequestError`); a pool that answers others while it refuses this one
+  for load (429, 503) or one of its endpoints cannot be reached is retried for as long as
+  that lasts. Waiting for a slot in a busy pool is not failing: that time is off the
+  request's clock.
 
 The chat template is the server's: it receives messages, not tokens, and
 `chat_template_kwargs` are passed in the body as vLLM and SGLang accept them. The judge's
@@ -37,6 +43,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +52,7 @@ import httpx
 from ..errors import ConfigError
 from . import constraint
 from .aimd import Aimd
-from .backoff import BASE_SECONDS, CAP_SECONDS, backoff_delay, retry_after
+from .backoff import BASE_SECONDS, CAP_SECONDS, MAX_DOUBLINGS, backoff_delay, retry_after
 from .base import Completion, EngineDead, Request, RequestError, Step
 from .pool import Endpoint, EndpointStats, Lease, Pool
 from .servercheck import EndpointError, check_endpoint, connect_reason
@@ -80,7 +87,12 @@ OWN_FIELDS = frozenset(
 # Not this request's fault nor the server's load: the key or the model is gone for everyone.
 FATAL_STATUS = frozenset({401, 403, 404})
 OVERLOAD_STATUS = {429: "rate_limited", 503: "unavailable", 408: "timeout"}
+# Failures that may be the request's own (a prompt that crashes the server, that always runs
+# past the timeout, or that the server cannot answer readably): past the deadline, while the
+# pool answers others, they fail the record alone. Load and connection failures never do.
+OWN_KINDS = frozenset({"server_error", "timeout", "dropped", "bad_response"})
 MESSAGE_CHARS = 500  # of a server's error message, in a trace
+ANSWER_CHARS = 80  # of a probe's unconstrained answer, in a start-up error
 
 
 def check_arguments(engine_kwargs: dict[str, Any], hardware_kwargs: dict[str, Any]) -> None:
@@ -101,6 +113,7 @@ def check_arguments(engine_kwargs: dict[str, Any], hardware_kwargs: dict[str, An
 
 
 @dataclass
+@dataclass
 class Route:
     """Where one step's requests go: its model, that model's pool, and for the judge how
     the pool's servers are held to the choices (decided in `start`)."""
@@ -118,12 +131,44 @@ class _Transient(Exception):
         self.kind = kind
 
 
+@dataclass
+class _Failing:
+    """A request that has failed: since when (its first failure), how long it has queued for
+    a slot since (time off its clock: a busy pool is not a failing one), its failed tries, the
+    last failure and the endpoint it was on."""
+
+    since: float
+    queued: float = 0.0
+    tries: int = 0
+    last: _Transient | None = None
+    endpoint: Endpoint | None = None
+
+    def failed(self, exc: _Transient, endpoint: Endpoint) -> None:
+        self.tries += 1
+        self.last, self.endpoint = exc, endpoint
+
+    def seconds(self, now: float) -> float:
+        """How long the request itself has been failing: trying and backing off, not
+        queueing."""
+        return now - self.since - self.queued
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A 200's chat completion, read and checked whole: nothing in it can fail later."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
 def _server_message(response: httpx.Response) -> str:
     """The error's own words: OpenAI's `{"error": {"message"}}`, vLLM's older
     `{"message"}`, or the start of the body."""
     try:
         data = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     message: Any = None
     if isinstance(data, dict):
@@ -131,7 +176,11 @@ def _server_message(response: httpx.Response) -> str:
         message = error.get("message") if isinstance(error, dict) else error
         message = message or data.get("message") or data.get("detail")
     text = str(message) if message else response.text.strip() or response.reason_phrase
-    return " ".join(text.split())[:MESSAGE_CHARS]
+    return _one_line(text, MESSAGE_CHARS)
+
+
+def _one_line(text: str, limit: int) -> str:
+    return " ".join(text.split())[:limit]
 
 
 def _api_key(env: str | None, where: str) -> str | None:
@@ -141,6 +190,15 @@ def _api_key(env: str | None, where: str) -> str | None:
     if not key:
         raise ConfigError(f"{where}: ${env} is not set (it should hold the API key)")
     return key
+
+
+def _served_at(settings: OpenAISettings, model: str) -> tuple[str, list[str], str | None]:
+    """Where `model` is served: the label of its pool, its URLs and its key's variable; its
+    own entry in `openai.models`, else the shared endpoints."""
+    served = settings.models.get(model)
+    if served:
+        return f"openai.models.{model}.endpoints", served.endpoints, served.api_key_env
+    return "openai.endpoints", settings.endpoints, settings.api_key_env
 
 
 class OpenAIEngine:
@@ -157,40 +215,48 @@ class OpenAIEngine:
         self._closed = False
         self._closing: list[asyncio.Task[None]] = []
         logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
+        models = {step: config.step_models.get(step, config.model_name) for step in STEPS}
+        self._keys = self._read_keys(models.values())
         pools: dict[str, Pool] = {}
         self._routes: dict[str, Route] = {}
-        for step in STEPS:
-            model = config.step_models.get(step, config.model_name)
+        for step, model in models.items():
             if model not in pools:
-                pools[model] = self._pool(settings, model, pools)
+                pools[model] = self._pool(model, pools)
             self._routes[step] = Route(model, pools[model])
         if settings.judge_constraint != "auto":
             self._routes["judge"].mode = settings.judge_constraint
 
-    def _pool(self, settings: OpenAISettings, model: str, pools: dict[str, Pool]) -> Pool:
+    def _read_keys(self, models: Iterable[str]) -> dict[str, str | None]:
+        """Every endpoint's key, by URL, read before any client is made: a key that is not
+        set, or a URL listed with two key variables, leaves no client behind."""
+        keys: dict[str, str | None] = {}
+        key_envs: dict[str, str | None] = {}
+        for model in models:
+            label, urls, key_env = _served_at(self._settings, model)
+            for url in urls:
+                if url in key_envs and key_envs[url] != key_env:
+                    raise ConfigError(
+                        f"{label}: {url} is listed elsewhere with another api_key_env"
+                    )
+                key_envs[url] = key_env
+                keys[url] = _api_key(key_env, label.removesuffix(".endpoints") + ".api_key_env")
+        return keys
+
+    def _pool(self, model: str, pools: dict[str, Pool]) -> Pool:
         """The pool serving `model`: its own (`openai.models`), else the shared one."""
-        served = settings.models.get(model)
-        label = f"openai.models.{model}.endpoints" if served else "openai.endpoints"
-        urls, key_env = (
-            (served.endpoints, served.api_key_env)
-            if served
-            else (settings.endpoints, settings.api_key_env)
-        )
+        label, urls, key_env = _served_at(self._settings, model)
         for pool in pools.values():
             if pool.label == label:
                 return pool
-        endpoints = [self._endpoint(url, key_env, label) for url in urls]
-        return Pool(label, endpoints)
+        return Pool(label, [self._endpoint(url, key_env) for url in urls])
 
-    def _endpoint(self, url: str, key_env: str | None, where: str) -> Endpoint:
+    def _endpoint(self, url: str, key_env: str | None) -> Endpoint:
         """One endpoint per URL, whichever pools list it: its limit is the server's."""
         known = self._endpoints.get(url)
         if known is not None:
-            if known.key_env != key_env:
-                raise ConfigError(f"{where}: {url} is listed elsewhere with another api_key_env")
             return known
         settings = self._settings
-        key = _api_key(key_env, where.removesuffix(".endpoints") + ".api_key_env")
+        key = self._keys[url]
         client = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.request_timeout, connect=settings.connect_timeout),
             limits=httpx.Limits(
@@ -229,20 +295,30 @@ class OpenAIEngine:
             await self._choose_constraint(self._routes["judge"])
 
     async def _choose_constraint(self, route: Route) -> None:
+        """The first way of asking whose probe answer is one of the probe's choices. When
+        none is, the line names what the server last said: a refusal's own message (a model
+        without a chat template, say) is the thing to fix, not the constraint."""
+        last = "no answer"
         for mode in constraint.MODES:
             try:
-                data = await self._post(route.pool, constraint.probe_body(route.model, mode))
-            except RequestError:
-                continue  # the server refused the field
-            text = constraint.answer(mode, _content(data))
+                answer = await self._post(route.pool, constraint.probe_body(route.model, mode))
+            except RequestError as exc:
+                last = f"{mode}: {exc}"
+                continue  # the server refused the field, or the request
+            except EngineDead as exc:  # at start-up: one line and exit 2, as a bad URL is
+                label, message = route.pool.label, str(exc)
+                message = message if message.startswith(label) else f"{label}: {message}"
+                raise EndpointError(f"{message} (probing the judge's constraint)") from None
+            text = constraint.answer(mode, answer.text)
             if text in constraint.PROBE_CHOICES:
                 route.mode = mode
                 log.info("openai: the judge's answers are held by %s (%s)", mode, route.pool.urls)
                 return
+            last = f"{mode}: answered {_one_line(text, ANSWER_CHARS)!r}"
         raise EndpointError(
             f"{route.pool.label}: {route.pool.urls} does not hold model {route.model!r} to a "
             "judge's choices (tried structured_outputs, guided_choice and a json_schema "
-            "response_format); the judge cannot be constrained there"
+            f"response_format); the judge cannot be constrained there; last: {last}"
         )
 
     # --- requests ---------------------------------------------------------------------------
@@ -252,8 +328,14 @@ class OpenAIEngine:
         if self._dead is not None:
             raise EngineDead(self._dead)
         route = self._routes[request.step]
-        data = await self._post(route.pool, self._body(request, route))
-        return _completion(data, request, route.mode)
+        answer = await self._post(route.pool, self._body(request, route))
+        text = constraint.answer(route.mode, answer.text) if request.choices else answer.text
+        return Completion(
+            text=text,
+            finish_reason=answer.finish_reason,
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.completion_tokens,
+        )
 
     def _body(self, request: Request, route: Route) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -275,121 +357,147 @@ class OpenAIEngine:
             body["max_tokens"] = constraint.min_tokens(route.mode, request.max_tokens)
         return body
 
-    async def _post(self, pool: Pool, body: dict[str, Any]) -> dict[str, Any]:
-        """The answer to `body` from `pool`, retrying transient failures until the deadline."""
-        deadline = self._settings.retry_deadline
-        failing_since: float | None = None
-        last: _Transient | None = None
-        attempt = 0
+    async def _post(self, pool: Pool, body: dict[str, Any]) -> _Answer:
+        """The answer to `body` from `pool`, retrying transient failures until `_verdict`
+        gives up."""
+        failing: _Failing | None = None
         while True:
-            lease = await self._acquire(pool, failing_since, last)
+            asked = time.monotonic()
+            lease = await self._acquire(pool, failing)
+            if failing is not None:
+                failing.queued += time.monotonic() - asked
             try:
                 return await self._attempt(lease, body)
             except _Transient as exc:
-                last = exc
                 now = time.monotonic()
-                failing_since = now if failing_since is None else failing_since
+                failing = failing or _Failing(now)
+                failing.failed(exc, lease.endpoint)
                 lease.endpoint.errors[exc.kind] += 1
-                if now - failing_since >= deadline:
-                    raise self._give_up(pool, exc, failing_since) from None
-                attempt += 1
+                verdict = self._verdict(pool, failing, now)
+                if verdict is not None:
+                    raise verdict from None
                 lease.endpoint.retries += 1
-                delay = min(backoff_delay(attempt), failing_since + deadline - now)
+                delay = self._retry_delay(failing, now)
                 log.info(
                     "openai: %s failed (%s: %s); retry %d in %.1f s",
                     lease.endpoint.url,
                     exc.kind,
                     exc,
-                    attempt,
+                    failing.tries,
                     delay,
                 )
                 await asyncio.sleep(delay)
 
-    async def _acquire(
-        self, pool: Pool, failing_since: float | None, last: _Transient | None
-    ) -> Lease:
-        """A slot in the pool. Waiting for one is not failing (a busy pool queues requests);
-        once a request has failed (`last`), it waits no longer than its deadline."""
+    async def _acquire(self, pool: Pool, failing: _Failing | None) -> Lease:
+        """A slot in the pool; for a retry, on another endpoint than the one it failed on
+        where one has room. The wait is not bounded by the deadline: a slot frees as soon as
+        a request in flight ends (its answer, its failure, its timeout)."""
         if self._dead is not None:
             raise EngineDead(self._dead)
-        if failing_since is None or last is None:
-            return await pool.acquire()
-        lease = pool.try_acquire()  # the last try, at the deadline, still gets a free slot
-        if lease is not None:
-            return lease
-        left = failing_since + self._settings.retry_deadline - time.monotonic()
-        try:
-            return await asyncio.wait_for(pool.acquire(), max(left, 0.0))
-        except asyncio.TimeoutError:
-            raise self._give_up(pool, last, failing_since) from None
+        return await pool.acquire(failing.endpoint if failing is not None else None)
 
-    def _give_up(self, pool: Pool, exc: _Transient, failing_since: float) -> Exception:
-        """Past the deadline. While the pool answered other requests meanwhile, a server
-        error is this request's own (a prompt that crashes the server): it fails alone.
-        Otherwise the pool is gone, and so is the engine."""
-        seconds = self._settings.retry_deadline
-        if exc.kind == "server_error" and pool.last_success > failing_since:
-            return RequestError(f"the server kept failing this request for {seconds:g} s: {exc}")
-        self._dead = (
-            f"{pool.label}: {pool.urls} failed every try for {seconds:g} s "
-            f"(openai.retry_deadline); last: {exc.kind}: {exc}"
-        )
-        return EngineDead(self._dead)
+    def _verdict(self, pool: Pool, failing: _Failing, now: float) -> Exception | None:
+        """None to try again, else what the request ends with. It is the pool as a whole
+        that decides, not one endpoint: a pool that answered no request since this one
+        first failed (nor within the deadline) is gone once the deadline has passed; a pool
+        that answers others fails this request alone once it has failed on its own for the
+        deadline (a server error, a timeout, a dropped connection, an unreadable answer),
+        and never gives up on it for load or a connection (the pool still serves)."""
+        deadline = self._settings.retry_deadline
+        exc = failing.last
+        assert exc is not None
+        answering = pool.last_success > max(failing.since, now - deadline)
+        if not answering:
+            if now - failing.since < deadline:
+                return None
+            self._dead = (
+                f"{pool.label}: {pool.urls} failed every try for {deadline:g} s "
+                f"(openai.retry_deadline); last: {exc.kind}: {exc}"
+            )
+            return EngineDead(self._dead)
+        if exc.kind in OWN_KINDS and failing.seconds(now) >= deadline:
+            return RequestError(
+                f"the server kept failing this request for {failing.seconds(now):.1f} s "
+                f"({failing.tries} tries) while it answered others; last: {exc.kind}: {exc}"
+            )
+        return None
 
-    async def _attempt(self, lease: Lease, body: dict[str, Any]) -> dict[str, Any]:
-        """One try on one endpoint; the lease ends here, whatever happens."""
+    def _retry_delay(self, failing: _Failing, now: float) -> float:
+        """The backoff before the next try; while the deadline is ahead, the last try is
+        at it."""
+        delay = backoff_delay(failing.tries)
+        left = self._settings.retry_deadline - failing.seconds(now)
+        return min(delay, left) if left > 0 else delay
+
+    async def _attempt(self, lease: Lease, body: dict[str, Any]) -> _Answer:
+        """One try on one endpoint; the lease ends here, whatever happens (an outcome below,
+        else, in `finally`, a free slot: cancelled, or an error no branch foresaw)."""
         endpoint = lease.endpoint
         endpoint.requests += 1
         try:
             response = await endpoint.client.post(f"{endpoint.url}/chat/completions", json=body)
+            return self._answer(lease, response)
         except httpx.ConnectTimeout as exc:
-            lease.refused(_refusal_pause(endpoint.refusals))
+            lease.faulted(_fault_pause(endpoint.faults))
             raise _Transient("connect", f"connection timed out ({exc})") from None
         except httpx.TimeoutException as exc:
             lease.overloaded()
             raise _Transient("timeout", f"no answer in time ({type(exc).__name__})") from None
         except httpx.ConnectError as exc:
-            lease.refused(_refusal_pause(endpoint.refusals))
+            lease.faulted(_fault_pause(endpoint.faults))
             raise _Transient("connect", connect_reason(exc)) from None
         except httpx.TransportError as exc:
-            lease.failed()
+            lease.faulted(_fault_pause(endpoint.faults))
             raise _Transient("dropped", f"{type(exc).__name__}: {exc}") from None
-        except BaseException:
-            lease.failed()  # cancelled (a chunk abandoned): the slot is free again
-            raise
-        return self._answer(lease, response)
+        except httpx.HTTPError as exc:  # a body that cannot be decoded, say
+            lease.faulted(_fault_pause(endpoint.faults))
+            raise _Transient("bad_response", f"{type(exc).__name__}: {exc}") from None
+        finally:
+            lease.failed()  # a no-op after any outcome above
 
-    def _answer(self, lease: Lease, response: httpx.Response) -> dict[str, Any]:
+    def _answer(self, lease: Lease, response: httpx.Response) -> _Answer:
         status = response.status_code
         if status == 200:
-            try:
-                data = response.json()
-                tokens = _completion_tokens(data)
-                finish = data["choices"][0].get("finish_reason")
-            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                lease.failed()
-                lease.endpoint.errors["bad_response"] += 1
-                raise RequestError(
-                    f"{lease.endpoint.url} answered 200 without a chat completion: "
-                    f"{response.text[:MESSAGE_CHARS]!r}"
-                ) from None
-            if finish == "abort":  # a stopping server cut it off: never a record
-                lease.failed()
-                raise _Transient("dropped", "the server aborted the request")
-            lease.succeeded(tokens)
-            return data
+            return self._completion(lease, response)
         message = f"HTTP {status}: {_server_message(response)}"
         if status in OVERLOAD_STATUS:
             lease.overloaded(retry_after(response.headers.get("retry-after")))
             raise _Transient(OVERLOAD_STATUS[status], message)
-        lease.failed()
         if status >= 500:
+            lease.faulted(_fault_pause(lease.endpoint.faults))
             raise _Transient("server_error", message)
+        lease.failed()
         lease.endpoint.errors["rejected"] += 1
         if status in FATAL_STATUS:
             self._dead = f"{lease.endpoint.url} refused the engine: {message}"
             raise EngineDead(self._dead)
         raise RequestError(f"{lease.endpoint.url} rejected the request: {message}")
+
+    def _completion(self, lease: Lease, response: httpx.Response) -> _Answer:
+        """A 200, read whole. One that holds an error (as some gateways answer a failure
+        upstream), is no chat completion, or has counts that are no whole numbers is the
+        server's fault, not the request's: retried as a server error is."""
+        pause = _fault_pause(lease.endpoint.faults)
+        try:
+            data = response.json()
+        except (ValueError, RecursionError):
+            data = None
+        if isinstance(data, dict) and data.get("error") and not data.get("choices"):
+            lease.faulted(pause)
+            raise _Transient("server_error", f"HTTP 200 with an error: {_server_message(response)}")
+        try:
+            answer = _read_answer(data)
+        except ValueError as exc:
+            lease.faulted(pause)
+            shown = _one_line(response.text, MESSAGE_CHARS)
+            raise _Transient(
+                "bad_response", f"HTTP 200 without a readable chat completion ({exc}): {shown!r}"
+            ) from None
+        if answer.finish_reason == "abort":  # a stopping server cut it off: never a record
+            lease.faulted(pause)
+            raise _Transient("dropped", "the server aborted the request")
+        lease.succeeded(answer.completion_tokens)
+        return answer
 
     # --- the rest of the contract -----------------------------------------------------------
     def stats(self) -> dict[str, EndpointStats]:
@@ -418,34 +526,42 @@ class OpenAIEngine:
             await asyncio.gather(*self._closing)
 
 
-def _refusal_pause(refusals: int) -> float:
-    """How long an endpoint that refused `refusals` connections in a row (before this one)
-    is left alone: doubling, like a request's backoff, without its jitter."""
-    return min(CAP_SECONDS, BASE_SECONDS * 2**refusals)
+def _fault_pause(faults: int) -> float:
+    """How long an endpoint that failed `faults` times in a row (before this one: refused
+    or dropped connections, server errors) is left alone: doubling, like a request's
+    backoff, without its jitter."""
+    return min(CAP_SECONDS, BASE_SECONDS * 2 ** min(faults, MAX_DOUBLINGS))
 
 
-def _content(data: dict[str, Any]) -> str:
-    content = data["choices"][0].get("message", {}).get("content")
-    return content if isinstance(content, str) else ""
-
-
-def _completion_tokens(data: dict[str, Any]) -> int:
-    """Generated tokens from `usage` (0 when a server leaves it out); checks the shape."""
-    if not isinstance(data["choices"][0].get("message", {}), dict):
-        raise TypeError("message is not an object")
+def _read_answer(data: Any) -> _Answer:
+    """The completion in a 200's JSON; ValueError, naming what is wrong, if it is none."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(message, dict):
+        raise ValueError("no choices[0].message")
+    assert isinstance(choice, dict) and isinstance(data, dict)
+    content, finish = message.get("content"), choice.get("finish_reason")
+    if not isinstance(content, str | None) or not isinstance(finish, str | None):
+        raise ValueError("content or finish_reason is not a string")
     usage = data.get("usage") or {}
-    return int(usage.get("completion_tokens") or 0)
-
-
-def _completion(data: dict[str, Any], request: Request, mode: constraint.Mode) -> Completion:
-    choice = data["choices"][0]
-    text = _content(data)
-    if request.choices:
-        text = constraint.answer(mode, text)
-    usage = data.get("usage") or {}
-    return Completion(
-        text=text,
-        finish_reason=choice.get("finish_reason"),
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
+    if not isinstance(usage, dict):
+        raise ValueError("usage is not an object")
+    return _Answer(
+        text=content or "",
+        finish_reason=finish,
+        prompt_tokens=_token_count(usage, "prompt_tokens"),
+        completion_tokens=_token_count(usage, "completion_tokens"),
     )
+
+
+def _token_count(usage: dict[str, Any], name: str) -> int:
+    """`usage[name]` as a count: 0 when a server leaves it out; ValueError for anything that
+    is not a whole number of at least 0 (a string, 1e400, -1)."""
+    value = usage.get(name)
+    if value is None:
+        return 0
+    whole = type(value) is int or (type(value) is float and value.is_integer())
+    if not whole or value < 0:
+        raise ValueError(f"usage.{name} is not a count ({value!r})")
+    return int(value)

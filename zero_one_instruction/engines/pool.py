@@ -3,7 +3,11 @@
 An endpoint is one base URL with its own HTTP client and its own AIMD limit (`aimd`). A pool is
 the endpoints that serve the same models. A request goes to the endpoint of its pool with the
 fewest requests outstanding among those with room under their limit and not paused: a slow or
-overloaded server gets fewer, a dead one (paused after each refused connection) none.
+overloaded server gets fewer, a broken one none. An endpoint that refuses a connection, drops
+one or answers with a server error is paused (`Lease.faulted`), longer each time it does so
+again, and then takes one request at a time until one succeeds: a server that fails fast
+always has the fewest requests outstanding, and would otherwise draw every retry of the pool.
+A retry also prefers another endpoint than the one it failed on, where one has room.
 
 Requests that find no room wait in one first-come-first-served queue per pool, and each freed
 slot goes to the oldest waiter: none is starved by the ones that came later, and nobody polls.
@@ -47,7 +51,10 @@ class Endpoint:
         self.requests = 0
         self.retries = 0
         self.errors: Counter[str] = Counter()
-        self.refusals = 0  # connections refused in a row: the pause after each grows
+        # Faults (refused or dropped connections, server errors) in a row, and when the last
+        # one paused the endpoint: the pause after each grows.
+        self.faults = 0
+        self.faulted_at = -math.inf
         self.pools: list[Pool] = []
 
     def stats(self) -> EndpointStats:
@@ -60,6 +67,13 @@ class Endpoint:
             errors=dict(sorted(self.errors.items())),
         )
 
+    def room(self, now: float) -> int:
+        """How many more requests it may take at `now`: its limit's room, but one at a time
+        (a probe) while its last try failed by its fault, so that a server that fails fast
+        costs the pool one failed try per pause, not one per slot."""
+        room = self.aimd.room(now)
+        return min(room, 1 - self.aimd.in_flight) if self.faults else room
+
     def freed(self) -> None:
         """A slot may have opened (an answer, a larger limit, a pause over): every pool this
         endpoint serves hands it to its oldest waiter."""
@@ -69,42 +83,74 @@ class Endpoint:
 
 @dataclass
 class Lease:
-    """One request's slot on one endpoint, from sending to its outcome."""
+    """One request's slot on one endpoint, from sending to its outcome. The first outcome
+    ends it; any later call changes nothing, so a caller may free the slot in a `finally`
+    whatever happened before."""
 
     pool: Pool
     endpoint: Endpoint
     ticket: Ticket
     started: float
+    ended: bool = False
+
+    def _end(self) -> bool:
+        """Whether this call ends the lease (False: an earlier one did)."""
+        if self.ended:
+            return False
+        self.ended = True
+        return True
 
     def succeeded(self, tokens: int) -> None:
+        if not self._end():
+            return
         now = time.monotonic()
         self.endpoint.aimd.succeeded(self.ticket, now - self.started, tokens)
-        self.endpoint.refusals = 0
+        self.endpoint.faults = 0
         self.pool.last_success = now
         self.endpoint.freed()
 
     def overloaded(self, pause: float | None = None) -> None:
         """The server is overloaded (429, 503, a timeout): halve, and pause the endpoint
         for `pause` seconds if it said how long (Retry-After)."""
+        if not self._end():
+            return
         self.endpoint.aimd.overloaded(self.ticket)
         if pause:
             self.endpoint.aimd.pause(time.monotonic() + pause)
             self.pool.wake_after_pauses()
         self.endpoint.freed()
 
-    def refused(self, pause: float) -> None:
-        """No connection: the server is down or restarting. Pause the endpoint so that the
-        pool's other endpoints take the requests meanwhile."""
-        self.endpoint.aimd.failed()
-        self.endpoint.refusals += 1
-        self.endpoint.aimd.pause(time.monotonic() + pause)
-        self.pool.wake_after_pauses()
-        self.endpoint.freed()
+    def faulted(self, pause: float) -> None:
+        """No usable answer, by the endpoint's fault: a refused or dropped connection, a
+        server error. Pause the endpoint for `pause` seconds so that the pool's other
+        endpoints take the requests meanwhile. A burst counts once: a request sent before
+        the last pause began failed for the same cause, and neither counts nor extends it."""
+        if not self._end():
+            return
+        endpoint = self.endpoint
+        endpoint.aimd.failed()
+        if self.started >= endpoint.faulted_at:
+            endpoint.faults += 1
+            endpoint.faulted_at = time.monotonic()
+            endpoint.aimd.pause(endpoint.faulted_at + pause)
+            self.pool.wake_after_pauses()
+        endpoint.freed()
 
     def failed(self) -> None:
-        """Any other end: the slot is free, the limit stays."""
+        """Any other end (cancelled, rejected): the slot is free, the limit stays."""
+        if not self._end():
+            return
         self.endpoint.aimd.failed()
         self.endpoint.freed()
+
+
+@dataclass
+class _Waiter:
+    """A request waiting for a slot, and the endpoint it would rather not get (the one its
+    last try failed on)."""
+
+    future: asyncio.Future[Lease]
+    avoid: Endpoint | None
 
 
 class Pool:
@@ -115,7 +161,7 @@ class Pool:
         self.label = label
         self.endpoints = endpoints
         self.last_success = -math.inf  # time.monotonic() of the last answer
-        self._waiters: deque[asyncio.Future[Lease]] = deque()
+        self._waiters: deque[_Waiter] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         for endpoint in endpoints:
@@ -125,16 +171,16 @@ class Pool:
     def urls(self) -> str:
         return ", ".join(endpoint.url for endpoint in self.endpoints)
 
-    def _pick(self, now: float) -> Endpoint | None:
-        """The endpoint with room and the fewest requests outstanding; on a tie, the one with
-        the most room, then the first listed."""
+    def _pick(self, now: float, avoid: Endpoint | None = None) -> Endpoint | None:
+        """The endpoint with room and the fewest requests outstanding, `avoid` only if no
+        other has room; on a tie, the one with the most room, then the first listed."""
         best: Endpoint | None = None
-        best_key: tuple[int, int] | None = None
+        best_key: tuple[bool, int, int] | None = None
         for endpoint in self.endpoints:
-            room = endpoint.aimd.room(now)
+            room = endpoint.room(now)
             if room <= 0:
                 continue
-            key = (endpoint.aimd.in_flight, -room)
+            key = (endpoint is avoid, endpoint.aimd.in_flight, -room)
             if best_key is None or key < best_key:
                 best, best_key = endpoint, key
         return best
@@ -142,40 +188,43 @@ class Pool:
     def _lease(self, endpoint: Endpoint) -> Lease:
         return Lease(self, endpoint, endpoint.aimd.send(), time.monotonic())
 
-    def try_acquire(self) -> Lease | None:
+    def try_acquire(self, avoid: Endpoint | None = None) -> Lease | None:
         """A slot now, if one is free and nobody asked before."""
         if self._waiters:
             return None
-        endpoint = self._pick(time.monotonic())
+        endpoint = self._pick(time.monotonic(), avoid)
         return None if endpoint is None else self._lease(endpoint)
 
-    async def acquire(self) -> Lease:
-        """A slot on the best endpoint, as soon as one has room, in order of asking."""
-        lease = self.try_acquire()
+    async def acquire(self, avoid: Endpoint | None = None) -> Lease:
+        """A slot on the best endpoint (another than `avoid` if one has room), as soon as one
+        has room, in order of asking."""
+        lease = self.try_acquire(avoid)
         if lease is not None:
             return lease
-        waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), avoid)
         self._waiters.append(waiter)
         self.wake_after_pauses()
         try:
-            return await waiter
+            return await waiter.future
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                waiter.result().failed()  # handed a slot just as it was cancelled
+            future = waiter.future
+            if future.done() and not future.cancelled():
+                future.result().failed()  # handed a slot just as it was cancelled
             raise
 
     def dispatch(self) -> None:
         """Hand free slots to the oldest waiters."""
         now = time.monotonic()
         while self._waiters:
-            if self._waiters[0].done():  # cancelled while waiting
+            waiter = self._waiters[0]
+            if waiter.future.done():  # cancelled while waiting
                 self._waiters.popleft()
                 continue
-            endpoint = self._pick(now)
+            endpoint = self._pick(now, waiter.avoid)
             if endpoint is None:
                 self.wake_after_pauses()
                 return
-            self._waiters.popleft().set_result(self._lease(endpoint))
+            self._waiters.popleft().future.set_result(self._lease(endpoint))
 
     def wake_after_pauses(self) -> None:
         """Nothing else would wake a waiter when the only endpoints with room are paused:

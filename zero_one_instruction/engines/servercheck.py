@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -73,15 +74,32 @@ async def _get_models(endpoint: Endpoint) -> tuple[str | None, httpx.Response | 
 def connect_reason(exc: BaseException) -> str:
     """Why a connection failed, in the system's words where the cause has them ("Connection
     refused", "Name or service not known"), not the client's ("All connection attempts
-    failed")."""
+    failed"). A TLS failure is named as one: its errno (1) would read "Operation not
+    permitted"."""
     cause: BaseException | None = exc
     while cause is not None:
+        if isinstance(cause, ssl.SSLError):
+            return tls_reason(cause)
         if isinstance(cause, OSError) and cause.errno is not None:
             # asyncio words a refusal "Connect call failed (...)": the errno's own text is
             # plainer; a resolver error's errno is negative and has no text of its own.
             return os.strerror(cause.errno) if cause.errno > 0 else str(cause.strerror)
         cause = cause.__cause__ or cause.__context__
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def tls_reason(exc: ssl.SSLError) -> str:
+    """A TLS failure in a few words: an untrusted certificate says why ("self-signed
+    certificate", "certificate has expired") and where trust comes from."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"TLS certificate not trusted: {exc.verify_message or exc.reason}; a private CA's "
+            "certificate can be named in $SSL_CERT_FILE"
+        )
+    reason = exc.reason or exc.strerror or type(exc).__name__
+    if reason == "WRONG_VERSION_NUMBER":  # a plain HTTP answer to the TLS greeting
+        return f"TLS failed: {reason}; the server may speak http, not https"
+    return f"TLS failed: {reason}"
 
 
 def _served_models(endpoint: Endpoint, response: httpx.Response, label: str) -> list[str]:
