@@ -47,8 +47,25 @@ BAD = [
         "openai.endpoints: lists the same URL twice",
     ),
     (
-        "model_name: m\nengine: openai\nopenai: {endpoints: [http://a/v1], max_in_flight: 4}\n",
-        "initial_in_flight 8 is above max_in_flight 4",
+        "model_name: m\nengine: openai\n"
+        "openai: {endpoints: [http://a/v1], max_in_flight: 4, initial_in_flight: 16}\n",
+        "initial_in_flight 16 is above max_in_flight 4",
+    ),
+    (
+        'model_name: m\nengine: openai\nopenai: {endpoints: ["http://a\\tb/v1"]}\n',
+        "openai.endpoints.0: a space or control character at position 8",
+    ),
+    (
+        'model_name: m\nengine: openai\nopenai: {endpoints: ["http://a/v1\\n"]}\n',
+        "openai.endpoints.0: a space or control character at position 11",
+    ),
+    (
+        "model_name: m\nengine: openai\nopenai: {endpoints: ['http://a /v1']}\n",
+        "openai.endpoints.0: a space or control character at position 8",
+    ),
+    (
+        "model_name: m\nengine: openai\nopenai: {endpoints: ['http://\u2603.example/v1']}\n",
+        "openai.endpoints.0: not a URL the HTTP client takes (Invalid IDNA hostname",
     ),
     (
         "model_name: m\nengine: openai\nopenai: {endpoints: [http://a/v1], judge_constraint: x}\n",
@@ -104,6 +121,44 @@ def test_a_key_written_where_its_variable_belongs_is_never_echoed(tmp_path: Path
         zoi("config", "check", str(write(tmp_path, text))), "openai.api_key_env"
     )
     assert KEY not in line
+
+
+SECRET = "sk-pasted-0123456789"
+
+
+@pytest.mark.parametrize(
+    "endpoints",
+    [
+        f"['http://user:{SECRET}@host/v1']",
+        f"['http://host/v1?api_key={SECRET}']",
+        f"['http://host/v1#{SECRET}']",
+        f"'http://user:{SECRET}@host/v1'",  # not even a list: still not echoed
+        f"[http://a/v1, 'http://{SECRET}@b/v1']",
+    ],
+)
+def test_a_url_with_credentials_is_refused_without_echoing_them(
+    tmp_path: Path, endpoints: str
+) -> None:
+    text = f"model_name: m\nengine: openai\nopenai: {{endpoints: {endpoints}}}\n"
+    line = assert_one_line_error(zoi("config", "check", str(write(tmp_path, text))), "openai")
+    assert SECRET not in line and "***" in line
+
+
+@pytest.mark.parametrize(
+    ("limits", "initial"),
+    [
+        ("", 8),
+        ("max_in_flight: 4", 4),
+        ("max_in_flight: 100", 8),
+        ("max_in_flight: 4, initial_in_flight: 2", 2),
+    ],
+)
+def test_the_starting_limit_is_eight_or_the_maximum_if_lower(
+    tmp_path: Path, limits: str, initial: int
+) -> None:
+    """`max_in_flight: 4` alone is a whole setting: the default start follows it down."""
+    text = GOOD.replace("]}", f"]{', ' + limits if limits else ''}}}")
+    assert load_config(write(tmp_path, text)).openai.initial_in_flight == initial
 
 
 def test_a_judge_with_its_own_endpoints_needs_none_shared(tmp_path: Path) -> None:
@@ -236,3 +291,4 @@ def test_generate_stops_at_start_up_with_one_line(
     line = assert_one_line_error(result, "openai.endpoints", expected)
     assert KEY not in line and not out.exists()
     assert not fake.requests  # stopped before any record was asked for
+

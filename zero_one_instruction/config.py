@@ -32,6 +32,7 @@ ENGINE_SPEC = re.compile(r"^(vllm|openai)$|^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 MAX_SEED = 2**32 - 1
 STEPS = ("width", "judge", "fix", "depth", "flatten", "answer")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+INITIAL_IN_FLIGHT = 8  # an endpoint's starting limit on requests in flight, unless set
 
 
 class _Strict(BaseModel):
@@ -76,8 +77,13 @@ class Sampling(_Strict):
 
 def _http_url(value: str) -> str:
     """An endpoint's base URL: http(s), with a host, without credentials (the key comes
-    from `api_key_env`, so a URL can be shown and frozen). The trailing slash is dropped so
-    that `{base}/chat/completions` is one URL whichever way it was written."""
+    from `api_key_env`, so a URL can be shown and frozen), and one the HTTP client takes
+    (no space or control character, a host name it can encode), so a URL that could only
+    fail later fails here, in one line. The trailing slash is dropped so that
+    `{base}/chat/completions` is one URL whichever way it was written."""
+    for position, char in enumerate(value):
+        if char.isspace() or not char.isprintable():
+            raise ValueError(f"a space or control character at position {position}")
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number
@@ -89,6 +95,12 @@ def _http_url(value: str) -> str:
         raise ValueError("credentials do not belong in the URL: name them in api_key_env")
     if parts.query or parts.fragment:
         raise ValueError("a base URL takes no query or fragment")
+    import httpx  # here: only a config with endpoints pays for importing it
+
+    try:
+        httpx.URL(value)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"not a URL the HTTP client takes ({exc})") from None
     return value.rstrip("/")
 
 
@@ -130,12 +142,23 @@ class OpenAISettings(_Strict):
     api_key_env: EnvName = None
     models: dict[str, ServedModel] = Field(default_factory=dict)
     max_in_flight: int = Field(default=64, ge=1)
-    initial_in_flight: int = Field(default=8, ge=1)
+    initial_in_flight: int = Field(default=INITIAL_IN_FLIGHT, ge=1)  # at most max_in_flight
     request_timeout: float = Field(default=600.0, gt=0.0)
     connect_timeout: float = Field(default=10.0, gt=0.0)
     retry_deadline: float = Field(default=600.0, ge=0.0)
     startup_wait: float = Field(default=0.0, ge=0.0)
     judge_constraint: Literal["auto", "structured_outputs", "guided_choice", "json_schema"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _initial_from_maximum(cls, data: Any) -> Any:
+        """Left out, the starting limit is 8 or the maximum if that is lower: `max_in_flight:
+        4` alone must not be refused for a default it never named."""
+        if isinstance(data, dict) and "initial_in_flight" not in data:
+            maximum = data.get("max_in_flight")
+            if type(maximum) is int and maximum >= 1:
+                return {**data, "initial_in_flight": min(INITIAL_IN_FLIGHT, maximum)}
+        return data
 
     @model_validator(mode="after")
     def _initial_within_maximum(self) -> OpenAISettings:
@@ -359,11 +382,27 @@ def _first_error(exc: ValidationError) -> str:
     if err["type"] == "missing":
         return f"{where}: required key is missing"
     message = err["msg"].removeprefix("Value error, ")
-    shown = repr(err.get("input"))
+    shown = repr(_redacted(err.get("input")))
     secret = bool(err["loc"]) and err["loc"][-1] == "api_key_env"  # may be a key: never echo it
     if secret or len(shown) > 60 or isinstance(err.get("input"), dict):
         return f"{where}: {message}"
     return f"{where}: {message} (got {shown})"
+
+
+def _redacted(value: Any) -> Any:
+    """`value` as an error may show it: a URL's user, password, query and fragment (where
+    keys are pasted: `http://user:KEY@host`, `?api_key=KEY`) become `***`, in a list too."""
+    if isinstance(value, list):
+        return [_redacted(item) for item in value]
+    if not isinstance(value, str) or "://" not in value:
+        return value
+    scheme, _, rest = value.partition("://")
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    path, mark, _ = tail.partition("?") if "?" in tail else tail.partition("#")
+    return f"{scheme}://{netloc}{path}{mark and mark + '***'}"
 
 
 def _resolve(path: Path | None, base: Path) -> Path | None:
