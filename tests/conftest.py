@@ -3,6 +3,8 @@ need `vllm serve` (tests/servedvllm.py) are marked `served` too."""
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,15 @@ def make_pipeline(prompts: list[str], **overrides: object) -> tuple[Pipeline, Sc
     engine = ScriptedEngine(config)
     source = PromptSource("test prompts", prompts, "test")
     return Pipeline(config, load_templates(), source, engine), engine
+
+
+@pytest.fixture
+def signals() -> Iterator[None]:
+    """An in-process worker installs its own stop handlers: give the test runner its own back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session")

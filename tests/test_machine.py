@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,15 +34,6 @@ def reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Pa
     assert report.output == expected and report.funnel.prompts == N
     env_log.unlink()
     return config, expected, env_log
-
-
-@pytest.fixture
-def signals() -> Iterator[None]:
-    """An in-process worker installs its own stop handlers: give the test runner its own back."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
 
 
 def _engines(env_log: Path) -> list[tuple[str | None, str | None, int]]:

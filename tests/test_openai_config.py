@@ -10,13 +10,19 @@ from pathlib import Path
 import pytest
 import yaml
 
+from zero_one_instruction import shards
 from zero_one_instruction.config import load_config
+from zero_one_instruction.producer import enqueue
 from zero_one_instruction.prompt_sources import load_source
 from zero_one_instruction.rundir import create_or_open, data_spec, fingerprint
 from zero_one_instruction.templates import load_templates
+from zero_one_instruction.worker import serve
 
 from .clitools import assert_one_line_error, zoi
 from .fakeopenai import FakeOpenAI, dead_port
+from .unit_runs import broker
+
+FAST = {"heartbeat_interval": 0.3, "heartbeat_ttl": 2, "janitor_interval": 0.5}
 
 KEY = "sk-live-abcdefabcdefabcdef"
 GOOD = "model_name: served-model\nengine: openai\nopenai: {endpoints: [http://127.0.0.1:8000/v1]}\n"
@@ -292,3 +298,17 @@ def test_generate_stops_at_start_up_with_one_line(
     assert KEY not in line and not out.exists()
     assert not fake.requests  # stopped before any record was asked for
 
+
+def test_each_chunk_marker_records_the_judge_constraint_its_worker_used(
+    tmp_path: Path, signals: None
+) -> None:
+    """`auto` is found per worker, outside the fingerprint: a run whose workers reached
+    servers that keep different constraints shows it, chunk by chunk."""
+    with FakeOpenAI(honours="json_schema") as fake:
+        config = load_config(generate_config(tmp_path, fake.url))
+        run = create_or_open(tmp_path / "run", config, 0, 4, 2)
+        with broker(run) as connection:
+            enqueue(connection, run)
+            assert serve(connection, run, name="unit", burst=True, **FAST) is True
+    markers = [shards.read_marker(run, chunk)[0] or {} for chunk in run.chunks()]
+    assert [m.get("engine") for m in markers] == [{"judge_constraint": "json_schema"}] * 2

@@ -628,6 +628,15 @@ def test_a_key_that_is_not_set_leaves_no_client_behind(monkeypatch: pytest.Monke
     assert made == []
 
 
+def test_the_judge_constraint_found_is_what_each_chunk_marker_records() -> None:
+    with FakeOpenAI(honours="json_schema") as fake:
+
+        async def body(engine: OpenAIEngine) -> Any:
+            return engine.marker_info()
+
+        assert with_engine(openai_config([fake.url]), body) == {"judge_constraint": "json_schema"}
+
+
 def test_close_twice_then_requests_are_refused() -> None:
     with FakeOpenAI() as fake:
         config = openai_config([fake.url], openai={"judge_constraint": "structured_outputs"})

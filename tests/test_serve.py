@@ -4,7 +4,6 @@ done, and fails loudly when chunks run out of retries."""
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,16 +23,8 @@ from .queue_helpers import scripted_config
 from .unit_runs import broker, finish, make_run
 
 N, CHUNK = 12, 3
+pytestmark = pytest.mark.usefixtures("signals")  # tests/conftest.py
 FAST = {"heartbeat_interval": 0.3, "heartbeat_ttl": 2, "janitor_interval": 0.5}
-
-
-@pytest.fixture(autouse=True)
-def signals() -> Iterator[None]:
-    """An in-process worker installs its own stop handlers: give the test runner its own back."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
 
 
 @pytest.fixture

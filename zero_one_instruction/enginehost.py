@@ -83,6 +83,13 @@ class EngineHost:
         """Whether the engine reports figures per endpoint (an optional `stats()`)."""
         return callable(getattr(self.engine, "stats", None))
 
+    def marker_info(self) -> dict[str, Any]:
+        """What the engine says of how it made the records, for each chunk's marker (an
+        optional `marker_info()`, such as the OpenAI engine's judge constraint); {} without
+        one. Read once the chunk is done, when nothing about it changes any more."""
+        info = getattr(self.engine, "marker_info", None)
+        return dict(info()) if callable(info) else {}
+
     def stats(self) -> dict[str, dict[str, Any]]:
         """The engine's figures per endpoint, JSON-safe (`endpointstats.snapshot`), read and
         copied on the engine's loop, where its counters change, so a reader never sees one

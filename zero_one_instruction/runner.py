@@ -133,6 +133,7 @@ class ChunkRunner:
             "started_at": began.isoformat(timespec="milliseconds"),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "seconds": round(seconds, 3),
+            **({"engine": engine} if (engine := self.host.marker_info()) else {}),
         }
 
 

@@ -504,6 +504,12 @@ class OpenAIEngine:
         """Each endpoint's limit, requests in flight, retries and errors, by URL."""
         return {url: endpoint.stats() for url, endpoint in self._endpoints.items()}
 
+    def marker_info(self) -> dict[str, Any]:
+        """What each chunk's marker records of this engine: how the judge's pool held its
+        answers to the choices. `auto` finds it per worker, so workers with other servers
+        may differ, and the fingerprint cannot hold it; the marker shows a mixed run."""
+        return {"judge_constraint": self._routes["judge"].mode}
+
     def close(self) -> None:
         """Refuse further requests and close the clients' connections. Safe to call twice.
         Closing needs the event loop: called on it, the clients close as soon as it runs
