@@ -116,7 +116,9 @@ class ServerProcess:
         self.env = env
         self.startup_timeout = startup_timeout
         self.stop_grace = stop_grace
-        self.pgid: int | None = None  # kept after a stop, so a test can check the group
+        # The running server's process group; None once a stop or kill has seen it empty, so
+        # that a second stop() or kill() never signals a group id the system has reused.
+        self.pgid: int | None = None
         self.starts = 0
         self.forced: list[str] = []  # what the last stop had to SIGKILL
         self._proc: subprocess.Popen[bytes] | None = None
@@ -214,6 +216,7 @@ class ServerProcess:
         left = describe(self.processes())
         if left:
             raise ServerFailed(f"server on {self.url}: processes outlived SIGKILL: {left}")
+        self.pgid = None
 
     def _wait_group(self, timeout: float) -> None:
         """Until the group is empty or `timeout` passes, reaping the server itself."""

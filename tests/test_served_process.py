@@ -5,6 +5,7 @@ real `vllm serve` is in tests/test_servedvllm.py."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from pathlib import Path
@@ -63,6 +64,22 @@ def test_a_healthy_server_stops_cleanly_and_leaves_no_process(tmp_path: Path) ->
     assert not server.running
     assert group_members(pgid) == []
     server.stop()  # twice is fine
+
+
+def test_a_stopped_server_forgets_its_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the group is seen empty its id may be given to another group: a second stop()
+    or kill() must signal nothing."""
+    server = standin(tmp_path, "ok")
+    server.start()
+    server.stop()
+    assert server.pgid is None and server.processes() == []
+    signalled: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "killpg", lambda pgid, sig: signalled.append((pgid, sig)))
+    server.stop()
+    server.kill()
+    assert signalled == []
 
 
 def test_a_server_that_exits_fails_with_its_code_and_log(tmp_path: Path) -> None:
