@@ -15,7 +15,8 @@ and that model's pool of endpoints (`pool`); waits for a slot under the endpoint
 - transient (refused or reset connection, protocol error, timeout, 408, 429, 5xx, an answer
   aborted by a stopping server): retried with backoff and jitter (`backoff`) until
   `openai.retry_deadline` seconds after the first failure; 429, 503 and timeouts also halve
-  the endpoint's limit, and `Retry-After` pauses it;
+  the endpoint's limit, and `Retry-After` pauses it. The completion says how many retries it
+  took;
 - rejected (400, 413, 422...: a prompt longer than the context, say): `RequestError`, with the
   server's message; the pipeline drops that record as `<step>_failed`;
 - 401, 403, 404 (the key was revoked, the model is gone): `EngineDead`, since every other
@@ -108,6 +109,16 @@ class Route:
     model: str
     pool: Pool
     mode: constraint.Mode = "structured_outputs"
+
+
+@dataclass
+class _Tries:
+    """One request's tries so far: since when it has been failing (None: it has not), its
+    last failure, and how many times it was sent again."""
+
+    failing_since: float | None = None
+    last: _Transient | None = None
+    retries: int = 0
 
 
 class _Transient(Exception):
@@ -231,7 +242,7 @@ class OpenAIEngine:
     async def _choose_constraint(self, route: Route) -> None:
         for mode in constraint.MODES:
             try:
-                data = await self._post(route.pool, constraint.probe_body(route.model, mode))
+                data, _ = await self._post(route.pool, constraint.probe_body(route.model, mode))
             except RequestError:
                 continue  # the server refused the field
             text = constraint.answer(mode, _content(data))
@@ -252,8 +263,8 @@ class OpenAIEngine:
         if self._dead is not None:
             raise EngineDead(self._dead)
         route = self._routes[request.step]
-        data = await self._post(route.pool, self._body(request, route))
-        return _completion(data, request, route.mode)
+        data, retries = await self._post(route.pool, self._body(request, route))
+        return _completion(data, request, route.mode, retries)
 
     def _body(self, request: Request, route: Route) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -275,61 +286,70 @@ class OpenAIEngine:
             body["max_tokens"] = constraint.min_tokens(route.mode, request.max_tokens)
         return body
 
-    async def _post(self, pool: Pool, body: dict[str, Any]) -> dict[str, Any]:
-        """The answer to `body` from `pool`, retrying transient failures until the deadline."""
-        deadline = self._settings.retry_deadline
-        failing_since: float | None = None
-        last: _Transient | None = None
-        attempt = 0
+    async def _post(self, pool: Pool, body: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """The answer to `body` from `pool` and how many retries it took, retrying transient
+        failures until the deadline. A `RequestError` carries the retries spent on it."""
+        tries = _Tries()
         while True:
-            lease = await self._acquire(pool, failing_since, last)
+            lease = await self._acquire(pool, tries)
             try:
-                return await self._attempt(lease, body)
+                return await self._attempt(lease, body), tries.retries
+            except RequestError as exc:
+                exc.retries = tries.retries
+                raise
             except _Transient as exc:
-                last = exc
-                now = time.monotonic()
-                failing_since = now if failing_since is None else failing_since
                 lease.endpoint.errors[exc.kind] += 1
-                if now - failing_since >= deadline:
-                    raise self._give_up(pool, exc, failing_since) from None
-                attempt += 1
+                delay = self._retry_in(pool, tries, exc)
                 lease.endpoint.retries += 1
-                delay = min(backoff_delay(attempt), failing_since + deadline - now)
                 log.info(
                     "openai: %s failed (%s: %s); retry %d in %.1f s",
                     lease.endpoint.url,
                     exc.kind,
                     exc,
-                    attempt,
+                    tries.retries,
                     delay,
                 )
                 await asyncio.sleep(delay)
 
-    async def _acquire(
-        self, pool: Pool, failing_since: float | None, last: _Transient | None
-    ) -> Lease:
+    def _retry_in(self, pool: Pool, tries: _Tries, exc: _Transient) -> float:
+        """Seconds until the next try of a request that just failed with `exc`, counted as a
+        retry; past the deadline, the error `_give_up` chooses is raised instead."""
+        now = time.monotonic()
+        tries.last = exc
+        tries.failing_since = now if tries.failing_since is None else tries.failing_since
+        deadline = tries.failing_since + self._settings.retry_deadline
+        if now >= deadline:
+            raise self._give_up(pool, tries) from None
+        tries.retries += 1
+        return min(backoff_delay(tries.retries), deadline - now)
+
+    async def _acquire(self, pool: Pool, tries: _Tries) -> Lease:
         """A slot in the pool. Waiting for one is not failing (a busy pool queues requests);
-        once a request has failed (`last`), it waits no longer than its deadline."""
+        once a request has failed, it waits no longer than its deadline."""
         if self._dead is not None:
             raise EngineDead(self._dead)
-        if failing_since is None or last is None:
+        if tries.failing_since is None:
             return await pool.acquire()
         lease = pool.try_acquire()  # the last try, at the deadline, still gets a free slot
         if lease is not None:
             return lease
-        left = failing_since + self._settings.retry_deadline - time.monotonic()
+        left = tries.failing_since + self._settings.retry_deadline - time.monotonic()
         try:
             return await asyncio.wait_for(pool.acquire(), max(left, 0.0))
         except asyncio.TimeoutError:
-            raise self._give_up(pool, last, failing_since) from None
+            raise self._give_up(pool, tries) from None
 
-    def _give_up(self, pool: Pool, exc: _Transient, failing_since: float) -> Exception:
+    def _give_up(self, pool: Pool, tries: _Tries) -> Exception:
         """Past the deadline. While the pool answered other requests meanwhile, a server
         error is this request's own (a prompt that crashes the server): it fails alone.
         Otherwise the pool is gone, and so is the engine."""
-        seconds = self._settings.retry_deadline
-        if exc.kind == "server_error" and pool.last_success > failing_since:
-            return RequestError(f"the server kept failing this request for {seconds:g} s: {exc}")
+        seconds, exc = self._settings.retry_deadline, tries.last
+        assert exc is not None and tries.failing_since is not None
+        if exc.kind == "server_error" and pool.last_success > tries.failing_since:
+            return RequestError(
+                f"the server kept failing this request for {seconds:g} s: {exc}",
+                retries=tries.retries,
+            )
         self._dead = (
             f"{pool.label}: {pool.urls} failed every try for {seconds:g} s "
             f"(openai.retry_deadline); last: {exc.kind}: {exc}"
@@ -437,7 +457,9 @@ def _completion_tokens(data: dict[str, Any]) -> int:
     return int(usage.get("completion_tokens") or 0)
 
 
-def _completion(data: dict[str, Any], request: Request, mode: constraint.Mode) -> Completion:
+def _completion(
+    data: dict[str, Any], request: Request, mode: constraint.Mode, retries: int
+) -> Completion:
     choice = data["choices"][0]
     text = _content(data)
     if request.choices:
@@ -448,4 +470,5 @@ def _completion(data: dict[str, Any], request: Request, mode: constraint.Mode) -
         finish_reason=choice.get("finish_reason"),
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
+        retries=retries,
     )
