@@ -356,6 +356,31 @@ def test_a_request_that_keeps_crashing_a_live_server_fails_alone(fast_backoff: N
         assert with_engine(config, body).retries >= 1
 
 
+def test_backoffs_end_when_a_pool_that_stopped_answering_answers_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both requests fail while the server is away; the first retries soon and gets an
+    answer. The second, whose backoff grew long, tries again then, not after its backoff:
+    a restarted server is used at once. (Without that it would wait out its 600 s.)"""
+    delays = iter([0.05])
+    monkeypatch.setattr(
+        "zero_one_instruction.engines.openai.backoff_delay", lambda attempt: next(delays, 600.0)
+    )
+    with FakeOpenAI() as fake:
+        config = openai_config(
+            [fake.url], openai={"judge_constraint": "structured_outputs", "retry_deadline": 600}
+        )
+        fake.script.extend([Reply(drop=True), Reply(drop=True)])
+
+        async def body(engine: OpenAIEngine) -> Any:
+            both = asyncio.gather(*(engine.complete(request(seed=i)) for i in range(2)))
+            return await asyncio.wait_for(both, 60), engine.stats()[fake.url]
+
+        done, stats = with_engine(config, body)
+    assert [c.retries for c in done] == [1, 1]
+    assert (stats.requests, stats.retries, stats.errors) == (4, 2, {"dropped": 2})
+
+
 def test_requests_spread_over_a_pool_by_least_outstanding() -> None:
     with FakeOpenAI() as a, FakeOpenAI() as b:
         config = openai_config([a.url, b.url], openai={"judge_constraint": "structured_outputs"})

@@ -14,9 +14,9 @@ and that model's pool of endpoints (`pool`); waits for a slot under the endpoint
 - an answer: the completion, its token counts from `usage`;
 - transient (refused or reset connection, protocol error, timeout, 408, 429, 5xx, an answer
   aborted by a stopping server): retried with backoff and jitter (`backoff`) until
-  `openai.retry_deadline` seconds after the first failure; 429, 503 and timeouts also halve
-  the endpoint's limit, and `Retry-After` pauses it. The completion says how many retries it
-  took;
+  `openai.retry_deadline` seconds after the first failure, or as soon as a pool that had
+  stopped answering answers again; 429, 503 and timeouts also halve the endpoint's limit,
+  and `Retry-After` pauses it. The completion says how many retries it took;
 - rejected (400, 413, 422...: a prompt longer than the context, say): `RequestError`, with the
   server's message; the pipeline drops that record as `<step>_failed`;
 - 401, 403, 404 (the key was revoked, the model is gone): `EngineDead`, since every other
@@ -309,7 +309,8 @@ class OpenAIEngine:
                     tries.retries,
                     delay,
                 )
-                await asyncio.sleep(delay)
+                assert tries.failing_since is not None
+                await pool.backoff(delay, tries.failing_since)
 
     def _retry_in(self, pool: Pool, tries: _Tries, exc: _Transient) -> float:
         """Seconds until the next try of a request that just failed with `exc`, counted as a
