@@ -14,9 +14,22 @@ from zero_one_instruction.prompt_sources import PromptSource
 from zero_one_instruction.templates import load_templates
 
 from .scripted_engine import ScriptedEngine, scripted_config
-from .servedvllm import fault_proxy, vllm_server, vllm_server_session
+from .servedvllm import (
+    fault_proxy,
+    tiny_config_file,
+    vllm_reference,
+    vllm_server,
+    vllm_server_session,
+)
 
-__all__ = ["fault_proxy", "make_pipeline", "vllm_server", "vllm_server_session"]
+__all__ = [
+    "fault_proxy",
+    "make_pipeline",
+    "tiny_config_file",
+    "vllm_reference",
+    "vllm_server",
+    "vllm_server_session",
+]
 
 
 def make_pipeline(prompts: list[str], **overrides: object) -> tuple[Pipeline, ScriptedEngine]:

@@ -10,7 +10,8 @@ Responses: plain text, or `!error` (RequestError), `!dead` (EngineDead), `!raise
 `!length:TEXT` (TEXT cut off at max_tokens), `!cut:TEXT` (TEXT and half an emoji: a lone
 surrogate), `!prob:P:TEXT` (TEXT, with probability P for the request's first choice, はい, and
 the rest shared by the others; without it the engine gives no probabilities, as an API
-without log-probabilities). `delay` makes every request take that long; `refuse` makes the
+without log-probabilities), `!retried:N:RESPONSE` (RESPONSE, any of the above, after N retries
+as a served engine counts them). `delay` makes every request take that long; `refuse` makes the
 engine refuse to start with that message (a ConfigError, as a bad engine argument gives), only
 in the worker whose CUDA_VISIBLE_DEVICES is `refuse_on` if that is given. `log` names a file
 that gets a line per request, so tests can count how often each request ran across worker
@@ -109,11 +110,15 @@ class ScriptedEngine:
     def _respond(self, request: Request, response: str) -> Completion:
         finish = "stop"
         probabilities = None
+        retries = 0
+        if response.startswith("!retried:"):
+            count, response = response.removeprefix("!retried:").split(":", 1)
+            retries = int(count)
         if response.startswith("!prob:"):
             first, response = response.removeprefix("!prob:").split(":", 1)
             probabilities = _shares(request.choices or (), float(first))
         if response == "!error":
-            raise RequestError(f"scripted failure at {request.step}")
+            raise RequestError(f"scripted failure at {request.step}", retries=retries)
         if response == "!dead":
             raise EngineDead("scripted engine death")
         if response == "!raise":  # an engine bug: neither a request failure nor a dead engine
@@ -125,7 +130,7 @@ class ScriptedEngine:
         if response.startswith("!cut:"):  # an emoji cut in half, as a UTF-16 API may send it
             response = response.removeprefix("!cut:") + "\ud83d"
         prompt_tokens = sum(len(m.content) for m in request.messages)
-        return Completion(response, finish, prompt_tokens, len(response), probabilities)
+        return Completion(response, finish, prompt_tokens, len(response), probabilities, retries)
 
     def close(self) -> None:
         self.closed = True

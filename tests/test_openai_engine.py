@@ -228,7 +228,7 @@ def test_429_with_retry_after_pauses_then_retries_and_counts(fast_backoff: None)
             return completion, time.monotonic() - began, engine.stats()[fake.url]
 
         completion, seconds, stats = with_engine(config, body)
-    assert completion.text.startswith("これはテスト用")
+    assert completion.text.startswith("これはテスト用") and completion.retries == 1
     assert seconds >= 1.0  # the endpoint was paused for the Retry-After
     assert (stats.requests, stats.retries, stats.errors) == (2, 1, {"rate_limited": 1})
     assert stats.limit == 4 and stats.in_flight == 0  # halved from 8
@@ -253,6 +253,7 @@ def test_transient_failures_are_retried(fast_backoff: None, reply: Reply, kind: 
 
         completion, stats = with_engine(config, body)
     assert completion.text.startswith("これはテスト用") and completion.finish_reason == "stop"
+    assert completion.retries == 2  # the request's own count, for the chunk log
     assert (stats.requests, stats.retries, stats.errors) == (3, 2, {kind: 2})
     assert len(fake.requests) == 3
 
@@ -273,6 +274,20 @@ def test_a_request_the_server_rejects_fails_alone_with_its_message() -> None:
     assert "HTTP 400" in str(error) and message in str(error)
     assert after.text.startswith("これはテスト用")
     assert (stats.retries, stats.errors) == (0, {"rejected": 1})
+    assert (error.retries, after.retries) == (0, 0)
+
+
+def test_a_request_rejected_after_retries_still_counts_them(fast_backoff: None) -> None:
+    with FakeOpenAI() as fake:
+        config = openai_config([fake.url], openai={"judge_constraint": "structured_outputs"})
+        fake.script.extend([Reply(503, "loading"), Reply(drop=True), Reply(400, "too long")])
+
+        async def body(engine: OpenAIEngine) -> Any:
+            with pytest.raises(RequestError) as caught:
+                await engine.complete(request())
+            return caught.value
+
+        assert with_engine(config, body).retries == 2
 
 
 @pytest.mark.parametrize("status", [401, 404])
@@ -343,7 +358,32 @@ def test_a_request_that_keeps_crashing_a_live_server_fails_alone(fast_backoff: N
                 background.cancel()
             return caught.value
 
-        with_engine(config, body)
+        assert with_engine(config, body).retries >= 1
+
+
+def test_backoffs_end_when_a_pool_that_stopped_answering_answers_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both requests fail while the server is away; the first retries soon and gets an
+    answer. The second, whose backoff grew long, tries again then, not after its backoff:
+    a restarted server is used at once. (Without that it would wait out its 600 s.)"""
+    delays = iter([0.05])
+    monkeypatch.setattr(
+        "zero_one_instruction.engines.openai.backoff_delay", lambda attempt: next(delays, 600.0)
+    )
+    with FakeOpenAI() as fake:
+        config = openai_config(
+            [fake.url], openai={"judge_constraint": "structured_outputs", "retry_deadline": 600}
+        )
+        fake.script.extend([Reply(drop=True), Reply(drop=True)])
+
+        async def body(engine: OpenAIEngine) -> Any:
+            both = asyncio.gather(*(engine.complete(request(seed=i)) for i in range(2)))
+            return await asyncio.wait_for(both, 60), engine.stats()[fake.url]
+
+        done, stats = with_engine(config, body)
+    assert [c.retries for c in done] == [1, 1]
+    assert (stats.requests, stats.retries, stats.errors) == (4, 2, {"dropped": 2})
 
 
 def test_requests_spread_over_a_pool_by_least_outstanding() -> None:

@@ -376,3 +376,39 @@ def test_dead_engine_fails_the_run_instead_of_dropping_records() -> None:
 
     with pytest.raises(EngineDead):
         asyncio.run(collect())
+
+
+def test_retries_are_counted_in_the_funnel_and_never_in_a_trace() -> None:
+    """How the transport went is in the funnel (the chunk log shows it), not in the traces:
+    a rerun through a flaky server writes the same traces and meta lines."""
+    answer = "回答です。ケースrについて詳しく説明します。"
+    pipeline, _ = make_pipeline(
+        ["case=r", "case=f", "case=ok"],
+        engine_kwargs={
+            "rules": {
+                "r": {"width": "!retried:2:width|case=r 質問", "answer": f"!retried:1:{answer}"},
+                "f": {"flatten": "!retried:3:!error"},
+            }
+        },
+    )
+
+    async def collect() -> list[Outcome]:
+        return [o async for o in pipeline.run(range(3))]
+
+    outcomes = asyncio.run(collect())
+    assert [(o.retries, o.drop_reason) for o in outcomes] == [
+        (3, None),
+        (3, "flatten_failed"),
+        (0, None),
+    ]
+    assert all("retries" not in json.dumps(o.to_dict()) for o in outcomes)
+    tally, clean = Tally(), Tally()
+    for outcome in outcomes:
+        tally.add(outcome)
+    clean.add(outcomes[2])
+    assert tally.retries == 6 and tally.as_dict()["retries"] == 6
+    assert Tally.from_dict(tally.as_dict()) == tally
+    assert "retries" not in clean.as_dict()  # funnels without retries read as they always have
+    assert Tally.from_dict(clean.as_dict()) == clean
+    clean.merge(tally)
+    assert clean.retries == 6

@@ -12,8 +12,9 @@ import pytest
 
 from zero_one_instruction import shards
 from zero_one_instruction.rundir import Run
+from zero_one_instruction.runner import _log_chunk
 
-from .unit_runs import DROP, SYSTEM, finish, flip_a_byte, make_run
+from .unit_runs import DROP, INFO, SYSTEM, finish, flip_a_byte, make_run, outcome
 
 
 @pytest.fixture
@@ -78,6 +79,20 @@ def test_a_chunk_without_a_marker_is_not_done_and_no_problem(run: Run) -> None:
         ({"files": {"records": {}}}, "marker does not describe this chunk"),
         (
             {"funnel": {"prompts": 3, "kept": 9, "fixer_ran": 0, "prompt_tokens": 0}},
+            "marker has a damaged funnel",
+        ),
+        (
+            {
+                "funnel": {
+                    "prompts": 3,
+                    "kept": 3,
+                    "fixer_ran": 0,
+                    "prompt_tokens": 0,
+                    "completion_tokens": 0,
+                    "dropped": {},
+                    "retries": -1,
+                }
+            },
             "marker has a damaged funnel",
         ),
     ],
@@ -220,3 +235,17 @@ def test_read_lines_gives_each_line_and_feeds_the_digest(run: Run) -> None:
     assert b"".join(lines) == path.read_bytes() and len(lines) == 3
     assert digest.hexdigest() == shards.sha256_of(path)
     assert list(shards.read_lines(path)) == lines
+
+
+def test_the_chunk_log_carries_the_retries_of_the_chunk(run: Run) -> None:
+    chunk = run.chunks()[0]
+    outcomes = [outcome(i) for i in range(chunk.start, chunk.end)]
+    outcomes[1].retries = 4
+    marker = shards.write_chunk(run, chunk, outcomes, SYSTEM, {**INFO, "worker": "w", "seconds": 1})
+    assert marker["funnel"]["retries"] == 4 and shards.check(run, chunk).done
+    clean = finish(run, run.chunks()[1], info={**INFO, "worker": "w", "seconds": 1})
+    assert "retries" not in clean["funnel"]  # as markers were before retries were counted
+    for done in (marker, clean):
+        _log_chunk(run, done)
+    lines = _lines(run.path / "logs" / "chunks.jsonl")
+    assert [line["retries"] for line in lines] == [4, 0]

@@ -12,17 +12,15 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
 from .own_processes import engine_processes, leftovers, run_checked, tracked
+from .servedvllm import PROMPTS, Reference
 
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.skipif(os.environ.get("ZOI_SKIP_VLLM") == "1", reason="ZOI_SKIP_VLLM=1"),
 ]
-ROOT = Path(__file__).resolve().parent.parent
 ZOI = str(Path(sys.executable).parent / "zoi")
-PROMPTS = 24
 
 
 def zoi(*args: str, grace: float = 0.0) -> subprocess.CompletedProcess[str]:
@@ -31,29 +29,10 @@ def zoi(*args: str, grace: float = 0.0) -> subprocess.CompletedProcess[str]:
     return run_checked([ZOI, *args], grace, 600)
 
 
-@pytest.fixture(scope="module")
-def tiny_config(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped demo config, pointed at the test's tiny model."""
-    data = yaml.safe_load((ROOT / "examples" / "tiny_cpu.yml").read_text(encoding="utf-8"))
-    data["model_name"] = str(tiny_model)
-    config = tmp_path_factory.mktemp("vllm") / "tiny.yml"
-    config.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
-    return config
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_config: Path) -> tuple[Path, str]:
-    out = tiny_config.parent / "reference.jsonl"
-    done = zoi(
-        "generate", "-c", str(tiny_config), "--start", "0", "--end", str(PROMPTS), "-o", str(out)
-    )
-    return out, done.stdout
-
-
 def test_generate_on_vllm_is_valid_and_reproducible(
-    tiny_config: Path, reference: tuple[Path, str], tmp_path: Path
+    tiny_config_file: Path, vllm_reference: Reference, tmp_path: Path
 ) -> None:
-    out, summary = reference
+    out, summary = vllm_reference.records, vllm_reference.stdout
     assert f"prompts   {PROMPTS}" in summary and "kept" in summary
     records = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
     assert records, summary
@@ -63,18 +42,21 @@ def test_generate_on_vllm_is_valid_and_reproducible(
         assert record["conversation"][1]["value"] == record["input"]
         assert record["conversation"][2]["value"] == record["output"]
     again = tmp_path / "again.jsonl"
-    zoi("generate", "-c", str(tiny_config), "--start", "0", "--end", str(PROMPTS), "-o", str(again))
+    zoi(
+        "generate", "-c", str(tiny_config_file), "--start", "0", "--end", str(PROMPTS),
+        "-o", str(again),
+    )  # fmt: skip
     assert again.read_bytes() == out.read_bytes()
 
 
 def test_queue_with_two_vllm_workers_equals_generate(
-    tiny_model: Path, tiny_config: Path, reference: tuple[Path, str], tmp_path: Path
+    tiny_model: Path, tiny_config_file: Path, vllm_reference: Reference, tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
     zoi(
         "enqueue",
         "-c",
-        str(tiny_config),
+        str(tiny_config_file),
         "--run",
         str(run),
         "--num-prompts",
@@ -99,7 +81,7 @@ def test_queue_with_two_vllm_workers_equals_generate(
     assert left == [[], []], f"engine processes outlived zoi worker: {left}"
     merged = tmp_path / "merged.jsonl"
     zoi("merge", "--run", str(run), "-o", str(merged))
-    assert merged.read_bytes() == reference[0].read_bytes()
+    assert merged.read_bytes() == vllm_reference.records.read_bytes()
     markers = [json.loads(p.read_text()) for p in (run / "shards").glob("*.done")]
     assert len(markers) == PROMPTS // 4
     assert {m["model"] for m in markers} == {str(tiny_model)}
@@ -107,7 +89,7 @@ def test_queue_with_two_vllm_workers_equals_generate(
 
 @pytest.mark.parametrize("when", ["loading", "working"])
 def test_sigkilled_worker_leaves_no_engine_behind(
-    tiny_config: Path, tmp_path: Path, when: str
+    tiny_config_file: Path, tmp_path: Path, when: str
 ) -> None:
     """vLLM's engine process outlives a parent killed with SIGKILL; the reaper must not let
     it, whether the worker dies while its engine loads or while it works. While it works,
@@ -121,7 +103,7 @@ def test_sigkilled_worker_leaves_no_engine_behind(
     zoi(
         "enqueue",
         "-c",
-        str(tiny_config),
+        str(tiny_config_file),
         "--run",
         str(run),
         "--num-prompts",
@@ -169,14 +151,14 @@ def test_sigkilled_worker_leaves_no_engine_behind(
 
 
 def test_zoi_run_on_vllm_equals_generate(
-    tiny_config: Path, reference: tuple[Path, str], tmp_path: Path
+    tiny_config_file: Path, vllm_reference: Reference, tmp_path: Path
 ) -> None:
     """What `make demo` does: the whole machine in one command, embedded Redis included."""
     out = tmp_path / "out.jsonl"
     done = zoi(
         "run",
         "-c",
-        str(tiny_config),
+        str(tiny_config_file),
         "--num-prompts",
         str(PROMPTS),
         "--chunk-size",
@@ -185,7 +167,7 @@ def test_zoi_run_on_vllm_equals_generate(
         str(out),
     )
     assert "no GPU found: one CPU worker" in done.stderr
-    assert out.read_bytes() == reference[0].read_bytes()
+    assert out.read_bytes() == vllm_reference.records.read_bytes()
     from zero_one_instruction.embeddedredis import socket_path
 
     assert not socket_path(Path(f"{out}.run")).exists(), "the embedded Redis was left running"

@@ -24,7 +24,7 @@ from .broker import connect
 from .config import Config, load_config
 from .embeddedredis import revive
 from .encoder import EncodeOptions, duplicates_path
-from .engines import holds_gpu
+from .engines import check_servers, holds_gpu
 from .gpus import cuda_environment, groups, select, visible_gpus
 from .launcher import Launcher
 from .merger import MergeOptions, MergeReport, merge
@@ -35,6 +35,7 @@ from .producer import EnqueueReport
 from .producer import enqueue as enqueue_chunks
 from .progress import Progress
 from .rundir import Run, create_or_open, open_run
+from .shards import present_markers
 from .worker import exit_with_parent, serve
 from .workerplan import WorkerSpec, check_options, plan, plan_thin
 
@@ -162,6 +163,14 @@ def _describe(specs: list[WorkerSpec], config: Config) -> str:
     return "workers: " + ", ".join(f"{s.name} (tp {s.tp})" for s in specs)
 
 
+def _work_left(run: Run) -> bool:
+    """Whether some chunk has no marker yet, so that workers will start: a finished run only
+    merges, and needs no server to do it."""
+    if not run.shards.is_dir():
+        return True
+    return bool({chunk.id for chunk in run.chunks()} - set(present_markers(run)))
+
+
 def _outputs(output: Path, encoding: EncodeOptions) -> list[Path]:
     """The files the merge writes: the output, and with a near dedup its sidecar."""
     return [output, duplicates_path(output)] if encoding.dedup == "near" else [output]
@@ -206,6 +215,8 @@ def run(
         check_output(path, config, config_path=config_path, run=run_dir, overwrite=overwrite)
     specs = _plan(config, gpus, num_gpus, tp, workers, on_event)
     run = create_or_open(run_dir, config, start, end, chunk_size)
+    if _work_left(run):
+        check_servers(run.engine_config())
     began = time.monotonic()
     with connect(redis_url, run.path, "launcher") as connection:
         launcher = Launcher(

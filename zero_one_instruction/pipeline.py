@@ -111,6 +111,10 @@ class StepTrace:
 
 @dataclass
 class Outcome:
+    """One prompt's evolution. `retries` counts the requests its engine sent again after a
+    transient failure: how the transport went, not what was computed, so it is in the funnel
+    but never in a trace (a rerun through a flaky server writes the same trace)."""
+
     index: int
     base_prompt: str
     question: str | None = None
@@ -118,6 +122,7 @@ class Outcome:
     drop_reason: str | None = None
     fixer_ran: bool = False
     steps: list[StepTrace] = field(default_factory=list)
+    retries: int = 0
 
     @property
     def kept(self) -> bool:
@@ -132,12 +137,16 @@ class Outcome:
         return sum(s.completion_tokens for s in self.steps)
 
     def to_dict(self) -> dict[str, Any]:
-        steps = [step.to_dict() for step in self.steps]
-        return {**asdict(self), "steps": steps, "kept": self.kept}
+        data = asdict(self)
+        del data["retries"]
+        return {**data, "steps": [step.to_dict() for step in self.steps], "kept": self.kept}
 
 
 # The funnel's counts besides `dropped`: what a done marker must hold for a Tally to be read back.
 FUNNEL_COUNTS = ("prompts", "kept", "fixer_ran", "prompt_tokens", "completion_tokens")
+# Counts a funnel holds only when they are not 0, so that funnels written before they existed
+# (and every funnel of a run without them) read and write as they always have.
+OPTIONAL_COUNTS = ("retries",)
 
 
 @dataclass
@@ -152,6 +161,7 @@ class Tally:
     fixer_ran: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    retries: int = 0
 
     def add(self, outcome: Outcome) -> None:
         self.prompts += 1
@@ -162,6 +172,7 @@ class Tally:
         self.fixer_ran += outcome.fixer_ran
         self.prompt_tokens += outcome.prompt_tokens
         self.completion_tokens += outcome.completion_tokens
+        self.retries += outcome.retries
 
     def merge(self, other: Tally) -> None:
         """Add another funnel's counts. Drop reasons new to this funnel come after the ones it
@@ -172,6 +183,7 @@ class Tally:
         self.fixer_ran += other.fixer_ran
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
+        self.retries += other.retries
 
     @property
     def tokens(self) -> int:
@@ -185,11 +197,15 @@ class Tally:
     def from_dict(cls, data: dict[str, Any]) -> Tally:
         """The funnel `as_dict` wrote, as a done marker holds it (`shards` checks it first)."""
         counts = {name: data[name] for name in FUNNEL_COUNTS}
+        counts.update({name: data[name] for name in OPTIONAL_COUNTS if name in data})
         return cls(**counts, dropped=Counter(data["dropped"]))
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["dropped"] = dict(sorted(self.dropped.items()))
+        for name in OPTIONAL_COUNTS:
+            if not data[name]:
+                del data[name]
         return data
 
 
@@ -299,8 +315,10 @@ class Pipeline:
         try:
             completion = await self.engine.complete(request)
         except RequestError as exc:
+            o.retries += exc.retries
             trace.error = writable(str(exc)) or type(exc).__name__
             raise _Dropped(f"{step}_failed") from None
+        o.retries += completion.retries
         trace.text = completion.text
         trace.finish_reason = completion.finish_reason
         trace.prompt_tokens = completion.prompt_tokens

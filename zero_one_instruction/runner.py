@@ -162,8 +162,11 @@ def _check_job_id(run: Run, chunk: Chunk, job: Job) -> None:
 
 def _log_chunk(run: Run, marker: dict[str, Any]) -> None:
     """One structured line per finished chunk in RUN/logs/chunks.jsonl (a single append, so
-    lines of concurrent workers never interleave)."""
+    lines of concurrent workers never interleave). `retries` is how many requests the engine
+    sent again after a transient failure (a flaky server, a rate limit): they change no
+    record, so this is where they show."""
     funnel, seconds = marker["funnel"], max(marker["seconds"], 1e-9)
+    retries = funnel.get("retries", 0)  # a funnel leaves out a count of 0
     line = {
         "time": marker["finished_at"],
         "chunk": marker["chunk"],
@@ -171,15 +174,17 @@ def _log_chunk(run: Run, marker: dict[str, Any]) -> None:
         "prompts": funnel["prompts"],
         "records": funnel["kept"],
         "dropped": funnel["dropped"],
+        "retries": retries,
         "seconds": marker["seconds"],
         "tokens_per_s": round(funnel["completion_tokens"] / seconds, 1),
     }
     log.info(
-        "chunk %s: %d/%d kept in %.1f s",
+        "chunk %s: %d/%d kept in %.1f s%s",
         marker["chunk"],
         funnel["kept"],
         funnel["prompts"],
         seconds,
+        f", {retries} retries" if retries else "",
     )
     logs = run.path / "logs"
     logs.mkdir(exist_ok=True)

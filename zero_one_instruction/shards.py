@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .encoder import meta_line, record_line
-from .pipeline import FUNNEL_COUNTS, Outcome, Tally
+from .pipeline import FUNNEL_COUNTS, OPTIONAL_COUNTS, Outcome, Tally
 from .records import atomic_file, dumps
 from .rundir import Chunk, Run
 
@@ -198,6 +198,8 @@ def readable_funnel(funnel: Any) -> bool:
     outcomes add up: each kept or dropped with a reason. Whatever holds a funnel, a marker
     or a worker's live counters, is data that anyone could have written."""
     if not isinstance(funnel, dict) or not all(_count(funnel.get(k)) for k in FUNNEL_COUNTS):
+        return False
+    if not all(_count(funnel[k]) for k in OPTIONAL_COUNTS if k in funnel):
         return False
     dropped = funnel.get("dropped")
     if not isinstance(dropped, dict) or not all(

@@ -6,6 +6,7 @@ the contract, so the contract must not import it.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ __all__ = [
     "Request",
     "RequestError",
     "Step",
+    "check_servers",
     "close_engine",
     "engine_class",
     "holds_gpu",
@@ -106,3 +108,18 @@ async def close_engine(engine: Engine) -> None:
         await aclose()
     else:
         engine.close()
+
+
+def check_servers(config: Config) -> None:
+    """Start the engine the config names and close it again, if it is one that holds no GPU
+    and has a `start()`: an engine that talks to servers, whose start checks them and loads
+    nothing. `zoi run` calls it before it starts any worker, so that a wrong URL, key or
+    model is the run's one line at once, not each worker's refusal after the queue was set
+    up; for any other engine it does nothing."""
+    if holds_gpu(config) or getattr(engine_class(config.engine), "start", None) is None:
+        return
+
+    async def start_and_close() -> None:
+        await close_engine(await start_engine(config))
+
+    asyncio.run(start_and_close())

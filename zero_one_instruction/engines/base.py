@@ -45,17 +45,28 @@ class Request:
 class Completion:
     """What the engine made of a request. `choice_probabilities`, for a request with
     `choices`, is how likely the model was to give each of them under the constraint (the
-    judge's confidence); None where the engine cannot tell, which changes nothing else."""
+    judge's confidence); None where the engine cannot tell, which changes nothing else.
+    `retries` is how many times the engine sent this request again after a transient
+    failure before this answer: the chunk log counts them, so a flaky fleet shows in the
+    figures even though it changes no record."""
 
     text: str
     finish_reason: str | None  # "stop", "length", or None when the engine cannot tell
     prompt_tokens: int
     completion_tokens: int
     choice_probabilities: dict[str, float] | None = None
+    retries: int = 0
 
 
 class RequestError(Exception):
-    """This request failed; the engine is fine. Its record is dropped with this reason."""
+    """This request failed; the engine is fine. Its record is dropped with this reason.
+    `retries`, as in `Completion`: the tries spent on it before it failed still count."""
+
+    retries: int = 0  # also for a subclass whose __init__ does not pass it on
+
+    def __init__(self, *args: object, retries: int = 0) -> None:
+        super().__init__(*args)
+        self.retries = retries
 
 
 class EngineDead(Exception):

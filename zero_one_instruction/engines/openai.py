@@ -301,7 +301,7 @@ class OpenAIEngine:
         last = "no answer"
         for mode in constraint.MODES:
             try:
-                answer = await self._post(route.pool, constraint.probe_body(route.model, mode))
+                answer, _ = await self._post(route.pool, constraint.probe_body(route.model, mode))
             except RequestError as exc:
                 last = f"{mode}: {exc}"
                 continue  # the server refused the field, or the request
@@ -328,13 +328,14 @@ class OpenAIEngine:
         if self._dead is not None:
             raise EngineDead(self._dead)
         route = self._routes[request.step]
-        answer = await self._post(route.pool, self._body(request, route))
+        answer, retries = await self._post(route.pool, self._body(request, route))
         text = constraint.answer(route.mode, answer.text) if request.choices else answer.text
         return Completion(
             text=text,
             finish_reason=answer.finish_reason,
             prompt_tokens=answer.prompt_tokens,
             completion_tokens=answer.completion_tokens,
+            retries=retries,
         )
 
     def _body(self, request: Request, route: Route) -> dict[str, Any]:
@@ -357,9 +358,9 @@ class OpenAIEngine:
             body["max_tokens"] = constraint.min_tokens(route.mode, request.max_tokens)
         return body
 
-    async def _post(self, pool: Pool, body: dict[str, Any]) -> _Answer:
-        """The answer to `body` from `pool`, retrying transient failures until `_verdict`
-        gives up."""
+    async def _post(self, pool: Pool, body: dict[str, Any]) -> tuple[_Answer, int]:
+        """The answer to `body` from `pool` and the retries it took, retrying transient
+        failures until `_verdict` gives up. A `RequestError` carries the retries spent on it."""
         failing: _Failing | None = None
         while True:
             asked = time.monotonic()
@@ -367,7 +368,10 @@ class OpenAIEngine:
             if failing is not None:
                 failing.queued += time.monotonic() - asked
             try:
-                return await self._attempt(lease, body)
+                return await self._attempt(lease, body), (failing.tries if failing else 0)
+            except RequestError as exc:
+                exc.retries = failing.tries if failing else 0
+                raise
             except _Transient as exc:
                 now = time.monotonic()
                 failing = failing or _Failing(now)
@@ -386,7 +390,7 @@ class OpenAIEngine:
                     failing.tries,
                     delay,
                 )
-                await asyncio.sleep(delay)
+                await pool.backoff(delay, failing.since)
 
     async def _acquire(self, pool: Pool, failing: _Failing | None) -> Lease:
         """A slot in the pool; for a retry, on another endpoint than the one it failed on
@@ -418,7 +422,8 @@ class OpenAIEngine:
         if exc.kind in OWN_KINDS and failing.seconds(now) >= deadline:
             return RequestError(
                 f"the server kept failing this request for {failing.seconds(now):.1f} s "
-                f"({failing.tries} tries) while it answered others; last: {exc.kind}: {exc}"
+                f"({failing.tries} tries) while it answered others; last: {exc.kind}: {exc}",
+                retries=failing.tries,
             )
         return None
 

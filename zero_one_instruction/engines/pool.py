@@ -11,11 +11,15 @@ A retry also prefers another endpoint than the one it failed on, where one has r
 
 Requests that find no room wait in one first-come-first-served queue per pool, and each freed
 slot goes to the oldest waiter: none is starved by the ones that came later, and nobody polls.
+A request that failed waits out its backoff in the pool too (`backoff`): when a pool that had
+stopped answering answers again (a server restarted), those waiting since then try again at
+once rather than idle out backoffs that had grown while the server was away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import Counter, deque
@@ -106,7 +110,7 @@ class Lease:
         now = time.monotonic()
         self.endpoint.aimd.succeeded(self.ticket, now - self.started, tokens)
         self.endpoint.faults = 0
-        self.pool.last_success = now
+        self.pool.answered(now)
         self.endpoint.freed()
 
     def overloaded(self, pause: float | None = None) -> None:
@@ -161,6 +165,7 @@ class Pool:
         self.label = label
         self.endpoints = endpoints
         self.last_success = -math.inf  # time.monotonic() of the last answer
+        self._next_answer: asyncio.Future[None] | None = None  # what backoffs wait for
         self._waiters: deque[_Waiter] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
@@ -243,6 +248,29 @@ class Pool:
             self._timer.cancel()
         self._timer_at = min(ends)
         self._timer = asyncio.get_running_loop().call_later(self._timer_at - now, self._woken)
+
+    def answered(self, now: float) -> None:
+        """An answer came: the requests backing off since the pool stopped answering may try
+        again at once."""
+        self.last_success = now
+        if self._next_answer is not None:
+            if not self._next_answer.done():
+                self._next_answer.set_result(None)
+            self._next_answer = None
+
+    async def backoff(self, seconds: float, failing_since: float) -> None:
+        """Wait `seconds` before a request that has been failing since `failing_since` tries
+        again, or only until the pool's next answer if it has answered nothing since then: the
+        servers were away and are back, and waiting longer would only idle. A request that
+        fails while the pool answers others (its own prompt crashes the server, say) waits
+        the whole time, as backoff is meant to."""
+        if self.last_success > failing_since:
+            await asyncio.sleep(seconds)
+            return
+        if self._next_answer is None:
+            self._next_answer = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._next_answer), seconds)
 
     def _woken(self) -> None:
         self._timer, self._timer_at = None, math.inf
