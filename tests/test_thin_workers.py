@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,13 +281,28 @@ def test_status_shows_a_live_workers_endpoints_until_it_leaves(tmp_path: Path) -
 # --- zoi run -------------------------------------------------------------------------------
 
 
+def _open_when(gate: Path, env_log: Path, engines: int, timeout: float = 120.0) -> None:
+    """Remove `gate` once `engines` engines have written their line to `env_log` (or after
+    `timeout`, so that a regression fails the test's assertions instead of hanging it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if env_log.exists() and len(env_log.read_text(encoding="utf-8").splitlines()) >= engines:
+            break
+        time.sleep(0.05)
+    gate.unlink(missing_ok=True)
+
+
 def test_run_with_two_thin_workers_writes_what_one_process_writes(
     reference: Path, tmp_path: Path
 ) -> None:
-    env_log = tmp_path / "env.log"
-    config = thin_config(tmp_path, env_log=env_log)
+    env_log, gate = tmp_path / "env.log", tmp_path / "gate"
+    gate.touch()  # requests wait until both workers are up: a loaded machine may otherwise
+    # finish the run before the second worker has built its engine
+    config = thin_config(tmp_path, env_log=env_log, gate=gate)
     out = tmp_path / "out.jsonl"
     env = {**ENV, "CUDA_VISIBLE_DEVICES": "0,1"}
+    opener = threading.Thread(target=_open_when, args=(gate, env_log, 2), daemon=True)
+    opener.start()
     done = queue_helpers.zoi(*run_args(config, out, N, CHUNK, "--workers", "2"), env=env)
     assert done.returncode == 0, done.stderr
     assert out.read_bytes() == reference.read_bytes()
