@@ -36,6 +36,7 @@ from zero_one_instruction.config import Prompts, load_config
 from zero_one_instruction.engines import load_engine
 from zero_one_instruction.generator import load_inputs
 from zero_one_instruction.modelstamp import read_stamp
+from zero_one_instruction.operators import OPERATORS, TEMPLATES
 from zero_one_instruction.pipeline import JUDGE_CHOICES, NO, YES, JudgeKind, Pipeline
 from zero_one_instruction.prompt_sources import _builtin_list, load_source
 from zero_one_instruction.templates import Templates, load_templates
@@ -78,6 +79,7 @@ JUDGES = {
     JudgeKind.FIRST: "judge (width)",
     JudgeKind.AFTER_FIX: "judge (after fix)",
     JudgeKind.FINAL: "judge (final)",
+    JudgeKind.SAME_REQUEST: "judge (same request)",
 }
 STAGES = [
     "width",
@@ -85,6 +87,7 @@ STAGES = [
     "fix",
     "judge (after fix)",
     "depth",
+    "judge (same request)",
     "flatten",
     "judge (final)",
     "answer",
@@ -111,6 +114,9 @@ def chinese_chars(text: str) -> str:
     return "".join(dict.fromkeys(c for c in text if c in CHINESE_ONLY))
 
 
+# The templates beyond the original steps' (depth operators, the no-gain judge): copying
+# their instructions into a question is a leak too, whether or not the run sent them.
+OPTIONAL_STEPS = (*(t for t in TEMPLATES.values() if t != "depth"), "same_request")
 # A run of this many characters of a template's instructions, found in a question, was
 # copied from the template (shorter runs are common phrasing, like 「を説明してください。」).
 FRAGMENT_CHARS = 14
@@ -123,7 +129,7 @@ def template_fragments(templates: Templates) -> tuple[str, ...]:
     message is the question itself, so it has none): whatever templates a run uses, a
     question that quotes them leaks scaffolding, with no pattern list to keep up to date."""
     pieces: set[str] = set()
-    for name in ("width", "judge", "fix", "depth", "flatten"):
+    for name in ("width", "judge", "fix", "depth", "flatten", *OPTIONAL_STEPS):
         step = templates.step(name)
         for text in (step.system or "", step.user):
             for piece in _PIECES.findall(_PLACEHOLDER.sub("\n", text)):
@@ -189,6 +195,19 @@ def funnel(outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def by_operator(outcomes: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per depth operator: the depth steps it ran and those of them in kept records (a run
+    without operators names none: its depth steps are all `constraints`)."""
+    counts: dict[str, dict[str, int]] = {}
+    for o in outcomes:
+        for step in o["steps"]:
+            if step["step"] == "depth":
+                row = counts.setdefault(step.get("operator", "constraints"), {"ran": 0, "kept": 0})
+                row["ran"] += 1
+                row["kept"] += int(o["kept"])
+    return {name: counts[name] for name in OPERATORS if name in counts}
+
+
 def _first_text(outcome: dict[str, Any], step: str) -> str | None:
     return next((s["text"] for s in outcome["steps"] if s["step"] == step), None)
 
@@ -205,6 +224,7 @@ def summarize(outcomes: list[dict[str, Any]], fragments: tuple[str, ...] = ()) -
         "prompts": len(outcomes),
         "kept": len(kept),
         "funnel": funnel(outcomes),
+        "operators": by_operator(outcomes),
         "dropped": dict(
             sorted(Counter(o["drop_reason"] for o in outcomes if not o["kept"]).items())
         ),
@@ -253,10 +273,27 @@ def write_config(
     data["prompts"] = {"source": "file", "file": str(prompts_file)}
     if templates is not None:
         data["templates"] = str(templates.resolve())
-    data.update(overrides or {})
+    for key, value in (overrides or {}).items():
+        _set(data, key, value)
     config = out / f"{name}.yml"
     config.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     return config
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set a config key given as `section.key` (e.g. `pipeline.depth_operators`)."""
+    *parents, last = dotted.split(".")
+    for name in parents:
+        data = data.setdefault(name, {})
+    data[last] = value
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` from the command line, the value read as YAML (`{deepen: 1}`, `2`)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    return key, yaml.safe_load(value)
 
 
 def run_sets(
@@ -292,10 +329,12 @@ def run_sets(
         "--overwrite",
     )
     outcomes = [json.loads(line) for line in trace.read_text(encoding="utf-8").splitlines()]
+    lines = iter(records.read_text(encoding="utf-8").splitlines(keepends=True))
     fragments = template_fragments(load_templates(templates))
     results, offset = [], 0
     for name, items in sets.items():
         mine = outcomes[offset : offset + len(items)]
+        kept_lines = [next(lines) for o in mine if o["kept"]]  # records are in index order
         for outcome in mine:
             outcome["index"] -= offset
         offset += len(items)
@@ -306,9 +345,30 @@ def run_sets(
                 "trace": str(trace),
                 "offset": offset - len(items),
                 **summarize(mine, fragments),
+                "diversity": diversity(out / name, kept_lines),
             }
         )
     return results
+
+
+def diversity(stem: Path, record_lines: list[str]) -> dict[str, Any]:
+    """The diversity figures `zoi report` gives for a set's kept records: distinct n-gram
+    shares, duplicate and near-duplicate questions, the most frequent openings."""
+    if not record_lines:
+        return {}
+    records = stem.with_suffix(".records.jsonl")
+    records.write_text("".join(record_lines), encoding="utf-8")
+    figures = stem.with_suffix(".report.json")
+    zoi("report", str(records), "--json", str(figures), "--no-tokens")
+    data = json.loads(figures.read_text(encoding="utf-8"))
+    distinct = data["diversity"]["distinct_ngrams"]
+    return {
+        "distinct_question": distinct["question"],
+        "distinct_answer": distinct["answer"],
+        "exact_duplicate_questions": data["duplicates"]["exact_duplicate_questions"],
+        "near_duplicate_questions": data["duplicates"]["near_duplicate_questions"],
+        "question_openings": data["diversity"]["question_openings"][:3],
+    }
 
 
 def run_set(
@@ -369,6 +429,7 @@ def measure(
     model: Path | None,
     out: Path,
     judge: bool = True,
+    overrides: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     sets: dict[str, list[str]] = {}
@@ -377,7 +438,7 @@ def measure(
         sets["builtin"] = [c["prompt"] for c in chosen]
     if questions is not None:
         sets["questions"] = read_questions(questions)
-    results = run_sets(out, sets, templates, model)
+    results = run_sets(out, sets, templates, model, overrides)
     if chosen:
         results[0]["indices"] = [c["index"] for c in chosen]
     if judge:  # after the run: one engine at a time
@@ -460,13 +521,55 @@ def judge_line(check: dict[str, Any]) -> str:
     )
 
 
+def _shares(distinct: dict[str, float]) -> str:
+    return " / ".join(f"{distinct[n]:.2f}" for n in ("1", "2", "3") if n in distinct)
+
+
+def diversity_table(results: Iterable[dict[str, Any]]) -> str:
+    rows = []
+    for r in results:
+        d = r.get("diversity") or {}
+        if not d:
+            continue
+        openings = ", ".join(f"「{text}」 {n}" for text, n in d["question_openings"])
+        rows.append(
+            [
+                r["set"],
+                _shares(d["distinct_question"]),
+                _shares(d["distinct_answer"]),
+                str(d["exact_duplicate_questions"]),
+                str(d["near_duplicate_questions"]),
+                openings,
+            ]
+        )
+    header = [
+        "set",
+        "distinct 1/2/3-grams, questions",
+        "same, answers",
+        "duplicate questions",
+        "near-duplicate questions",
+        "most frequent openings",
+    ]
+    return table(header, rows)
+
+
+def operator_table(result: dict[str, Any]) -> str:
+    rows = [
+        [name, str(row["ran"]), _percent(row["kept"], row["ran"])]
+        for name, row in result["operators"].items()
+    ]
+    return table(["operator", "depth steps", "in kept records"], rows)
+
+
 def report(results: list[dict[str, Any]]) -> str:
-    parts = [quality_table(results)]
+    parts = [quality_table(results), "", diversity_table(results)]
     if results and "judge_check" in results[0]:
         parts.append("\n" + judge_line(results[0]["judge_check"]))
     for r in results:
         parts.append(f"\n{r['set']}: {_reasons(r['dropped'])} (trace: {r['trace']})\n")
         parts.append(funnel_table(r))
+        if r["operators"]:
+            parts.append("\n" + operator_table(r))
     return "\n".join(parts)
 
 
@@ -479,12 +582,25 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=MODEL, help="the model's folder")
     parser.add_argument("--scripted", action="store_true", help="the scripted engine, no model")
     parser.add_argument("--out", type=Path, help="folder for records, traces and quality.json")
+    parser.add_argument("--no-judge-check", action="store_true", help="skip the judge set")
+    parser.add_argument(
+        "--set",
+        type=parse_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config setting for this run, e.g. 'pipeline.depth_operators={deepen: 1}'",
+    )
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="zoi-quality-"))
     questions = None if args.no_questions else args.questions
     model = None if args.scripted else args.model
     print(f"{machine()}; {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC; model {model}")
-    results = measure(args.prompts, questions, args.templates, model, out)
+    settings = dict(args.set)
+    results = measure(
+        args.prompts, questions, args.templates, model, out, not args.no_judge_check, settings
+    )
+    print(f"settings: {settings or 'defaults'}")
     print(report(results))
     print(f"\nJSON, records and traces: {out}")
 

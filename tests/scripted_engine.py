@@ -3,7 +3,9 @@
 Base prompts carry a case name (`case=NAME`). Every generated text carries it on
 (`STEP|case=NAME ...`), so the engine can tell, from the request alone, which prompt and which
 step it is serving, however the requests interleave. `rules[case][key]` overrides a response,
-where `key` is a step name, or `judge@STEP` for the judge of the text STEP produced.
+where `key` is a step name, or `judge@STEP` for the judge of the text STEP produced
+(`judge@depth`: the no-gain judge, which compares the prompt before the depth steps with
+depth's text).
 
 Responses: plain text, or `!error` (RequestError), `!dead` (EngineDead), `!raise`
 (RuntimeError), `!empty` (""),
@@ -80,8 +82,12 @@ class ScriptedEngine:
         self.closed = False
 
     def _key(self, request: Request) -> tuple[str, str]:
+        """The case and the rule key of a request. A judge judges the last text its message
+        holds: the no-gain judge's message holds the prompt before the depth steps and
+        after them, and is the judge of depth's text (`judge@depth`)."""
         text = request.messages[-1].content
-        match = MARK.search(text)
+        marks = list(MARK.finditer(text))
+        match = marks[-1] if marks else None
         case = match.group(2) if match else "none"
         if request.step == "judge":
             return case, f"judge@{(match.group(1) if match else None) or 'base'}"

@@ -165,6 +165,45 @@ def test_pipeline_records_the_judges_confidence_through_vllm(
             assert last.verdict is True and (last.yes_probability or 0.0) < 0.5
 
 
+def test_every_operator_and_rule_runs_through_vllm(tiny_model: Path, engine: Any, run: Run) -> None:
+    """All five depth operators and the three elimination rules on the real engine: each
+    depth step's trace names the operator its draw gave, the no-gain judge is held to はい or
+    いいえ and gives its probability, every drop has a described reason, and a second pass
+    over the same prompts makes the same outcomes."""
+    from zero_one_instruction.operators import OPERATORS, draw
+    from zero_one_instruction.pipeline import DROP_REASONS, JudgeKind
+
+    settings = {
+        "fixer": False,  # random weights: the fixer's rescues only make the run longer
+        "depth_steps": 2,
+        "depth_operators": dict.fromkeys(OPERATORS, 1),
+        "drop_depth_no_gain": True,
+        "drop_depth_leaked": True,
+        "drop_non_answers": True,
+    }
+    config = tiny_config(tiny_model, pipeline=settings)
+    inputs = load_inputs(config)
+    pipeline = Pipeline(config, inputs.templates, inputs.source, engine)
+
+    async def collect() -> list[Outcome]:
+        return [o async for o in pipeline.run(range(16))]
+
+    outcomes = run(collect())
+    depth = [(o, s) for o in outcomes for s in o.steps if s.step == "depth"]
+    assert depth, [o.drop_reason for o in outcomes]
+    for outcome, step in depth:
+        assert step.depth is not None
+        expected = draw(config.pipeline.depth_operators, config.seed, outcome.index, step.depth)
+        assert step.operator == expected
+    same = [s for o in outcomes for s in o.steps if s.judge == JudgeKind.SAME_REQUEST]
+    assert same, [o.drop_reason for o in outcomes]
+    for step in same:
+        assert step.text in ("はい", "いいえ") and step.yes_probability is not None
+    assert all(o.kept or o.drop_reason in DROP_REASONS for o in outcomes)
+    again = run(collect())
+    assert [o.to_dict() for o in again] == [o.to_dict() for o in outcomes]
+
+
 def test_repetition_penalty_reaches_the_sampler(engine: Any, run: Run) -> None:
     """Greedy text from the same prompt changes when repeated tokens are penalised: the
     penalty is applied by the engine, not just carried in the request."""

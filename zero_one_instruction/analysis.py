@@ -43,6 +43,9 @@ OPENING, ENDING = 6, 8
 # The marker the pipeline drops refusals by, where the input does not say which it used.
 REFUSAL_MARKER = PipelineSettings().refusal_marker
 JUDGES = {JudgeKind.FIRST: "first", JudgeKind.AFTER_FIX: "after_fixer", JudgeKind.FINAL: "final"}
+# Judges only some runs ask (`drop_depth_no_gain`): in the figures only where one was asked.
+# The no-gain judge's はい ("the same request") drops its record.
+OPTIONAL_JUDGES = {JudgeKind.SAME_REQUEST: "same_request"}
 
 
 def _short(text: str) -> str:
@@ -233,7 +236,8 @@ class RecordAnalysis:
 def judge_name(step: dict[str, Any]) -> str:
     """Which judgement a traced judge step is (first, after_fixer, final): the trace's
     `attempt` number says it."""
-    return JUDGES.get(step.get("attempt", -1), "unknown")
+    attempt = step.get("attempt", -1)
+    return JUDGES.get(attempt) or OPTIONAL_JUDGES.get(attempt, "unknown")
 
 
 def step_name(step: dict[str, Any]) -> str:
@@ -285,6 +289,7 @@ class FunnelAnalysis:
                     "accepted": self.accepted[judge],
                     "acceptance": rate(self.accepted[judge], self.asked[judge]),
                 }
-                for judge in JUDGES.values()
+                for judge in [*JUDGES.values(), *OPTIONAL_JUDGES.values()]
+                if judge in JUDGES.values() or self.asked[judge]
             },
         }

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .operators import DEFAULT_WEIGHTS, TEMPLATES, checked_weights
 from .templates import placeholders
 from .yamlfile import read_yaml
 
@@ -175,6 +176,9 @@ class PipelineSettings(_Strict):
     flow that reads these)."""
 
     depth_steps: int = Field(default=1, ge=0, le=20)
+    # Which depth operator each depth step may draw, and how often (`operators`). The
+    # default is the one depth step there was before the others.
+    depth_operators: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     fixer: bool = True
     min_answer_chars: int = Field(default=10, ge=0)
     refusal_marker: str = Field(default="不可能", min_length=1)
@@ -183,10 +187,33 @@ class PipelineSettings(_Strict):
     min_japanese_share: float | None = Field(default=None, gt=0.0, le=1.0)
     drop_leaked_questions: bool = False
     drop_looping_answers: bool = False
+    # The elimination rules after evolution (README, "Elimination rules"): off by default,
+    # like the filters, for the same reasons.
+    drop_depth_no_gain: bool = False
+    drop_depth_leaked: bool = False
+    drop_non_answers: bool = False
     # A judge's はい whose probability (where the engine gives one) is below this counts as a
     # いいえ (`confidence`). None is off.
     min_judge_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
     concurrency: int | None = Field(default=None, ge=1)
+
+    @field_validator("depth_operators")
+    @classmethod
+    def _known_operators(cls, value: dict[str, float]) -> dict[str, float]:
+        return checked_weights(value)
+
+    @property
+    def default_operators(self) -> bool:
+        """Whether depth is the one step it always was: then traces, funnels and records
+        name no operator, and read byte for byte as they did before operators existed."""
+        return self.depth_operators == DEFAULT_WEIGHTS
+
+    def optional_templates(self) -> tuple[str, ...]:
+        """The templates beyond the original seven that these settings send: the drawn
+        operators' and the no-gain judge's. Only these are frozen with a run, so the
+        fingerprint of a run that uses none of them is what it always was."""
+        names = [TEMPLATES[name] for name in self.depth_operators if TEMPLATES[name] != "depth"]
+        return (*names, "same_request") if self.drop_depth_no_gain else tuple(names)
 
 
 class Prompts(_Strict):
@@ -359,6 +386,15 @@ ADDED_SETTINGS: dict[str, Any] = {
     "step_models": {},
     "openai": OpenAISettings().model_dump(mode="json"),
 }
+# The same for pipeline settings added after `zoi config show` and run.json's config copy
+# last changed (the depth operators and the elimination rules); `rundir` leaves them out of
+# the spec too, with the older ones.
+HIDDEN_PIPELINE_DEFAULTS: dict[str, Any] = {
+    "depth_operators": DEFAULT_WEIGHTS,
+    "drop_depth_no_gain": False,
+    "drop_depth_leaked": False,
+    "drop_non_answers": False,
+}
 
 
 def config_data(config: Config) -> dict[str, Any]:
@@ -367,6 +403,9 @@ def config_data(config: Config) -> dict[str, Any]:
     for key, before in ADDED_SETTINGS.items():
         if data[key] == before:
             del data[key]
+    for key, before in HIDDEN_PIPELINE_DEFAULTS.items():
+        if data["pipeline"][key] == before:
+            del data["pipeline"][key]
     return data
 
 

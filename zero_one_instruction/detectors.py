@@ -71,6 +71,15 @@ _REFUSAL = re.compile(
 )
 
 
+# Words that carry no content on their own: an answer made only of these (and punctuation)
+# answers nothing. Matched after NFKC and casefold.
+_FILLER = re.compile(
+    r"はい|いいえ|ええ|えー*と|え+[ー～]*|あの+[ー～]*|う+ー*ん|ふむ|なるほど|そうですね"
+    r"|(?:了解|承知|かしこまり)(?:しました|いたしました|です)?|(?:わ|分)かりました"
+    r"|\b(?:ok(?:ay)?|yes|no|sure|hmm+|um+|uh+|well|n/?a)\b"
+)
+
+
 def normalized(text: str) -> str:
     """NFKC, so full-width and half-width forms (`：` and `:`, `Ａ` and `A`) compare equal:
     models write both, and a label or a duplicate must not hide behind the other form."""
@@ -178,14 +187,16 @@ def _bad_examples(templates: Templates) -> Iterator[str]:
         yield from (value for _, value in example.values)
 
 
-def scaffolding(templates: Templates) -> tuple[str, ...]:
+def scaffolding(templates: Templates, optional: Iterable[str] = ()) -> tuple[str, ...]:
     """What of the templates must never reach a question: their labels and headings, the
     headings of the texts they show as wrong, and the one-line requests of the user messages
     of `MIN_REQUEST_CHARS` or more (a model that copies its instructions copies these).
     Taken from the templates in use, so a user's own templates are checked for their own
-    scaffolding, not the shipped ones'."""
+    scaffolding, not the shipped ones': the original ones, and of the depth operators' and
+    the no-gain judge's the `optional` ones a run sends (one that is never sent cannot be
+    copied, and its labels would change what a run that sends none of them drops)."""
     found: dict[str, None] = {}
-    steps = ("width", "judge", "fix", "depth", "flatten")
+    steps = ("width", "judge", "fix", "depth", "flatten", *optional)
     for name in steps:
         step = templates.step(name)
         for text in (step.system or "", step.user):
@@ -203,6 +214,14 @@ def leaked(question: str, labels: Iterable[str]) -> str | None:
     """The first piece of template scaffolding found in `question`, or None."""
     text = normalized(question)
     return next((label for label in labels if label in text), None)
+
+
+def filler(answer: str) -> bool:
+    """Whether an answer says nothing: once filler words (はい, えーと, 了解しました, OK...)
+    are taken out, no letter or digit is left, only punctuation, symbols and spaces. Any word
+    of content ("東京です", "42") makes it an answer, however short."""
+    text = _FILLER.sub("", normalized(answer).casefold())
+    return not any(char.isalnum() for char in text)
 
 
 def _repeated_unit(units: Iterable[str]) -> str | None:

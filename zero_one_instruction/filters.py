@@ -5,7 +5,10 @@ They call the same detectors `zoi report` counts with, so a flag in the report a
 reason in the funnel mean the same thing: a user who sees 3% looping answers in the report
 turns on `drop_looping_answers` and sees about that many `answer_looping` drops. The language,
 leakage and repetition filters are off by default (README, "Filters" says why); the refusal,
-length and truncation checks are the pipeline's original ones, moved here.
+length and truncation checks are the pipeline's original ones, moved here. Two of the
+elimination rules of the evolution are here too, off by default: a depth step that copied
+scaffolding (the leakage check, earlier) and an answer that answers nothing (the report's
+refusal check, and filler).
 """
 
 from __future__ import annotations
@@ -13,7 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import PipelineSettings
-from .detectors import leaked, looping, other_language, scaffolding
+from .detectors import (
+    filler,
+    leaked,
+    looping,
+    normalized,
+    other_language,
+    refusal,
+    scaffolding,
+)
 from .templates import Templates
 
 # The drop reasons the filters give, with what each means (`pipeline.DROP_REASONS` has all).
@@ -25,6 +36,10 @@ FILTER_REASONS: dict[str, str] = {
     "answer_truncated": "the answer hit max_tokens (drop_truncated_answers is on)",
     "answer_looping": "the answer repeats itself in a loop (drop_looping_answers)",
     "answer_not_japanese": "the answer is mostly not Japanese (min_japanese_share)",
+    # The elimination rules of the evolution (Evol-Instruct's), here those on one text.
+    "depth_leaked": "a depth step copied template scaffolding (drop_depth_leaked)",
+    "answer_apology": "the answer is a short apology or refusal (drop_non_answers)",
+    "answer_filler": "the answer is only punctuation and filler words (drop_non_answers)",
 }
 
 
@@ -38,8 +53,20 @@ class Filters:
 
     @classmethod
     def of(cls, settings: PipelineSettings, templates: Templates) -> Filters:
-        labels = scaffolding(templates) if settings.drop_leaked_questions else ()
+        wanted = settings.drop_leaked_questions or settings.drop_depth_leaked
+        labels = scaffolding(templates, settings.optional_templates()) if wanted else ()
         return cls(settings, labels)
+
+    def depth(self, before: str, after: str) -> str | None:
+        """Why a depth step's prompt is dropped, or None: the leakage filter's check on what
+        the depth operator wrote, for scaffolding its input did not hold, so a copied label
+        is dropped where it came in (and costs no further request), under a reason that
+        names the step that copied it."""
+        if not self.settings.drop_depth_leaked:
+            return None
+        already = normalized(before)
+        fresh = [label for label in self.labels if label not in already]
+        return "depth_leaked" if leaked(after, fresh) is not None else None
 
     def question(self, question: str) -> str | None:
         """Why the final question is dropped, or None: checked before its answer is asked
@@ -60,6 +87,11 @@ class Filters:
             return "answer_too_short"
         if s.drop_truncated_answers and finish_reason == "length":
             return "answer_truncated"
+        if s.drop_non_answers:
+            if refusal(answer, s.refusal_marker) is not None:
+                return "answer_apology"
+            if filler(answer):
+                return "answer_filler"
         if s.drop_looping_answers and looping(answer) is not None:
             return "answer_looping"
         if self._foreign(answer):

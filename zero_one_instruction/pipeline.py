@@ -24,6 +24,7 @@ from .confidence import confident, rejection
 from .config import Config
 from .engines.base import Engine, Message, Request, RequestError, Step
 from .filters import FILTER_REASONS, Filters
+from .operators import TEMPLATES, draw
 from .prompt_sources import PromptSource
 from .records import lone_surrogate, writable
 from .templates import JUDGE_REPLIES, Templates
@@ -40,6 +41,7 @@ class JudgeKind(IntEnum):
     FIRST = 0
     AFTER_FIX = 1
     FINAL = 2
+    SAME_REQUEST = 3  # the no-gain judge: is the prompt after depth the same request?
 
 
 DROP_REASONS: dict[str, str] = {
@@ -55,6 +57,7 @@ DROP_REASONS: dict[str, str] = {
     "fix_low_confidence": "the judge's はい after the fixer was below min_judge_confidence",
     "depth_failed": "a depth request failed",
     "depth_empty": "a depth step returned nothing",
+    "depth_no_gain": "the depth steps left the same request (drop_depth_no_gain)",
     "flatten_failed": "the flatten request failed",
     "flatten_empty": "flatten returned nothing",
     "final_rejected": "the final judge said いいえ",
@@ -86,11 +89,14 @@ def request_seed(
 
 @dataclass
 class StepTrace:
-    """One request of one prompt; `judge` is set on judge steps, `depth` on depth steps."""
+    """One request of one prompt; `judge` is set on judge steps, `depth` on depth steps, and
+    `operator` on depth steps of a run that draws depth operators (a depth step without one
+    is `constraints`, as every depth step was before operators existed)."""
 
     step: Step
     judge: JudgeKind | None = None
     depth: int | None = None
+    operator: str | None = None
     text: str | None = None
     verdict: bool | None = None
     yes_probability: float | None = None
@@ -103,10 +109,13 @@ class StepTrace:
         """The trace's JSON form, which has one number, `attempt`, for the judge kind and the
         depth index: traces written before and after the two had names read alike."""
         data = asdict(self)
-        del data["judge"], data["depth"]
+        del data["judge"], data["depth"], data["operator"]
         if self.yes_probability is None:  # traces without it read as they always have
             del data["yes_probability"]
-        return {"step": data.pop("step"), "attempt": request_number(self.judge, self.depth), **data}
+        head = {"step": data.pop("step"), "attempt": request_number(self.judge, self.depth)}
+        if self.operator is not None:  # likewise the traces of runs without operators
+            head["operator"] = self.operator
+        return {**head, **data}
 
 
 @dataclass
@@ -136,10 +145,23 @@ class Outcome:
     def completion_tokens(self) -> int:
         return sum(s.completion_tokens for s in self.steps)
 
+    @property
+    def operators(self) -> list[str]:
+        """The depth operators drawn for this prompt, in order (none where the run draws
+        none: its depth steps are all `constraints`)."""
+        return [step.operator for step in self.steps if step.operator is not None]
+
     def to_dict(self) -> dict[str, Any]:
+        """The outcome as JSON data; `operators` is there only where operators were drawn,
+        so outcomes of runs without them read as they always have."""
         data = asdict(self)
         del data["retries"]
-        return {**data, "steps": [step.to_dict() for step in self.steps], "kept": self.kept}
+        data["steps"] = [step.to_dict() for step in self.steps]
+        if self.operators:
+            steps = data.pop("steps")
+            data["operators"] = self.operators
+            data["steps"] = steps
+        return {**data, "kept": self.kept}
 
 
 # The funnel's counts besides `dropped`: what a done marker must hold for a Tally to be read back.
@@ -147,13 +169,16 @@ FUNNEL_COUNTS = ("prompts", "kept", "fixer_ran", "prompt_tokens", "completion_to
 # Counts a funnel holds only when they are not 0, so that funnels written before they existed
 # (and every funnel of a run without them) read and write as they always have.
 OPTIONAL_COUNTS = ("retries",)
+# The funnel's counts by depth operator, held only by funnels of runs that draw operators.
+OPERATOR_COUNTS = ("operators", "operators_kept")
 
 
 @dataclass
 class Tally:
     """The funnel: counts over many outcomes. The one place they are added up, whether from
     outcomes (a chunk, `zoi generate`) or from other funnels (the chunks' done markers, for
-    `zoi run`'s progress and summary and for `zoi status`)."""
+    `zoi run`'s progress and summary and for `zoi status`). `operators` counts the depth
+    steps each operator ran, `operators_kept` those of them in kept records."""
 
     prompts: int = 0
     kept: int = 0
@@ -162,13 +187,17 @@ class Tally:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     retries: int = 0
+    operators: Counter[str] = field(default_factory=Counter)
+    operators_kept: Counter[str] = field(default_factory=Counter)
 
     def add(self, outcome: Outcome) -> None:
         self.prompts += 1
         if outcome.kept:
             self.kept += 1
+            self.operators_kept.update(outcome.operators)
         else:
             self.dropped[outcome.drop_reason or "unknown"] += 1
+        self.operators.update(outcome.operators)
         self.fixer_ran += outcome.fixer_ran
         self.prompt_tokens += outcome.prompt_tokens
         self.completion_tokens += outcome.completion_tokens
@@ -180,6 +209,8 @@ class Tally:
         self.prompts += other.prompts
         self.kept += other.kept
         self.dropped.update(other.dropped)
+        self.operators.update(other.operators)
+        self.operators_kept.update(other.operators_kept)
         self.fixer_ran += other.fixer_ran
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
@@ -198,14 +229,21 @@ class Tally:
         """The funnel `as_dict` wrote, as a done marker holds it (`shards` checks it first)."""
         counts = {name: data[name] for name in FUNNEL_COUNTS}
         counts.update({name: data[name] for name in OPTIONAL_COUNTS if name in data})
-        return cls(**counts, dropped=Counter(data["dropped"]))
+        by_operator = {name: Counter(data.get(name, {})) for name in OPERATOR_COUNTS}
+        return cls(**counts, dropped=Counter(data["dropped"]), **by_operator)
 
     def as_dict(self) -> dict[str, Any]:
+        """The funnel as a done marker holds it; the operator counts only where operators
+        were drawn, so a run without them writes the markers it always did."""
         data = asdict(self)
         data["dropped"] = dict(sorted(self.dropped.items()))
         for name in OPTIONAL_COUNTS:
             if not data[name]:
                 del data[name]
+        for name in OPERATOR_COUNTS:
+            del data[name]  # asdict rebuilds a Counter from pairs: taken from self instead
+            if self.operators:
+                data[name] = dict(sorted(getattr(self, name).items()))
         return data
 
 
@@ -264,8 +302,7 @@ class Pipeline:
             prompt = await self._generate(o, "fix", prompt=prompt or o.base_prompt)
             if not await self._judge(o, prompt, JudgeKind.AFTER_FIX):
                 raise _Dropped(rejection("fix", o.steps[-1].verdict))
-        for depth in range(self.settings.depth_steps):
-            prompt = await self._generate(o, "depth", depth=depth, prompt=prompt)
+        prompt = await self._depth_steps(o, prompt)
         question = await self._generate(o, "flatten", prompt=prompt)
         if not await self._judge(o, question, JudgeKind.FINAL):
             raise _Dropped(rejection("final", o.steps[-1].verdict))
@@ -278,39 +315,73 @@ class Pipeline:
         _drop_if(await asyncio.to_thread(self.filters.answer, answer, o.steps[-1].finish_reason))
         return question, answer
 
+    async def _depth_steps(self, o: Outcome, prompt: str) -> str:
+        """The depth steps, each with the operator drawn for it, then the elimination rules
+        of the evolution that look at them: scaffolding a step copied (after each step) and
+        no gain (after the last)."""
+        before = prompt
+        for depth in range(self.settings.depth_steps):
+            operator = draw(self.settings.depth_operators, self.config.seed, o.index, depth)
+            trace = StepTrace(step="depth", depth=depth)
+            if not self.settings.default_operators:  # default traces name no operator
+                trace.operator = operator
+            text = await self._ask(o, trace, None, {"prompt": prompt}, TEMPLATES[operator])
+            if not text:
+                raise _Dropped("depth_empty")
+            if self.settings.drop_depth_leaked:  # off the event loop, as the filters below
+                _drop_if(await asyncio.to_thread(self.filters.depth, prompt, text))
+            prompt = text
+        if self.settings.drop_depth_no_gain and self.settings.depth_steps:
+            await self._gain(o, before, prompt)
+        return prompt
+
+    async def _gain(self, o: Outcome, before: str, after: str) -> None:
+        """The no-gain rule: drop the record whose depth steps left the same request. Text
+        that came back unchanged needs no judge to say so."""
+        if after == before:
+            raise _Dropped("depth_no_gain")
+        values = {"before": before, "after": after}
+        if await self._verdict(o, JudgeKind.SAME_REQUEST, "same_request", values):
+            raise _Dropped("depth_no_gain")
+
     async def _generate(
-        self,
-        o: Outcome,
-        step: Step,
-        allow_empty: bool = False,
-        depth: int | None = None,
-        **values: str,
+        self, o: Outcome, step: Step, allow_empty: bool = False, **values: str
     ) -> str:
-        text = await self._ask(o, step, None, values, depth=depth)
+        text = await self._ask(o, StepTrace(step=step), None, values)
         if not text and not allow_empty:
             raise _Dropped(f"{step}_empty")
         return text
 
     async def _judge(self, o: Outcome, prompt: str, kind: JudgeKind) -> bool:
-        verdict = await self._ask(o, "judge", JUDGE_CHOICES, {"prompt": prompt}, judge=kind)
+        return await self._verdict(o, kind, "judge", {"prompt": prompt})
+
+    async def _verdict(
+        self, o: Outcome, kind: JudgeKind, template: str, values: dict[str, str]
+    ) -> bool:
+        """A judge's はい, if it is one and trusted (`min_judge_confidence`)."""
+        trace = StepTrace(step="judge", judge=kind)
+        verdict = await self._ask(o, trace, JUDGE_CHOICES, values, template)
         if verdict not in JUDGE_CHOICES:
-            o.steps[-1].error = f"not one of the choices: {verdict!r}"
+            trace.error = f"not one of the choices: {verdict!r}"
             raise _Dropped("judge_invalid")
-        o.steps[-1].verdict = verdict == YES
+        trace.verdict = verdict == YES
         minimum = self.settings.min_judge_confidence
-        return verdict == YES and confident(o.steps[-1].yes_probability, minimum)
+        return verdict == YES and confident(trace.yes_probability, minimum)
 
     async def _ask(
         self,
         o: Outcome,
-        step: Step,
+        trace: StepTrace,
         choices: tuple[str, ...] | None,
         values: dict[str, str],
-        judge: JudgeKind | None = None,
-        depth: int | None = None,
+        template: str | None = None,
     ) -> str:
-        request = self.request(o.index, step, choices, values, judge=judge, depth=depth)
-        trace = StepTrace(step=step, judge=judge, depth=depth)
+        """One request of the prompt, made from `template` (the step's own by default),
+        traced in `trace`."""
+        step = trace.step
+        request = self.request(
+            o.index, step, choices, values, judge=trace.judge, depth=trace.depth, template=template
+        )
         o.steps.append(trace)
         try:
             completion = await self.engine.complete(request)
@@ -336,9 +407,13 @@ class Pipeline:
         *,
         judge: JudgeKind | None = None,
         depth: int | None = None,
+        template: str | None = None,
     ) -> Request:
+        """The request of one step of prompt `index`: the step's sampling and seed, its
+        messages from `template` (a depth operator's or the no-gain judge's), or else from
+        the step's own."""
         override = getattr(self.config.sampling, step)
-        messages = self.templates.step(step).messages(**values)
+        messages = self.templates.step(template or step).messages(**values)
 
         def pick(name: str) -> Any:
             value = getattr(override, name)

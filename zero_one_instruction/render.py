@@ -8,12 +8,14 @@ script that calls the library render them the same way or not at all.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import click
 
 from .engines.endpointstats import EndpointFigures, headline
 from .merger import describe_ranges
+from .operators import OPERATORS
 from .pipeline import DROP_REASONS, JudgeKind, Outcome, Tally
 from .progress import per_second
 
@@ -41,11 +43,22 @@ def summary(tally: Tally, seconds: float, timing: str = "") -> str:
         lines.append(f"  {reason:<{width}}  {count:>6}  {DROP_REASONS.get(reason, '')}")
     lines += [
         f"fixer ran {tally.fixer_ran}",
+        *operators(tally.operators, tally.operators_kept),
         f"tokens    {tally.prompt_tokens} prompt + {tally.completion_tokens} generated",
         f"time      {seconds:.1f} s ({per_second(tally.kept, seconds):.2f} records/s, "
         f"{per_second(tally.tokens, seconds):.0f} tokens/s{timing})",
     ]
     return "\n".join(lines)
+
+
+def operators(ran: Mapping[str, int], kept: Mapping[str, int]) -> list[str]:
+    """The depth steps each operator ran and how many of them are in kept records: a line
+    only for a run that draws operators."""
+    if not ran:
+        return []
+    names = sorted(ran, key=lambda name: OPERATORS.index(name) if name in OPERATORS else 99)
+    shown = ", ".join(f"{name} {ran[name]} ({kept.get(name, 0)} kept)" for name in names)
+    return [f"operators {shown}"]
 
 
 def all_failed(tally: Tally) -> str | None:
@@ -94,6 +107,7 @@ _JUDGE_LABELS = {
     JudgeKind.FIRST: "judge",
     JudgeKind.AFTER_FIX: "judge after fix",
     JudgeKind.FINAL: "final judge",
+    JudgeKind.SAME_REQUEST: "no-gain judge",
 }
 
 
@@ -104,7 +118,7 @@ def outcome(outcome: Outcome) -> str:
         if step.judge is not None:
             label = _JUDGE_LABELS[step.judge]
         elif step.depth is not None:
-            label = f"depth {step.depth + 1}"
+            label = f"depth {step.depth + 1}" + (f" {step.operator}" if step.operator else "")
         else:
             label = step.step
         tokens = f"{step.prompt_tokens}+{step.completion_tokens} tokens"
@@ -196,6 +210,7 @@ def status(state: RunStatus, as_json: bool = False) -> str:
     width = max([18, *map(len, state.dropped)])  # the filters' reasons are longer than 18
     for reason, count in state.dropped.items():
         lines.append(f"  {reason:<{width}} {count:>8}  {DROP_REASONS.get(reason, '')}")
+    lines += operators(state.operators, state.operators_kept)
     recent = state.recent
     lines += [
         f"tokens    {state.tokens['prompt']} prompt + {state.tokens['completion']} generated",

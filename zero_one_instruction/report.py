@@ -88,7 +88,8 @@ def _analyse(
 def _run_figures(
     run_dir: Path, reader: RunReader, analysis: RecordAnalysis, extras: _Extras
 ) -> dict[str, Any]:
-    analysis.labels = scaffolding(reader.run.templates)
+    run = reader.run
+    analysis.labels = scaffolding(run.templates, run.config.pipeline.optional_templates())
     analysis.refusal_marker = reader.run.config.pipeline.refusal_marker
     extras.coverage, why_not = coverage_of(reader.run)
     traces = FunnelAnalysis()
@@ -101,6 +102,9 @@ def _run_figures(
         "reasons": {reason: DROP_REASONS.get(reason, "") for reason in tally.dropped},
         **traces.figures(),
     }
+    if tally.operators:  # the depth steps by operator, for a run that draws operators
+        funnel["operators"] = dict(tally.operators.most_common())
+        funnel["operators_kept"] = dict(tally.operators_kept.most_common())
     source = {"kind": "run", "path": str(run_dir), **reader.coverage.figures()}
     tasks = extras.coverage.figures() if extras.coverage is not None else not_available(why_not)
     return {"source": source, "funnel": funnel, "task_coverage": tasks}

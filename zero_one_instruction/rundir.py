@@ -18,7 +18,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .config import ADDED_SETTINGS, Config, check_engine_arguments, config_data
+from .config import (
+    ADDED_SETTINGS,
+    HIDDEN_PIPELINE_DEFAULTS,
+    Config,
+    check_engine_arguments,
+    config_data,
+)
 from .errors import ZoiError
 from .prompt_sources import PromptSource, load_source
 from .records import temporary_name
@@ -53,6 +59,7 @@ ADDED_PIPELINE_SETTINGS: dict[str, object] = {
     "drop_leaked_questions": False,
     "drop_looping_answers": False,
     "min_judge_confidence": None,
+    **HIDDEN_PIPELINE_DEFAULTS,
 }
 
 
@@ -119,7 +126,7 @@ def data_spec(
         "content_hash": source.content_hash,
     }
     spec["chat_template"] = _chat_template_text(config.chat_template)
-    spec["templates"] = templates.as_dict()
+    spec["templates"] = templates.as_dict(config.pipeline.optional_templates())
     spec["range"] = {"start": start, "end": end}
     spec["chunk_size"] = size
     return spec

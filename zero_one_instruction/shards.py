@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .encoder import meta_line, record_line
-from .pipeline import FUNNEL_COUNTS, OPTIONAL_COUNTS, Outcome, Tally
+from .pipeline import FUNNEL_COUNTS, OPERATOR_COUNTS, OPTIONAL_COUNTS, Outcome, Tally
 from .records import atomic_file, dumps
 from .rundir import Chunk, Run
 
@@ -202,11 +202,18 @@ def readable_funnel(funnel: Any) -> bool:
     if not all(_count(funnel[k]) for k in OPTIONAL_COUNTS if k in funnel):
         return False
     dropped = funnel.get("dropped")
-    if not isinstance(dropped, dict) or not all(
-        isinstance(reason, str) and _count(n) for reason, n in dropped.items()
-    ):
+    if not _counts(dropped):
         return False
+    if not all(_counts(funnel[name]) for name in OPERATOR_COUNTS if name in funnel):
+        return False  # the depth steps by operator, in funnels of runs that draw them
     return bool(funnel["kept"] + sum(dropped.values()) == funnel["prompts"])
+
+
+def _counts(value: Any) -> bool:
+    """A mapping of names to counts (drop reasons, operators)."""
+    return isinstance(value, dict) and all(
+        isinstance(name, str) and _count(n) for name, n in value.items()
+    )
 
 
 def read_lines(path: Path, digest: Any = None) -> Iterator[bytes]:

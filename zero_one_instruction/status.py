@@ -52,12 +52,17 @@ class RunStatus:
     problems: list[str]
     workers: list[dict[str, Any]] = field(default_factory=list)
     endpoints: list[EndpointFigures] = field(default_factory=list)
+    operators: dict[str, int] = field(default_factory=dict)
+    operators_kept: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        """`zoi status --json`. `endpoints` is there only when an engine reports them, so
-        a run on GPUs reads as before."""
+        """`zoi status --json`. `endpoints` is there only when an engine reports them, and
+        the depth steps by operator only for a run that draws operators, so a run on GPUs
+        with the default depth step reads as before."""
         data = asdict(self)
         del data["endpoints"]
+        if not self.operators:
+            del data["operators"], data["operators_kept"]
         if self.endpoints:
             data["endpoints"] = [figures.as_dict() for figures in self.endpoints]
         return data
@@ -190,4 +195,6 @@ def _summarise(
         problems=problems,
         workers=_workers(connection, run) if connection else [],
         endpoints=fleet(read_endpoints(connection, run).values()) if connection else [],
+        operators=dict(funnel.operators),
+        operators_kept=dict(funnel.operators_kept),
     )

@@ -12,6 +12,7 @@ sent to the model as written, so they are refused by name instead of silently no
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -43,8 +44,20 @@ PLACEHOLDERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "depth": (frozenset({"prompt"}), frozenset()),
     "flatten": (frozenset({"prompt"}), frozenset()),
     "answer": (frozenset({"question"}), frozenset({"refusal_marker"})),
+    # The depth operators' templates (`operators`) and the no-gain judge's. They are
+    # optional: a run freezes only those its settings send, and a user's file or a run made
+    # before them, which has none of them, takes the built-in ones.
+    "deepen": (frozenset({"prompt"}), frozenset()),
+    "concretize": (frozenset({"prompt"}), frozenset()),
+    "reasoning": (frozenset({"prompt"}), frozenset()),
+    "complicate_input": (frozenset({"prompt"}), frozenset()),
+    "same_request": (frozenset({"before", "after"}), frozenset()),
 }
+OPTIONAL = ("deepen", "concretize", "reasoning", "complicate_input", "same_request")
 KEYS = ("output_system_prompt", *PLACEHOLDERS)
+# The templates whose reply is a judge's verdict: constrained to these words, so are their
+# examples' replies.
+JUDGES = ("judge", "same_request")
 # Names a template had before: a user's file may still use them. `base_prompt` was `seed`,
 # which now only ever means the random seed.
 OLD_NAMES = {"seed": "base_prompt"}
@@ -167,15 +180,23 @@ class Templates:
     depth: StepTemplate
     flatten: StepTemplate
     answer: StepTemplate
+    deepen: StepTemplate
+    concretize: StepTemplate
+    reasoning: StepTemplate
+    complicate_input: StepTemplate
+    same_request: StepTemplate
 
     def step(self, name: str) -> StepTemplate:
         return getattr(self, name)
 
-    def as_dict(self) -> dict[str, Any]:
-        """Plain data under the frozen names, for the run fingerprint and run.json."""
+    def as_dict(self, optional: Collection[str] = ()) -> dict[str, Any]:
+        """Plain data under the frozen names, for the run fingerprint and run.json: the
+        original seven templates, and of the `OPTIONAL` ones those named in `optional` (the
+        ones a run sends), so a run that sends none of them freezes what it always did."""
         out: dict[str, Any] = {"output_system_prompt": self.output_system_prompt}
         for name in PLACEHOLDERS:
-            out[FROZEN_NAMES.get(name, name)] = self.step(name).as_dict()
+            if name not in OPTIONAL or name in optional:
+                out[FROZEN_NAMES.get(name, name)] = self.step(name).as_dict()
         return out
 
 
@@ -224,7 +245,7 @@ def _example(name: str, number: int, raw: Any, used: set[str], source: str) -> E
         wrong = sorted(given ^ used)[0]
         what = "lacks" if wrong in used else "has unknown key"
         raise TemplateError(f"{where}: {what} {wrong!r} (it gives a value per placeholder)")
-    if name == "judge" and reply not in JUDGE_REPLIES:
+    if name in JUDGES and reply not in JUDGE_REPLIES:
         raise TemplateError(f"{where}: a judge example replies はい or いいえ, not {reply!r}")
     values = tuple(sorted((key, value) for key, value in raw.items() if key != "reply"))
     return Example(values=values, reply=reply)
@@ -302,7 +323,12 @@ def templates_from_dict(data: dict[str, Any], source: str) -> Templates:
     """Rebuild frozen templates (`Templates.as_dict()`, as a run directory keeps them)."""
     if not isinstance(data, dict) or not isinstance(data.get("output_system_prompt"), str):
         raise TemplateError(f"{source}: frozen templates are malformed")
-    steps = {
-        name: _step(name, data.get(FROZEN_NAMES.get(name, name)), source) for name in PLACEHOLDERS
-    }
+    builtin = _read_yaml(None)
+    steps = {}
+    for name in PLACEHOLDERS:
+        frozen = data.get(FROZEN_NAMES.get(name, name))
+        if frozen is None and name in OPTIONAL:  # a template the run never sends
+            steps[name] = _step(name, builtin.get(name), "built-in templates")
+        else:
+            steps[name] = _step(name, frozen, source)
     return Templates(output_system_prompt=data["output_system_prompt"], **steps)
