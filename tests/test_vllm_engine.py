@@ -166,6 +166,18 @@ def test_pipeline_records_the_judges_confidence_through_vllm(
             assert last.verdict is True and (last.yes_probability or 0.0) < 0.5
 
 
+def collector(config: Any, engine: Any, prompts: int) -> Callable[[], Coroutine[Any, Any, Any]]:
+    """A coroutine function that runs base prompts [0, prompts) of `config` through the
+    module's engine and returns their outcomes: called twice, for a rerun."""
+    inputs = load_inputs(config)
+    pipeline = Pipeline(config, inputs.templates, inputs.source, engine)
+
+    async def collect() -> list[Outcome]:
+        return [o async for o in pipeline.run(range(prompts))]
+
+    return collect
+
+
 def test_every_operator_and_rule_runs_through_vllm(tiny_model: Path, engine: Any, run: Run) -> None:
     """All five depth operators and the three elimination rules on the real engine: each
     depth step's trace names the operator its draw gave, the no-gain judge is held to はい or
@@ -183,12 +195,7 @@ def test_every_operator_and_rule_runs_through_vllm(tiny_model: Path, engine: Any
         "drop_non_answers": True,
     }
     config = tiny_config(tiny_model, pipeline=settings)
-    inputs = load_inputs(config)
-    pipeline = Pipeline(config, inputs.templates, inputs.source, engine)
-
-    async def collect() -> list[Outcome]:
-        return [o async for o in pipeline.run(range(16))]
-
+    collect = collector(config, engine, 16)
     outcomes = run(collect())
     depth = [(o, s) for o in outcomes for s in o.steps if s.step == "depth"]
     assert depth, [o.drop_reason for o in outcomes]
@@ -221,12 +228,7 @@ def test_two_turn_conversations_run_through_vllm(tiny_model: Path, engine: Any, 
         "turns": 2,
     }
     config = tiny_config(tiny_model, pipeline=settings)
-    inputs = load_inputs(config)
-    pipeline = Pipeline(config, inputs.templates, inputs.source, engine)
-
-    async def collect() -> list[Outcome]:
-        return [o async for o in pipeline.run(range(16))]
-
+    collect = collector(config, engine, 16)
     outcomes = run(collect())
     second = [o for o in outcomes if any(s.turn == 2 for s in o.steps)]
     assert second, [o.drop_reason for o in outcomes]
