@@ -42,6 +42,51 @@ def ok(*args: str, timeout: float = 180) -> str:
     return done.stdout
 
 
+def case_config(tmp_path: Path, cases: list[str], pipeline: str, tail: str) -> Path:
+    """A scripted config over eight base prompts that carry `cases` in turn, with these
+    `pipeline:` settings (flow style, without braces) and `tail` (more keys, as YAML)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "".join(f"質問{i} case={cases[i % len(cases)]}\n" for i in range(8)), encoding="utf-8"
+    )
+    path = tmp_path / "c.yml"
+    path.write_text(
+        f"model_name: scripted\nengine: '{ENGINE}'\nbatch_size: 4\nseed: 4\n"
+        f"prompts: {{file: {prompts}}}\npipeline: {{{pipeline}}}\n" + tail,
+        encoding="utf-8",
+    )
+    return path
+
+
+def generate_twice(
+    tmp_path: Path, config: Path, prompts: int, *extra: str
+) -> tuple[bytes, bytes, str]:
+    """`zoi generate` of prompts [0, prompts) twice, with `--trace` and `extra` options: the
+    two runs must write the same records and trace. The records, the trace and the summary."""
+    outs = []
+    for name in ("a", "b"):
+        out, trace = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.trace.jsonl"
+        summary = ok(
+            "generate", "-c", str(config), "--start", "0", "--end", str(prompts), "-o", str(out),
+            "--trace", str(trace), *extra,
+        )  # fmt: skip
+        outs.append((out.read_bytes(), trace.read_bytes()))
+    assert outs[0] == outs[1]
+    return *outs[0], summary
+
+
+def run_without(config: Path, run: Path, word: str) -> None:
+    """Run four prompts of `config` through the queue in one chunk, and check that `word`
+    (a count only some runs have) is in none of `zoi status`, its JSON, the chunk log or the
+    done marker."""
+    ok("enqueue", "-c", str(config), "--run", str(run), "--num-prompts", "4", "--chunk-size", "4")
+    ok("worker", "--run", str(run), "--burst", *FAST)
+    assert word not in ok("status", "--run", str(run))
+    assert word not in ok("status", "--run", str(run), "--json")
+    assert word not in (run / "logs" / "chunks.jsonl").read_text()
+    assert word not in next((run / "shards").glob("*.done")).read_text()
+
+
 def enqueue_run(config: Path, run: Path, prompts: int, chunk: int, *extra: str) -> str:
     """`zoi enqueue` of prompts [0, prompts) in chunks of `chunk`; its output."""
     return ok(

@@ -5,7 +5,9 @@ Base prompts carry a case name (`case=NAME`). Every generated text carries it on
 step it is serving, however the requests interleave. `rules[case][key]` overrides a response,
 where `key` is a step name, or `judge@STEP` for the judge of the text STEP produced
 (`judge@depth`: the no-gain judge, which compares the prompt before the depth steps with
-depth's text).
+depth's text; `judge@follow_up`: a later turn's judge of its follow-up question). A key
+`KEY#TURN` (`answer#2`, `follow_up#3`, `judge@follow_up#2`) overrides `KEY` in that turn of a
+conversation alone: the turn is told from the follow-up questions the request holds.
 
 Responses: plain text, or `!error` (RequestError), `!dead` (EngineDead), `!raise`
 (RuntimeError), `!empty` (""),
@@ -36,7 +38,8 @@ from zero_one_instruction.engines.base import Completion, EngineDead, Request, R
 from zero_one_instruction.errors import ConfigError
 
 ENGINE = "tests.scripted_engine:ScriptedEngine"
-MARK = re.compile(r"(?:([a-z]+)\|)?case=([A-Za-z0-9_]+)")
+MARK = re.compile(r"(?:([a-z_]+)\|)?case=([A-Za-z0-9_]+)")
+FOLLOW_UP_MARK = "follow_up|case="
 
 
 def _as_json(request: Request) -> dict[str, Any]:
@@ -81,6 +84,13 @@ class ScriptedEngine:
         self.max_in_flight = 0
         self.closed = False
 
+    @staticmethod
+    def _turn(request: Request) -> int:
+        """The turn of a conversation a request is of: 1 and the follow-up questions it
+        holds, and one more for a follow-up request, which writes the next turn's question."""
+        held = sum(message.content.count(FOLLOW_UP_MARK) for message in request.messages)
+        return 1 + held + (request.step == "follow_up")
+
     def _key(self, request: Request) -> tuple[str, str]:
         """The case and the rule key of a request. A judge judges the last text its message
         holds: the no-gain judge's message holds the prompt before the depth steps and
@@ -110,7 +120,9 @@ class ScriptedEngine:
         finally:
             self.in_flight -= 1
         case, key = self._key(request)
-        response = self.rules.get(case, {}).get(key, default_text(request.step, case, request.seed))
+        rules = self.rules.get(case, {})
+        default = default_text(request.step, case, request.seed)
+        response = rules.get(f"{key}#{self._turn(request)}", rules.get(key, default))
         return self._respond(request, response)
 
     def _respond(self, request: Request, response: str) -> Completion:

@@ -20,7 +20,7 @@ from zero_one_instruction.shards import readable_funnel
 from zero_one_instruction.templates import OPTIONAL, load_templates
 
 from .clitools import zoi as zoi_here
-from .queue_helpers import ENGINE, FAST, ok
+from .queue_helpers import FAST, case_config, generate_twice, ok, run_without
 
 ALL = "{constraints: 1, deepen: 1, concretize: 1, reasoning: 1, complicate_input: 1}"
 RULES = "drop_depth_no_gain: true, drop_depth_leaked: true, drop_non_answers: true"
@@ -36,18 +36,7 @@ PROMPTS = 24
 
 
 def write_config(tmp_path: Path, pipeline: str = "", extra: str = "") -> Path:
-    prompts = tmp_path / "prompts.txt"
-    cases = ["none", "nogain", "sorry", "none"]
-    prompts.write_text(
-        "".join(f"質問{i} case={cases[i % 4]}\n" for i in range(8)), encoding="utf-8"
-    )
-    path = tmp_path / "c.yml"
-    path.write_text(
-        f"model_name: scripted\nengine: '{ENGINE}'\nbatch_size: 4\nseed: 4\n"
-        f"prompts: {{file: {prompts}}}\npipeline: {{{pipeline}}}\n" + extra + SCRIPT,
-        encoding="utf-8",
-    )
-    return path
+    return case_config(tmp_path, ["none", "nogain", "sorry", "none"], pipeline, extra + SCRIPT)
 
 
 def operators_config(tmp_path: Path, extra: str = "") -> Path:
@@ -77,7 +66,8 @@ def test_operators_and_rules_set_are_frozen_with_the_templates_they_send(tmp_pat
     frozen = spec(run.path)
     assert frozen["pipeline"]["depth_operators"] == dict.fromkeys(OPERATORS, 1.0)
     assert frozen["pipeline"]["drop_depth_no_gain"] is True
-    assert set(OPTIONAL) <= set(frozen["templates"])
+    sent = set(OPTIONAL) - {"follow_up", "follow_up_judge"}  # those of one turn
+    assert set(OPTIONAL) & set(frozen["templates"]) == sent
     assert "depth_operators:" in dump_config(config)
     reopened = open_run(run.path)
     assert reopened.templates == load_templates()
@@ -168,24 +158,16 @@ def test_generate_twice_and_the_queue_write_the_same_bytes(tmp_path: Path) -> No
     write the same records, meta (with `meta.operators`) and trace; status, the chunk log
     and the summary count the operators."""
     config = operators_config(tmp_path)
-    outs = []
-    for name in ("a", "b"):
-        out, trace = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.trace.jsonl"
-        summary = ok(
-            "generate", "-c", str(config), "--start", "0", "--end", str(PROMPTS), "-o", str(out),
-            "--with-meta", "--trace", str(trace),
-        )  # fmt: skip
-        outs.append((out.read_bytes(), trace.read_bytes()))
-    assert outs[0] == outs[1]
+    written, traced, summary = generate_twice(tmp_path, config, PROMPTS, "--with-meta")
     assert "operators constraints " in summary and "depth_no_gain" in summary
-    records = [json.loads(line) for line in outs[0][0].splitlines()]
+    records = [json.loads(line) for line in written.splitlines()]
     assert records and len(records) < PROMPTS
     for record in records:
         operators = record["meta"]["operators"]
         assert len(operators) == 2 and set(operators) <= set(OPERATORS)
         depth = [s for s in record["meta"]["steps"] if s["step"] == "depth"]
         assert [s["operator"] for s in depth] == operators
-    dropped = {json.loads(line)["drop_reason"] for line in outs[0][1].splitlines()}
+    dropped = {json.loads(line)["drop_reason"] for line in traced.splitlines()}
     assert {"depth_no_gain", "answer_apology"} <= dropped
     run = tmp_path / "run"
     ok("enqueue", "-c", str(config), "--run", str(run), "--num-prompts", str(PROMPTS),
@@ -193,7 +175,7 @@ def test_generate_twice_and_the_queue_write_the_same_bytes(tmp_path: Path) -> No
     ok("worker", "--run", str(run), "--burst", *FAST)
     merged = tmp_path / "merged.jsonl"
     ok("merge", "--run", str(run), "-o", str(merged), "--with-meta")
-    assert merged.read_bytes() == outs[0][0]
+    assert merged.read_bytes() == written
     status = ok("status", "--run", str(run))
     assert "\noperators constraints " in status and " kept)" in status
     figures = json.loads(ok("status", "--run", str(run), "--json"))
@@ -206,15 +188,7 @@ def test_generate_twice_and_the_queue_write_the_same_bytes(tmp_path: Path) -> No
 
 
 def test_a_default_run_logs_and_shows_no_operators(tmp_path: Path) -> None:
-    config = write_config(tmp_path, extra="")
-    run = tmp_path / "run"
-    ok("enqueue", "-c", str(config), "--run", str(run), "--num-prompts", "4", "--chunk-size", "4")
-    ok("worker", "--run", str(run), "--burst", *FAST)
-    assert "operators" not in ok("status", "--run", str(run))
-    assert "operators" not in ok("status", "--run", str(run), "--json")
-    assert "operators" not in (run / "logs" / "chunks.jsonl").read_text()
-    marker = next((run / "shards").glob("*.done")).read_text()
-    assert "operators" not in marker
+    run_without(write_config(tmp_path, extra=""), tmp_path / "run", "operators")
 
 
 def test_a_funnel_with_damaged_operator_counts_is_not_read() -> None:

@@ -9,6 +9,7 @@ knowingly.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import threading
@@ -165,6 +166,18 @@ def test_pipeline_records_the_judges_confidence_through_vllm(
             assert last.verdict is True and (last.yes_probability or 0.0) < 0.5
 
 
+def collector(config: Any, engine: Any, prompts: int) -> Callable[[], Coroutine[Any, Any, Any]]:
+    """A coroutine function that runs base prompts [0, prompts) of `config` through the
+    module's engine and returns their outcomes: called twice, for a rerun."""
+    inputs = load_inputs(config)
+    pipeline = Pipeline(config, inputs.templates, inputs.source, engine)
+
+    async def collect() -> list[Outcome]:
+        return [o async for o in pipeline.run(range(prompts))]
+
+    return collect
+
+
 def test_every_operator_and_rule_runs_through_vllm(tiny_model: Path, engine: Any, run: Run) -> None:
     """All five depth operators and the three elimination rules on the real engine: each
     depth step's trace names the operator its draw gave, the no-gain judge is held to はい or
@@ -182,12 +195,7 @@ def test_every_operator_and_rule_runs_through_vllm(tiny_model: Path, engine: Any
         "drop_non_answers": True,
     }
     config = tiny_config(tiny_model, pipeline=settings)
-    inputs = load_inputs(config)
-    pipeline = Pipeline(config, inputs.templates, inputs.source, engine)
-
-    async def collect() -> list[Outcome]:
-        return [o async for o in pipeline.run(range(16))]
-
+    collect = collector(config, engine, 16)
     outcomes = run(collect())
     depth = [(o, s) for o in outcomes for s in o.steps if s.step == "depth"]
     assert depth, [o.drop_reason for o in outcomes]
@@ -200,6 +208,50 @@ def test_every_operator_and_rule_runs_through_vllm(tiny_model: Path, engine: Any
     for step in same:
         assert step.text in ("はい", "いいえ") and step.yes_probability is not None
     assert all(o.kept or o.drop_reason in DROP_REASONS for o in outcomes)
+    again = run(collect())
+    assert [o.to_dict() for o in again] == [o.to_dict() for o in outcomes]
+
+
+def test_two_turn_conversations_run_through_vllm(tiny_model: Path, engine: Any, run: Run) -> None:
+    """Every depth operator weighted and two turns on the real engine: a conversation that
+    reached its second turn has a follow-up question judged with はい or いいえ (and its
+    probability), an answer asked with the whole conversation (a longer prompt than the
+    first answer's), records carry each kept turn in order, every end of a conversation and
+    every drop has a described reason, and a second pass makes the same outcomes."""
+    from zero_one_instruction.encoder import record_line
+    from zero_one_instruction.operators import OPERATORS
+    from zero_one_instruction.pipeline import DROP_REASONS, TURN_REASONS, JudgeKind
+
+    settings = {
+        "fixer": False,  # random weights: the fixer's rescues only make the run longer
+        "depth_operators": dict.fromkeys(OPERATORS, 1),
+        "turns": 2,
+    }
+    config = tiny_config(tiny_model, pipeline=settings)
+    collect = collector(config, engine, 16)
+    outcomes = run(collect())
+    second = [o for o in outcomes if any(s.turn == 2 for s in o.steps)]
+    assert second, [o.drop_reason for o in outcomes]
+    for outcome in second:
+        steps = [s for s in outcome.steps if s.turn == 2]
+        assert steps[0].step == "follow_up"
+        judges = [s for s in steps if s.judge == JudgeKind.FOLLOW_UP]
+        for step in judges:
+            assert step.text in ("はい", "いいえ") and step.yes_probability is not None
+        answers = [s for s in outcome.steps if s.step == "answer"]
+        if len(answers) == 2 and answers[1].error is None:
+            assert answers[1].prompt_tokens > answers[0].prompt_tokens
+    assert all(o.kept or o.drop_reason in DROP_REASONS for o in outcomes)
+    for outcome in (o for o in outcomes if o.kept):
+        assert outcome.ended is None or outcome.ended in TURN_REASONS
+        assert outcome.turns == (1 if outcome.ended else 2)
+        turns = json.loads(record_line(outcome, "system"))["conversation"][1:]
+        texts = [
+            outcome.question,
+            outcome.answer,
+            *(t for turn in outcome.later_turns for t in turn),
+        ]
+        assert [t["value"] for t in turns] == texts
     again = run(collect())
     assert [o.to_dict() for o in again] == [o.to_dict() for o in outcomes]
 

@@ -45,7 +45,7 @@ REFUSAL_MARKER = PipelineSettings().refusal_marker
 JUDGES = {JudgeKind.FIRST: "first", JudgeKind.AFTER_FIX: "after_fixer", JudgeKind.FINAL: "final"}
 # Judges only some runs ask (`drop_depth_no_gain`): in the figures only where one was asked.
 # The no-gain judge's はい ("the same request") drops its record.
-OPTIONAL_JUDGES = {JudgeKind.SAME_REQUEST: "same_request"}
+OPTIONAL_JUDGES = {JudgeKind.SAME_REQUEST: "same_request", JudgeKind.FOLLOW_UP: "follow_up"}
 
 
 def _short(text: str) -> str:
@@ -127,10 +127,12 @@ class RecordAnalysis:
         self.openings: TopCounter[str] = TopCounter()
         self.endings: TopCounter[str] = TopCounter()
         self.sample: Reservoir[tuple[str, str]] = Reservoir(SAMPLE)
+        self.turns: Counter[int] = Counter()
 
     def add(self, item: Item) -> None:
         question, answer = item.question or "", item.answer or ""
         self.records += 1
+        self.turns[item.turns] += 1
         self.question.add(item.index, question, self.tokenizer)
         self.answer.add(item.index, answer, self.tokenizer)
         self.duplicates.add(item.index, question, answer, _short(question))
@@ -145,7 +147,8 @@ class RecordAnalysis:
         if item.steps is None:
             return
         self.traced += 1
-        answers = [s for s in item.steps if s.get("step") == "answer"]
+        # the first turn's answer, the record's `output` (a later turn's steps have `turn`)
+        answers = [s for s in item.steps if s.get("step") == "answer" and "turn" not in s]
         if answers and answers[-1].get("finish_reason") == "length":
             self.truncated += 1
 
@@ -206,8 +209,13 @@ class RecordAnalysis:
         }
 
     def figures(self) -> dict[str, Any]:
+        """The figures; `turns` (records by how many turns their conversation holds) only
+        where some record holds more than one, so a single-turn report reads as before. The
+        other figures are of the first turn, `input` and `output`."""
+        turns = {"turns": {str(n): c for n, c in sorted(self.turns.items())}}
         return {
             "records": self.records,
+            **(turns if any(n > 1 for n in self.turns) else {}),
             "lengths": self._lengths(),
             "duplicates": self._duplicates(),
             "diversity": self._diversity(),

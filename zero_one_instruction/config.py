@@ -31,7 +31,8 @@ from .yamlfile import read_yaml
 LaxPath = Annotated[Path, Field(strict=False)]
 ENGINE_SPEC = re.compile(r"^(vllm|openai)$|^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 MAX_SEED = 2**32 - 1
-STEPS = ("width", "judge", "fix", "depth", "flatten", "answer")
+# `follow_up` last: it asks only in runs of more than one turn (`pipeline.turns`).
+STEPS = ("width", "judge", "fix", "depth", "flatten", "answer", "follow_up")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 INITIAL_IN_FLIGHT = 8  # an endpoint's starting limit on requests in flight, unless set
 
@@ -61,6 +62,7 @@ class Sampling(_Strict):
     depth: StepSampling = StepSampling()
     flatten: StepSampling = StepSampling()
     answer: StepSampling = StepSampling()
+    follow_up: StepSampling = StepSampling()  # the user's next question (`pipeline.turns`)
 
     @model_validator(mode="before")
     @classmethod
@@ -192,6 +194,12 @@ class PipelineSettings(_Strict):
     drop_depth_no_gain: bool = False
     drop_depth_leaked: bool = False
     drop_non_answers: bool = False
+    # Multi-turn conversations (README, "Multi-turn conversations"): after the answer, up to
+    # `turns - 1` follow-up questions, each judged, filtered and answered with the whole
+    # conversation as context. A later turn that fails ends the conversation at its last good
+    # turn (`keep`, the reason counted) or drops the record (`drop`, as `turn_<reason>`).
+    turns: int = Field(default=1, ge=1, le=20)
+    failed_turn: Literal["keep", "drop"] = "keep"
     # A judge's はい whose probability (where the engine gives one) is below this counts as a
     # いいえ (`confidence`). None is off.
     min_judge_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -210,10 +218,15 @@ class PipelineSettings(_Strict):
 
     def optional_templates(self) -> tuple[str, ...]:
         """The templates beyond the original seven that these settings send: the drawn
-        operators' and the no-gain judge's. Only these are frozen with a run, so the
+        operators', the no-gain judge's and, with more than one turn, the follow-up's and its
+        judge's. Only these are frozen with a run, so the
         fingerprint of a run that uses none of them is what it always was."""
         names = [TEMPLATES[name] for name in self.depth_operators if TEMPLATES[name] != "depth"]
-        return (*names, "same_request") if self.drop_depth_no_gain else tuple(names)
+        if self.drop_depth_no_gain:
+            names.append("same_request")
+        if self.turns > 1:
+            names += ["follow_up", "follow_up_judge"]
+        return tuple(names)
 
 
 class Prompts(_Strict):
@@ -394,7 +407,12 @@ HIDDEN_PIPELINE_DEFAULTS: dict[str, Any] = {
     "drop_depth_no_gain": False,
     "drop_depth_leaked": False,
     "drop_non_answers": False,
+    "turns": 1,
+    "failed_turn": "keep",
 }
+# The same for sampling overrides of steps added since (the follow-up question's): left out
+# of a dump, and of the spec, while they inherit everything.
+HIDDEN_SAMPLING_DEFAULTS: dict[str, Any] = {"follow_up": StepSampling().model_dump(mode="json")}
 
 
 def config_data(config: Config) -> dict[str, Any]:
@@ -406,7 +424,16 @@ def config_data(config: Config) -> dict[str, Any]:
     for key, before in HIDDEN_PIPELINE_DEFAULTS.items():
         if data["pipeline"][key] == before:
             del data["pipeline"][key]
+    hide_sampling_defaults(data)
     return data
+
+
+def hide_sampling_defaults(data: dict[str, Any]) -> None:
+    """Take out of a dumped config the step sampling overrides added since run.json's copy
+    last changed, where they are at their default (`HIDDEN_SAMPLING_DEFAULTS`)."""
+    for step, before in HIDDEN_SAMPLING_DEFAULTS.items():
+        if data["sampling"][step] == before:
+            del data["sampling"][step]
 
 
 def _format_location(loc: tuple[Any, ...]) -> str:

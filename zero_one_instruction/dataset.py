@@ -22,6 +22,8 @@ from .pipeline import Tally
 from .records import lone_surrogate
 from .rundir import Chunk, Run, open_run
 
+# A question in a conversation, in the original format or in `--format messages`.
+_ASKED = {("from", "human"), ("role", "user")}
 # JSON's escape of a surrogate: the only way a UTF-8 line can hold a lone one once parsed.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -34,7 +36,8 @@ class DatasetError(ZoiError):
 class Item:
     """One base prompt's result: a kept record (question and answer) or a drop (its reason).
     `steps` is the trace as `Outcome.to_dict` writes it, or None where the input has none (a
-    merged file without `--with-meta`)."""
+    merged file without `--with-meta`). `question` and `answer` are the first turn; `turns`
+    counts the turns of a kept record's conversation (`pipeline.turns`)."""
 
     index: int
     question: str | None
@@ -42,6 +45,7 @@ class Item:
     drop_reason: str | None = None
     fixer_ran: bool = False
     steps: list[dict[str, Any]] | None = None
+    turns: int = 1
 
     @property
     def kept(self) -> bool:
@@ -75,11 +79,24 @@ def _texts(record: Any) -> tuple[str, str] | None:
         return question, answer
     messages = record.get("messages")
     if isinstance(messages, list):
-        by_role = {m.get("role"): m.get("content") for m in messages if isinstance(m, dict)}
+        by_role: dict[Any, Any] = {}  # the first of each role: the first turn, as `input`
+        for message in messages:
+            if isinstance(message, dict):
+                by_role.setdefault(message.get("role"), message.get("content"))
         question, answer = by_role.get("user"), by_role.get("assistant")
         if isinstance(question, str) and isinstance(answer, str):
             return question, answer
     return None
+
+
+def _turns(record: dict[str, Any]) -> int:
+    """How many turns a record's conversation holds (its questions) in either format: 1 for
+    every record of a single-turn run."""
+    turns = record.get("conversation", record.get("messages"))
+    if not isinstance(turns, list):
+        return 1
+    asked = [t for t in turns if isinstance(t, dict) and any(t.get(k) == v for k, v in _ASKED)]
+    return max(len(asked), 1)
 
 
 def _parse(path: Path, number: int, line: bytes) -> Any:
@@ -123,6 +140,7 @@ def _file_item(path: Path, number: int, line: bytes) -> Item:
         answer=texts[1],
         fixer_ran=bool(meta.get("fixer_ran")),
         steps=steps if isinstance(steps, list) else None,
+        turns=_turns(record),
     )
 
 
@@ -158,6 +176,7 @@ def _chunk_items(run: Run, chunk: Chunk) -> Iterator[Item]:
             answer=record["output"],
             fixer_ran=meta.get("fixer_ran", False),
             steps=meta.get("steps"),
+            turns=_turns(record),
         )
     for drop in _lines(shards.path_of(run.shards, chunk, "rejects")):
         yield Item(

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .templates import JUDGE_REPLIES
+from .templates import JUDGE_REPLIES, SPEAKERS
 
 if TYPE_CHECKING:
     from .templates import Templates
@@ -192,9 +192,10 @@ def scaffolding(templates: Templates, optional: Iterable[str] = ()) -> tuple[str
     headings of the texts they show as wrong, and the one-line requests of the user messages
     of `MIN_REQUEST_CHARS` or more (a model that copies its instructions copies these).
     Taken from the templates in use, so a user's own templates are checked for their own
-    scaffolding, not the shipped ones': the original ones, and of the depth operators' and
-    the no-gain judge's the `optional` ones a run sends (one that is never sent cannot be
-    copied, and its labels would change what a run that sends none of them drops)."""
+    scaffolding, not the shipped ones': the original ones, and of the depth operators', the
+    no-gain judge's and the follow-up's the `optional` ones a run sends (one that is never
+    sent cannot be copied, and its labels would change what a run that sends none of them
+    drops)."""
     found: dict[str, None] = {}
     steps = ("width", "judge", "fix", "depth", "flatten", *optional)
     for name in steps:
@@ -207,6 +208,8 @@ def scaffolding(templates: Templates, optional: Iterable[str] = ()) -> tuple[str
                 found[line] = None
     for text in _bad_examples(templates):
         found.update(dict.fromkeys(normalized(m.group(1)) for m in _HEADING.finditer(text)))
+    if "follow_up" in steps:  # the speakers' labels `{conversation}` is written with
+        found.update(dict.fromkeys(normalized(label.strip()) for label in SPEAKERS))
     return tuple(found)
 
 

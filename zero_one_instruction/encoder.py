@@ -53,15 +53,18 @@ def duplicates_path(output: Path) -> Path:
 def record_line(outcome: Outcome, system: str) -> str:
     """A kept record as a shard line: the output record without its id, so that numbering
     is left to whoever puts the records in their final order."""
-    record = original_record("", outcome.question or "", outcome.answer or "", system)
+    question, answer = outcome.question or "", outcome.answer or ""
+    record = original_record("", question, answer, system, outcome.later_turns)
     del record["id"]
     return dumps(record)
 
 
 def meta_line(outcome: Outcome) -> str:
-    """A kept record's trace without what the record line already holds."""
+    """A kept record's trace without what the record line already holds (a conversation's
+    later turns too: its count stays, as `turns`)."""
     data = outcome.to_dict()
     del data["question"], data["answer"], data["base_prompt"], data["drop_reason"]
+    data.pop("later_turns", None)
     return dumps(data)
 
 

@@ -1,10 +1,14 @@
-"""Evolve one base prompt into zero or one question/answer pair.
+"""Evolve one base prompt into zero or one question/answer pair (or conversation).
 
 `Pipeline.evolve` is the whole flow for one prompt, top to bottom, awaiting the engine at each
 step. Many prompts run at once (`Pipeline.run`, the one scheduler of `zoi generate` and the
 workers), so the engine batches requests from prompts at
 different steps: nobody waits for the slowest prompt of a step, and no prompt is left out of a
 last partial batch (the original tool's stage-by-stage batches did both).
+
+With `pipeline.turns` above 1, a kept pair is the first turn of a conversation: follow-up
+questions, each judged and filtered as the first question is, are answered with the whole
+conversation before them, until the conversation has its turns or a turn fails.
 
 Every prompt yields an `Outcome`: the record if kept, otherwise the reason it was dropped, plus
 each step's text, verdict and token counts, so nothing disappears without a trace.
@@ -27,7 +31,7 @@ from .filters import FILTER_REASONS, Filters
 from .operators import TEMPLATES, draw
 from .prompt_sources import PromptSource
 from .records import lone_surrogate, writable
-from .templates import JUDGE_REPLIES, Templates
+from .templates import JUDGE_REPLIES, Templates, conversation_text
 from .window import Window
 
 JUDGE_CHOICES = JUDGE_REPLIES  # the judge's examples are checked against the same two words
@@ -42,6 +46,7 @@ class JudgeKind(IntEnum):
     AFTER_FIX = 1
     FINAL = 2
     SAME_REQUEST = 3  # the no-gain judge: is the prompt after depth the same request?
+    FOLLOW_UP = 4  # a later turn's judge: is the follow-up question a good next question?
 
 
 DROP_REASONS: dict[str, str] = {
@@ -67,6 +72,31 @@ DROP_REASONS: dict[str, str] = {
     **FILTER_REASONS,
     "bad_text": "a step returned text with a cut character (a lone surrogate)",
 }
+# Why a later turn of a conversation (`pipeline.turns`) failed: with `failed_turn: keep` the
+# reason its conversation ended early, counted in the funnel's `turns_ended`; with `drop` the
+# record's drop reason, as `turn_<reason>`. The follow-up's own failures, then those the first
+# turn can have too (its judge, the question filters, the answer and the answer filters).
+TURN_REASONS: dict[str, str] = {
+    "follow_up_failed": "the follow-up request failed",
+    "follow_up_empty": "the follow-up question was empty",
+    "follow_up_rejected": "the follow-up judge said いいえ",
+    "follow_up_low_confidence": "the follow-up judge's はい was below min_judge_confidence",
+    **{
+        reason: DROP_REASONS[reason]
+        for reason in (
+            "judge_failed",
+            "judge_invalid",
+            "question_leaked",
+            "question_not_japanese",
+            "answer_failed",
+            "answer_empty",
+            *(name for name in FILTER_REASONS if name.startswith("answer_")),
+            "bad_text",
+        )
+    },
+}
+for _name, _text in TURN_REASONS.items():
+    DROP_REASONS[f"turn_{_name}"] = f"a later turn: {_text} (failed_turn: drop)"
 
 
 def request_number(judge: JudgeKind | None, depth: int | None) -> int:
@@ -79,24 +109,34 @@ def request_number(judge: JudgeKind | None, depth: int | None) -> int:
 
 
 def request_seed(
-    run_seed: int, index: int, step: str, judge: JudgeKind | None = None, depth: int | None = None
+    run_seed: int,
+    index: int,
+    step: str,
+    judge: JudgeKind | None = None,
+    depth: int | None = None,
+    turn: int | None = None,
 ) -> int:
     """A seed per request, stable across reruns and machines, and distinct between requests
-    (vLLM gives requests with equal seeds identical random streams)."""
-    key = f"{run_seed}/{index}/{step}/{request_number(judge, depth)}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 33
+    (vLLM gives requests with equal seeds identical random streams). A request of a later
+    turn (`turn` 2 or more) has the turn in its key; the first turn's keys are as they were."""
+    key = f"{run_seed}/{index}/{step}/{request_number(judge, depth)}"
+    if turn is not None and turn > 1:
+        key += f"/turn/{turn}"
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 33
 
 
 @dataclass
 class StepTrace:
     """One request of one prompt; `judge` is set on judge steps, `depth` on depth steps, and
     `operator` on depth steps of a run that draws depth operators (a depth step without one
-    is `constraints`, as every depth step was before operators existed)."""
+    is `constraints`, as every depth step was before operators existed). `turn` is set on the
+    requests of a conversation's later turns (2 and on), never on the first turn's."""
 
     step: Step
     judge: JudgeKind | None = None
     depth: int | None = None
     operator: str | None = None
+    turn: int | None = None
     text: str | None = None
     verdict: bool | None = None
     yes_probability: float | None = None
@@ -109,12 +149,14 @@ class StepTrace:
         """The trace's JSON form, which has one number, `attempt`, for the judge kind and the
         depth index: traces written before and after the two had names read alike."""
         data = asdict(self)
-        del data["judge"], data["depth"], data["operator"]
+        del data["judge"], data["depth"], data["operator"], data["turn"]
         if self.yes_probability is None:  # traces without it read as they always have
             del data["yes_probability"]
         head = {"step": data.pop("step"), "attempt": request_number(self.judge, self.depth)}
         if self.operator is not None:  # likewise the traces of runs without operators
             head["operator"] = self.operator
+        if self.turn is not None:  # and the first turn's steps
+            head["turn"] = self.turn
         return {**head, **data}
 
 
@@ -122,7 +164,11 @@ class StepTrace:
 class Outcome:
     """One prompt's evolution. `retries` counts the requests its engine sent again after a
     transient failure: how the transport went, not what was computed, so it is in the funnel
-    but never in a trace (a rerun through a flaky server writes the same trace)."""
+    but never in a trace (a rerun through a flaky server writes the same trace).
+
+    `question` and `answer` are the first turn. In a run of more than one turn
+    (`multi_turn`), `later_turns` holds the kept turns after it, in order, and `ended` why the
+    conversation stopped short of `pipeline.turns` (`TURN_REASONS`; None if it did not)."""
 
     index: int
     base_prompt: str
@@ -132,6 +178,9 @@ class Outcome:
     fixer_ran: bool = False
     steps: list[StepTrace] = field(default_factory=list)
     retries: int = 0
+    multi_turn: bool = False
+    later_turns: list[tuple[str, str]] = field(default_factory=list)
+    ended: str | None = None
 
     @property
     def kept(self) -> bool:
@@ -146,6 +195,11 @@ class Outcome:
         return sum(s.completion_tokens for s in self.steps)
 
     @property
+    def turns(self) -> int:
+        """How many turns the record holds (0 for a dropped one)."""
+        return 1 + len(self.later_turns) if self.kept and self.question is not None else 0
+
+    @property
     def operators(self) -> list[str]:
         """The depth operators drawn for this prompt, in order (none where the run draws
         none: its depth steps are all `constraints`)."""
@@ -153,14 +207,20 @@ class Outcome:
 
     def to_dict(self) -> dict[str, Any]:
         """The outcome as JSON data; `operators` is there only where operators were drawn,
-        so outcomes of runs without them read as they always have."""
+        and the turns (`later_turns`, the count `turns`, `ended` where a conversation ended
+        early) only in runs of more than one turn, so outcomes of runs without them read as
+        they always have."""
         data = asdict(self)
-        del data["retries"]
-        data["steps"] = [step.to_dict() for step in self.steps]
+        del data["retries"], data["multi_turn"], data["later_turns"], data["ended"]
+        del data["steps"]  # after what this run's outcomes hold besides
+        if self.multi_turn:
+            data["later_turns"] = [{"question": q, "answer": a} for q, a in self.later_turns]
+            data["turns"] = self.turns
+            if self.ended is not None:
+                data["ended"] = self.ended
         if self.operators:
-            steps = data.pop("steps")
             data["operators"] = self.operators
-            data["steps"] = steps
+        data["steps"] = [step.to_dict() for step in self.steps]
         return {**data, "kept": self.kept}
 
 
@@ -171,6 +231,10 @@ FUNNEL_COUNTS = ("prompts", "kept", "fixer_ran", "prompt_tokens", "completion_to
 OPTIONAL_COUNTS = ("retries",)
 # The funnel's counts by depth operator, held only by funnels of runs that draw operators.
 OPERATOR_COUNTS = ("operators", "operators_kept")
+# The funnel's counts of conversations, held only by funnels of runs of more than one turn
+# that kept a record or ended a conversation early: kept records by how many turns they hold
+# ("1", "2", ...), and conversations that ended early (`failed_turn: keep`) by reason.
+TURN_COUNTS = ("turns", "turns_ended")
 
 
 @dataclass
@@ -178,7 +242,9 @@ class Tally:
     """The funnel: counts over many outcomes. The one place they are added up, whether from
     outcomes (a chunk, `zoi generate`) or from other funnels (the chunks' done markers, for
     `zoi run`'s progress and summary and for `zoi status`). `operators` counts the depth
-    steps each operator ran, `operators_kept` those of them in kept records."""
+    steps each operator ran, `operators_kept` those of them in kept records; `turns` counts
+    the kept records of a multi-turn run by their number of turns, `turns_ended` the
+    conversations among them that ended early, by the reason (`TURN_REASONS`)."""
 
     prompts: int = 0
     kept: int = 0
@@ -189,12 +255,18 @@ class Tally:
     retries: int = 0
     operators: Counter[str] = field(default_factory=Counter)
     operators_kept: Counter[str] = field(default_factory=Counter)
+    turns: Counter[str] = field(default_factory=Counter)
+    turns_ended: Counter[str] = field(default_factory=Counter)
 
     def add(self, outcome: Outcome) -> None:
         self.prompts += 1
         if outcome.kept:
             self.kept += 1
             self.operators_kept.update(outcome.operators)
+            if outcome.multi_turn:
+                self.turns[str(outcome.turns)] += 1
+            if outcome.ended is not None:
+                self.turns_ended[outcome.ended] += 1
         else:
             self.dropped[outcome.drop_reason or "unknown"] += 1
         self.operators.update(outcome.operators)
@@ -211,6 +283,8 @@ class Tally:
         self.dropped.update(other.dropped)
         self.operators.update(other.operators)
         self.operators_kept.update(other.operators_kept)
+        self.turns.update(other.turns)
+        self.turns_ended.update(other.turns_ended)
         self.fixer_ran += other.fixer_ran
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
@@ -229,8 +303,8 @@ class Tally:
         """The funnel `as_dict` wrote, as a done marker holds it (`shards` checks it first)."""
         counts = {name: data[name] for name in FUNNEL_COUNTS}
         counts.update({name: data[name] for name in OPTIONAL_COUNTS if name in data})
-        by_operator = {name: Counter(data.get(name, {})) for name in OPERATOR_COUNTS}
-        return cls(**counts, dropped=Counter(data["dropped"]), **by_operator)
+        by_name = {name: Counter(data.get(name, {})) for name in OPERATOR_COUNTS + TURN_COUNTS}
+        return cls(**counts, dropped=Counter(data["dropped"]), **by_name)
 
     def as_dict(self) -> dict[str, Any]:
         """The funnel as a done marker holds it; the operator counts only where operators
@@ -243,6 +317,10 @@ class Tally:
         for name in OPERATOR_COUNTS:
             del data[name]  # asdict rebuilds a Counter from pairs: taken from self instead
             if self.operators:
+                data[name] = dict(sorted(getattr(self, name).items()))
+        for name in TURN_COUNTS:  # likewise, for a run of one turn
+            del data[name]
+            if self.turns or self.turns_ended:
                 data[name] = dict(sorted(getattr(self, name).items()))
         return data
 
@@ -287,8 +365,12 @@ class Pipeline:
 
     async def evolve(self, index: int) -> Outcome:
         outcome = Outcome(index=index, base_prompt=self.source.prompt(index))
+        outcome.multi_turn = self.settings.turns > 1
         try:
-            outcome.question, outcome.answer = await self._evolve(outcome)
+            question, answer = await self._evolve(outcome)
+            if outcome.multi_turn:
+                outcome.later_turns = await self._later_turns(outcome, question, answer)
+            outcome.question, outcome.answer = question, answer
         except _Dropped as drop:
             outcome.drop_reason = drop.reason
         return outcome
@@ -313,6 +395,42 @@ class Pipeline:
             o, "answer", question=question, refusal_marker=self.settings.refusal_marker
         )
         _drop_if(await asyncio.to_thread(self.filters.answer, answer, o.steps[-1].finish_reason))
+        return question, answer
+
+    async def _later_turns(self, o: Outcome, question: str, answer: str) -> list[tuple[str, str]]:
+        """The turns after the first, until the conversation has `pipeline.turns` or one
+        fails: then the conversation ends at its last good turn, the reason in `o.ended`
+        (`failed_turn: keep`), or the record is dropped as `turn_<reason>` (`drop`)."""
+        turns = [(question, answer)]
+        for turn in range(2, self.settings.turns + 1):
+            try:
+                turns.append(await self._turn(o, turns, turn))
+            except _Dropped as failed:
+                if self.settings.failed_turn == "drop":
+                    raise _Dropped(f"turn_{failed.reason}") from None
+                o.ended = failed.reason
+                break
+        return turns[1:]
+
+    async def _turn(self, o: Outcome, turns: list[tuple[str, str]], turn: int) -> tuple[str, str]:
+        """Turn `turn` of the conversation `turns`: the user's next question, judged with the
+        conversation and filtered as the first question is, then its answer, asked with
+        every earlier turn as chat messages and filtered as the first answer is."""
+        conversation = conversation_text(turns)
+        trace = StepTrace(step="follow_up", turn=turn)
+        question = await self._ask(o, trace, None, {"conversation": conversation})
+        if not question:
+            raise _Dropped("follow_up_empty")
+        values = {"conversation": conversation, "question": question}
+        if not await self._verdict(o, JudgeKind.FOLLOW_UP, "follow_up_judge", values, turn):
+            raise _Dropped(rejection("follow_up", o.steps[-1].verdict))
+        _drop_if(await asyncio.to_thread(self.filters.question, question))
+        trace = StepTrace(step="answer", turn=turn)
+        values = {"question": question, "refusal_marker": self.settings.refusal_marker}
+        answer = await self._ask(o, trace, None, values, earlier=turns)
+        if not answer:
+            raise _Dropped("answer_empty")
+        _drop_if(await asyncio.to_thread(self.filters.answer, answer, trace.finish_reason))
         return question, answer
 
     async def _depth_steps(self, o: Outcome, prompt: str) -> str:
@@ -356,10 +474,15 @@ class Pipeline:
         return await self._verdict(o, kind, "judge", {"prompt": prompt})
 
     async def _verdict(
-        self, o: Outcome, kind: JudgeKind, template: str, values: dict[str, str]
+        self,
+        o: Outcome,
+        kind: JudgeKind,
+        template: str,
+        values: dict[str, str],
+        turn: int | None = None,
     ) -> bool:
         """A judge's はい, if it is one and trusted (`min_judge_confidence`)."""
-        trace = StepTrace(step="judge", judge=kind)
+        trace = StepTrace(step="judge", judge=kind, turn=turn)
         verdict = await self._ask(o, trace, JUDGE_CHOICES, values, template)
         if verdict not in JUDGE_CHOICES:
             trace.error = f"not one of the choices: {verdict!r}"
@@ -375,12 +498,21 @@ class Pipeline:
         choices: tuple[str, ...] | None,
         values: dict[str, str],
         template: str | None = None,
+        earlier: list[tuple[str, str]] | None = None,
     ) -> str:
         """One request of the prompt, made from `template` (the step's own by default),
-        traced in `trace`."""
+        traced in `trace`; `earlier`, the conversation before a later turn's answer."""
         step = trace.step
         request = self.request(
-            o.index, step, choices, values, judge=trace.judge, depth=trace.depth, template=template
+            o.index,
+            step,
+            choices,
+            values,
+            judge=trace.judge,
+            depth=trace.depth,
+            template=template,
+            turn=trace.turn,
+            earlier=earlier,
         )
         o.steps.append(trace)
         try:
@@ -408,12 +540,16 @@ class Pipeline:
         judge: JudgeKind | None = None,
         depth: int | None = None,
         template: str | None = None,
+        turn: int | None = None,
+        earlier: list[tuple[str, str]] | None = None,
     ) -> Request:
         """The request of one step of prompt `index`: the step's sampling and seed, its
-        messages from `template` (a depth operator's or the no-gain judge's), or else from
-        the step's own."""
+        messages from `template` (a depth operator's, the no-gain judge's, the follow-up
+        judge's), or else from the step's own, after the `earlier` turns of a conversation
+        (a later turn's answer)."""
         override = getattr(self.config.sampling, step)
-        messages = self.templates.step(template or step).messages(**values)
+        chosen = self.templates.step(template or step)
+        messages = chosen.continued(earlier, **values) if earlier else chosen.messages(**values)
 
         def pick(name: str) -> Any:
             value = getattr(override, name)
@@ -425,7 +561,7 @@ class Pipeline:
             max_tokens=pick("max_tokens"),
             temperature=pick("temperature"),
             top_p=pick("top_p"),
-            seed=request_seed(self.config.seed, index, step, judge, depth),
+            seed=request_seed(self.config.seed, index, step, judge, depth, turn),
             choices=choices,
             repetition_penalty=pick("repetition_penalty"),
         )

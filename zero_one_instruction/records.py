@@ -8,7 +8,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -34,18 +34,25 @@ def writable(text: str) -> str:
     return _SURROGATE.sub(REPLACEMENT, text)
 
 
-def original_record(record_id: str, question: str, answer: str, system: str) -> dict[str, Any]:
-    """`id`, `input`, `output` and a ShareGPT-style `conversation`, as the original wrote."""
-    return {
-        "id": record_id,
-        "input": question,
-        "output": answer,
-        "conversation": [
-            {"from": "system", "value": system},
-            {"from": "human", "value": question},
-            {"from": "gpt", "value": answer},
-        ],
-    }
+def original_record(
+    record_id: str,
+    question: str,
+    answer: str,
+    system: str,
+    later: Sequence[tuple[str, str]] = (),
+) -> dict[str, Any]:
+    """`id`, `input`, `output` and a ShareGPT-style `conversation`, as the original wrote.
+    A conversation of more than one turn has the `later` turns after the first in its
+    `conversation`; `input` and `output` stay the first turn, so the schema holds."""
+    conversation = [
+        {"from": "system", "value": system},
+        {"from": "human", "value": question},
+        {"from": "gpt", "value": answer},
+    ]
+    for later_question, later_answer in later:
+        conversation.append({"from": "human", "value": later_question})
+        conversation.append({"from": "gpt", "value": later_answer})
+    return {"id": record_id, "input": question, "output": answer, "conversation": conversation}
 
 
 def dumps(obj: Any) -> str:

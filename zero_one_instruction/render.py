@@ -8,6 +8,7 @@ script that calls the library render them the same way or not at all.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,7 @@ def summary(tally: Tally, seconds: float, timing: str = "") -> str:
     lines += [
         f"fixer ran {tally.fixer_ran}",
         *operators(tally.operators, tally.operators_kept),
+        *turns(tally.turns, tally.turns_ended),
         f"tokens    {tally.prompt_tokens} prompt + {tally.completion_tokens} generated",
         f"time      {seconds:.1f} s ({per_second(tally.kept, seconds):.2f} records/s, "
         f"{per_second(tally.tokens, seconds):.0f} tokens/s{timing})",
@@ -59,6 +61,20 @@ def operators(ran: Mapping[str, int], kept: Mapping[str, int]) -> list[str]:
     names = sorted(ran, key=lambda name: OPERATORS.index(name) if name in OPERATORS else 99)
     shown = ", ".join(f"{name} {ran[name]} ({kept.get(name, 0)} kept)" for name in names)
     return [f"operators {shown}"]
+
+
+def turns(records: Mapping[str, int], ended: Mapping[str, int]) -> list[str]:
+    """The kept records of a multi-turn run by how many turns they hold, and why those
+    whose conversation ended early ended: a line only for a run of more than one turn."""
+    if not records and not ended:
+        return []
+    counts = sorted(records.items(), key=lambda item: -int(item[0]) if item[0].isdigit() else 0)
+    shown = ", ".join(f"{n} turn{'' if n == '1' else 's'} {count}" for n, count in counts)
+    lines = [f"turns     {shown} (kept records by their turns)"]
+    if ended:
+        shown = ", ".join(f"{reason} {n}" for reason, n in Counter(ended).most_common())
+        lines.append(f"  ended early: {shown}")
+    return lines
 
 
 def all_failed(tally: Tally) -> str | None:
@@ -108,6 +124,7 @@ _JUDGE_LABELS = {
     JudgeKind.AFTER_FIX: "judge after fix",
     JudgeKind.FINAL: "final judge",
     JudgeKind.SAME_REQUEST: "no-gain judge",
+    JudgeKind.FOLLOW_UP: "follow-up judge",
 }
 
 
@@ -120,7 +137,9 @@ def outcome(outcome: Outcome) -> str:
         elif step.depth is not None:
             label = f"depth {step.depth + 1}" + (f" {step.operator}" if step.operator else "")
         else:
-            label = step.step
+            label = step.step.replace("_", "-")
+        if step.turn is not None:  # a later turn of a conversation
+            label = f"turn {step.turn} {label}"
         tokens = f"{step.prompt_tokens}+{step.completion_tokens} tokens"
         head = f"--- {label} ({tokens}, {step.finish_reason or 'no finish reason'})"
         lines.append(click.style(head, fg="cyan"))
@@ -211,6 +230,7 @@ def status(state: RunStatus, as_json: bool = False) -> str:
     for reason, count in state.dropped.items():
         lines.append(f"  {reason:<{width}} {count:>8}  {DROP_REASONS.get(reason, '')}")
     lines += operators(state.operators, state.operators_kept)
+    lines += turns(state.turns, state.turns_ended)
     recent = state.recent
     lines += [
         f"tokens    {state.tokens['prompt']} prompt + {state.tokens['completion']} generated",

@@ -105,6 +105,9 @@ def _run_figures(
     if tally.operators:  # the depth steps by operator, for a run that draws operators
         funnel["operators"] = dict(tally.operators.most_common())
         funnel["operators_kept"] = dict(tally.operators_kept.most_common())
+    if tally.turns or tally.turns_ended:  # the conversations, for a run of several turns
+        funnel["turns"] = dict(sorted(tally.turns.items()))
+        funnel["turns_ended"] = dict(tally.turns_ended.most_common())
     source = {"kind": "run", "path": str(run_dir), **reader.coverage.figures()}
     tasks = extras.coverage.figures() if extras.coverage is not None else not_available(why_not)
     return {"source": source, "funnel": funnel, "task_coverage": tasks}

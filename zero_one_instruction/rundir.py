@@ -24,6 +24,7 @@ from .config import (
     Config,
     check_engine_arguments,
     config_data,
+    hide_sampling_defaults,
 )
 from .errors import ZoiError
 from .prompt_sources import PromptSource, load_source
@@ -119,6 +120,7 @@ def data_spec(
     for key, before in ADDED_PIPELINE_SETTINGS.items():
         if spec["pipeline"][key] == before:
             del spec["pipeline"][key]
+    hide_sampling_defaults(spec)
     spec["prompts"] = {
         "source": config.prompts.source,
         "field": config.prompts.field,

@@ -27,7 +27,7 @@ from . import shards
 from .enginehost import EngineHost
 from .jobs import RefusedJob
 from .liveprogress import LiveBoard
-from .pipeline import OPERATOR_COUNTS, Outcome
+from .pipeline import OPERATOR_COUNTS, TURN_COUNTS, Outcome
 from .rundir import Chunk, Run
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def _log_chunk(run: Run, marker: dict[str, Any]) -> None:
         "records": funnel["kept"],
         "dropped": funnel["dropped"],
         "retries": retries,
-        **{name: funnel[name] for name in OPERATOR_COUNTS if name in funnel},
+        **{name: funnel[name] for name in OPERATOR_COUNTS + TURN_COUNTS if name in funnel},
         "seconds": marker["seconds"],
         "tokens_per_s": round(funnel["completion_tokens"] / seconds, 1),
     }

@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from .encoder import meta_line, record_line
-from .pipeline import FUNNEL_COUNTS, OPERATOR_COUNTS, OPTIONAL_COUNTS, Outcome, Tally
+from .pipeline import (
+    FUNNEL_COUNTS,
+    OPERATOR_COUNTS,
+    OPTIONAL_COUNTS,
+    TURN_COUNTS,
+    Outcome,
+    Tally,
+)
 from .records import atomic_file, dumps
 from .rundir import Chunk, Run
 
@@ -206,7 +213,23 @@ def readable_funnel(funnel: Any) -> bool:
         return False
     if not all(_counts(funnel[name]) for name in OPERATOR_COUNTS if name in funnel):
         return False  # the depth steps by operator, in funnels of runs that draw them
+    if not _turns_fit(funnel):
+        return False
     return bool(funnel["kept"] + sum(dropped.values()) == funnel["prompts"])
+
+
+def _turns_fit(funnel: dict[str, Any]) -> bool:
+    """The conversations of a multi-turn run's funnel, where it has them: kept records by
+    their number of turns (a number from 1 up), as many as it kept, and the conversations
+    that ended early, no more than those records of fewer turns than the most."""
+    if not any(name in funnel for name in TURN_COUNTS):
+        return True
+    if not all(_counts(funnel.get(name)) for name in TURN_COUNTS):
+        return False
+    records, ended = funnel["turns"], funnel["turns_ended"]
+    if not all(n.isdigit() and not n.startswith("0") for n in records):
+        return False
+    return sum(records.values()) == funnel["kept"] and sum(ended.values()) <= funnel["kept"]
 
 
 def _counts(value: Any) -> bool:

@@ -54,15 +54,20 @@ class RunStatus:
     endpoints: list[EndpointFigures] = field(default_factory=list)
     operators: dict[str, int] = field(default_factory=dict)
     operators_kept: dict[str, int] = field(default_factory=dict)
+    turns: dict[str, int] = field(default_factory=dict)
+    turns_ended: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """`zoi status --json`. `endpoints` is there only when an engine reports them, and
         the depth steps by operator only for a run that draws operators, so a run on GPUs
-        with the default depth step reads as before."""
+        with the default depth step reads as before; the same for the turns, only in a run of
+        more than one turn."""
         data = asdict(self)
         del data["endpoints"]
         if not self.operators:
             del data["operators"], data["operators_kept"]
+        if not self.turns and not self.turns_ended:
+            del data["turns"], data["turns_ended"]
         if self.endpoints:
             data["endpoints"] = [figures.as_dict() for figures in self.endpoints]
         return data
@@ -197,4 +202,6 @@ def _summarise(
         endpoints=fleet(read_endpoints(connection, run).values()) if connection else [],
         operators=dict(funnel.operators),
         operators_kept=dict(funnel.operators_kept),
+        turns=dict(sorted(funnel.turns.items())),
+        turns_ended=dict(funnel.turns_ended.most_common()),
     )

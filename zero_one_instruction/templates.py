@@ -12,7 +12,7 @@ sent to the model as written, so they are refused by name instead of silently no
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -52,12 +52,24 @@ PLACEHOLDERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "reasoning": (frozenset({"prompt"}), frozenset()),
     "complicate_input": (frozenset({"prompt"}), frozenset()),
     "same_request": (frozenset({"before", "after"}), frozenset()),
+    # The follow-up question of a multi-turn run (`pipeline.turns`) and its judge, which
+    # reads it with the conversation: 「それはなぜですか」 alone is no request at all.
+    "follow_up": (frozenset({"conversation"}), frozenset()),
+    "follow_up_judge": (frozenset({"conversation", "question"}), frozenset()),
 }
-OPTIONAL = ("deepen", "concretize", "reasoning", "complicate_input", "same_request")
+OPTIONAL = (
+    "deepen",
+    "concretize",
+    "reasoning",
+    "complicate_input",
+    "same_request",
+    "follow_up",
+    "follow_up_judge",
+)
 KEYS = ("output_system_prompt", *PLACEHOLDERS)
 # The templates whose reply is a judge's verdict: constrained to these words, so are their
 # examples' replies.
-JUDGES = ("judge", "same_request")
+JUDGES = ("judge", "same_request", "follow_up_judge")
 # Names a template had before: a user's file may still use them. `base_prompt` was `seed`,
 # which now only ever means the random seed.
 OLD_NAMES = {"seed": "base_prompt"}
@@ -66,6 +78,17 @@ OLD_NAMES = {"seed": "base_prompt"}
 FROZEN_NAMES = {new: old for old, new in OLD_NAMES.items()}
 # What a judge example may reply: the judge is constrained to these two words.
 JUDGE_REPLIES = ("はい", "いいえ")
+# How `{conversation}` shows who said what: the follow-up templates name these labels, so
+# they are scaffolding a follow-up question must not copy (`detectors.scaffolding`).
+SPEAKERS = ("ユーザー: ", "アシスタント: ")
+
+
+def conversation_text(turns: Sequence[tuple[str, str]]) -> str:
+    """A conversation as the follow-up templates read it (`{conversation}`): each question
+    and answer on its own block after its speaker's label, turns in order, blank lines
+    between."""
+    user, assistant = SPEAKERS
+    return "\n\n".join(f"{user}{question}\n\n{assistant}{answer}" for question, answer in turns)
 
 
 def _lone_brace(text: str, at: int) -> str:
@@ -161,6 +184,18 @@ class StepTemplate:
         chat.append(("user", render(self.user, values)))
         return chat
 
+    def continued(self, earlier: Sequence[tuple[str, str]], **values: str) -> list[tuple[str, str]]:
+        """The chat of `messages` with a conversation's earlier turns before its last user
+        message: each earlier question filled into the user message as `question` is, then
+        its answer as the assistant's. With no earlier turns it is `messages` exactly, so a
+        conversation's first answer is asked as every single-turn answer is."""
+        chat = self.messages(**values)
+        before = []
+        for question, answer in earlier:
+            before.append(("user", render(self.user, {**values, "question": question})))
+            before.append(("assistant", answer))
+        return chat[:-1] + before + chat[-1:]
+
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"user": self.user}
         if self.system is not None:
@@ -185,6 +220,8 @@ class Templates:
     reasoning: StepTemplate
     complicate_input: StepTemplate
     same_request: StepTemplate
+    follow_up: StepTemplate
+    follow_up_judge: StepTemplate
 
     def step(self, name: str) -> StepTemplate:
         return getattr(self, name)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
-Step = Literal["width", "judge", "fix", "depth", "flatten", "answer"]
+Step = Literal["width", "judge", "fix", "depth", "flatten", "answer", "follow_up"]
 
 
 class Message(NamedTuple):

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STEPS: tuple[Step, ...] = ("width", "judge", "fix", "depth", "flatten", "answer")
+STEPS: tuple[Step, ...] = ("width", "judge", "fix", "depth", "flatten", "answer", "follow_up")
 # Request body fields the engine sets itself: `engine_kwargs` (extra fields for every request,
 # such as vLLM's `top_k` or `min_p`) may not replace them.
 OWN_FIELDS = frozenset(
