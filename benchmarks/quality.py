@@ -40,6 +40,7 @@ from zero_one_instruction.operators import OPERATORS, TEMPLATES
 from zero_one_instruction.pipeline import JUDGE_CHOICES, NO, YES, JudgeKind, Pipeline
 from zero_one_instruction.prompt_sources import _builtin_list, load_source
 from zero_one_instruction.templates import Templates, load_templates
+from zero_one_instruction.textstats import distinct_ngram_ratio
 
 from .common import ROOT, SCRIPTED, machine, table, zoi
 
@@ -116,7 +117,12 @@ def chinese_chars(text: str) -> str:
 
 # The templates beyond the original steps' (depth operators, the no-gain judge): copying
 # their instructions into a question is a leak too, whether or not the run sent them.
-OPTIONAL_STEPS = (*(t for t in TEMPLATES.values() if t != "depth"), "same_request")
+OPTIONAL_STEPS = (
+    *(t for t in TEMPLATES.values() if t != "depth"),
+    "same_request",
+    "follow_up",
+    "follow_up_judge",
+)
 # A run of this many characters of a template's instructions, found in a question, was
 # copied from the template (shorter runs are common phrasing, like 「を説明してください。」).
 FRAGMENT_CHARS = 14
@@ -160,13 +166,27 @@ def looks_like_answer(text: str) -> bool:
 
 
 def stage(step: dict[str, Any]) -> str:
-    """The funnel stage of one step trace: judges are told apart by their kind."""
-    return JUDGES.get(step["attempt"], "judge") if step["step"] == "judge" else step["step"]
+    """The funnel stage of one step trace: judges are told apart by their kind, and the
+    steps of a later turn by the turn (`turn 2 answer`)."""
+    name = JUDGES.get(step["attempt"], "judge") if step["step"] == "judge" else step["step"]
+    return f"turn {step['turn']} {step['step']}" if "turn" in step else name
+
+
+def first_turn(outcome: dict[str, Any]) -> dict[str, Any]:
+    """The outcome as far as its first turn goes: a multi-turn run's first turn is asked
+    as a single-turn run asks it, so its figures compare with a single-turn run's."""
+    return {**outcome, "steps": [s for s in outcome["steps"] if "turn" not in s]}
+
+
+def later_stages(outcomes: list[dict[str, Any]]) -> list[str]:
+    """The later turns' stages that occur, in turn order: follow-up, its judge, answer."""
+    turns = sorted({s["turn"] for o in outcomes for s in o["steps"] if "turn" in s})
+    return [f"turn {t} {step}" for t in turns for step in ("follow_up", "judge", "answer")]
 
 
 def truncated(outcome: dict[str, Any]) -> bool:
     """The answer stopped at max_tokens."""
-    answers = [s for s in outcome["steps"] if s["step"] == "answer"]
+    answers = [s for s in outcome["steps"] if s["step"] == "answer" and "turn" not in s]
     return bool(answers) and answers[-1]["finish_reason"] == "length"
 
 
@@ -175,10 +195,12 @@ def funnel(outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     (by reason). A first-judge いいえ with the fixer on is not a drop: the prompt goes on to
     the fixer. Answer filters (refused, too short, truncated) count at the answer stage."""
     rows = []
-    for name in STAGES:
+    for name in STAGES + later_stages(outcomes):
         reached = [o for o in outcomes if any(stage(s) == name for s in o["steps"])]
         dropped = Counter(
-            o["drop_reason"] for o in reached if not o["kept"] and stage(o["steps"][-1]) == name
+            o["drop_reason"] if not o["kept"] else o["ended"]
+            for o in reached
+            if (not o["kept"] or "ended" in o) and stage(o["steps"][-1]) == name
         )
         said_no = sum(
             1 for o in reached for s in o["steps"] if stage(s) == name and s["verdict"] is False
@@ -188,7 +210,7 @@ def funnel(outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "stage": name,
                 "reached": len(reached),
                 "passed": len(reached) - sum(dropped.values()),
-                "said_no": said_no if name.startswith("judge") else None,
+                "said_no": said_no if "judge" in name else None,
                 "dropped": dict(sorted(dropped.items())),
             }
         )
@@ -236,6 +258,33 @@ def summarize(outcomes: list[dict[str, Any]], fragments: tuple[str, ...] = ()) -
         "width_outputs": len(widths),
         "width_leaks": sum(1 for t in widths if leaks(t, fragments)),
         "width_answer_like": sum(1 for t in widths if looks_like_answer(t)),
+        **({"later_turns": later_turns(kept, fragments)} if later_stages(outcomes) else {}),
+    }
+
+
+def later_turns(kept: list[dict[str, Any]], fragments: tuple[str, ...]) -> dict[str, Any]:
+    """The first checks again over the kept records' later turns (a follow-up question and
+    its answer), and how varied the follow-up questions are."""
+    pairs = [(t["question"], t["answer"]) for o in kept for t in o.get("later_turns", [])]
+    questions = [q for q, _ in pairs]
+    cut = sum(
+        1
+        for o in kept
+        for s in o["steps"]
+        if "turn" in s and s["step"] == "answer" and s["finish_reason"] == "length"
+    )
+    return {
+        "records_with_more_turns": sum(1 for o in kept if o.get("later_turns")),
+        "turns": len(pairs),
+        "mostly_japanese": sum(1 for q, a in pairs if mostly_japanese(q) and mostly_japanese(a)),
+        "with_chinese": sum(1 for q, a in pairs if chinese_chars(q + a)),
+        "with_leaks": sum(1 for q in questions if leaks(q, fragments)),
+        "answer_like": sum(1 for q in questions if looks_like_answer(q)),
+        "truncated": cut,
+        "ended": dict(sorted(Counter(o["ended"] for o in kept if "ended" in o).items())),
+        "distinct_question": {
+            str(n): distinct_ngram_ratio(questions, n) for n in (1, 2, 3) if questions
+        },
     }
 
 
@@ -561,8 +610,43 @@ def operator_table(result: dict[str, Any]) -> str:
     return table(["operator", "depth steps", "in kept records"], rows)
 
 
+def later_table(results: Iterable[dict[str, Any]]) -> str:
+    rows = []
+    for r in results:
+        t = r.get("later_turns")
+        if not t:
+            continue
+        rows.append(
+            [
+                r["set"],
+                _percent(t["records_with_more_turns"], r["kept"]),
+                _percent(t["mostly_japanese"], t["turns"]),
+                str(t["with_chinese"]),
+                str(t["with_leaks"]),
+                str(t["answer_like"]),
+                str(t["truncated"]),
+                _shares(t["distinct_question"]) if t["distinct_question"] else "-",
+                _reasons(t["ended"]),
+            ]
+        )
+    header = [
+        "set",
+        "kept records with a 2nd turn",
+        "later turns, mostly Japanese",
+        "with Chinese-only chars",
+        "follow-ups with leaks",
+        "follow-up is an answer",
+        "later answers truncated",
+        "follow-ups: distinct 1/2/3-grams",
+        "ended early",
+    ]
+    return table(header, rows)
+
+
 def report(results: list[dict[str, Any]]) -> str:
     parts = [quality_table(results), "", diversity_table(results)]
+    if any(r.get("later_turns") for r in results):
+        parts += ["", later_table(results)]
     if results and "judge_check" in results[0]:
         parts.append("\n" + judge_line(results[0]["judge_check"]))
     for r in results:

@@ -203,3 +203,42 @@ def test_copied_template_sentences_count_as_leaks(tmp_path: Path) -> None:
         "手本と同じ分野で、新しい依頼文を一つだけ書いてください。"
     ]
     assert quality.leaks("猫の飼い方を分野ごとに教えてください。", fragments) == []
+
+
+def test_operators_and_turns_are_measured_per_turn(tmp_path: Path) -> None:
+    """Settings given as dotted keys reach the run; each depth step counts under its
+    operator; a later turn that the follow-up judge rejects ends its conversation (kept, with
+    its first turn) and is counted at that turn's judge, not at the first turn's; the first
+    turn's checks look at the first answer only."""
+    rules = {
+        "ok": {"flatten": "雨の日に家で楽しめる過ごし方を教えてください。"},
+        "cut": {"answer#2": "!length:二つ目の回答が途中で切れ"},
+        "no": {"judge@follow_up#2": "いいえ"},
+    }
+    settings = {
+        "engine_kwargs": {"rules": rules},
+        "pipeline.turns": 2,
+        "pipeline.depth_steps": 2,
+        "pipeline.depth_operators": {"deepen": 1, "reasoning": 1},
+    }
+    prompts = [f"case={name} 質問です" for name in rules]
+    result = quality.run_set(tmp_path, "t", prompts, None, None, settings)
+    assert result["kept"] == 3 and result["kept_truncated"] == []
+    assert set(result["operators"]) <= {"deepen", "reasoning"}
+    assert sum(row["ran"] for row in result["operators"].values()) == 6
+    rows = {r["stage"]: r for r in result["funnel"]}
+    assert rows["turn 2 judge"]["dropped"] == {"follow_up_rejected": 1}
+    assert rows["turn 2 judge"]["said_no"] == 1 and rows["judge (final)"]["said_no"] == 0
+    later = result["later_turns"]
+    assert (later["records_with_more_turns"], later["turns"], later["truncated"]) == (2, 2, 1)
+    assert later["ended"] == {"follow_up_rejected": 1}
+    assert result["diversity"]["exact_duplicate_questions"] == 0
+    assert "| turn 2 judge | 3 | 2/3 (67%) | 1 | follow_up_rejected 1 |" in quality.report([result])
+
+
+def test_a_setting_is_key_equals_yaml_value() -> None:
+    assert quality.parse_setting("pipeline.depth_operators={deepen: 1}") == (
+        "pipeline.depth_operators",
+        {"deepen": 1},
+    )
+    assert quality.parse_setting("pipeline.turns=2") == ("pipeline.turns", 2)
