@@ -9,7 +9,9 @@ import asyncio
 import pytest
 
 from zero_one_instruction import render
+from zero_one_instruction.config import PipelineSettings
 from zero_one_instruction.detectors import filler, scaffolding
+from zero_one_instruction.filters import Filters
 from zero_one_instruction.pipeline import DROP_REASONS, JudgeKind, Outcome, Tally, request_seed
 from zero_one_instruction.templates import load_templates
 
@@ -209,3 +211,14 @@ def test_an_answer_that_declines_at_length_is_an_answer() -> None:
         ["case=long"], engine_kwargs={"rules": rules}, pipeline={"drop_non_answers": True}
     )
     assert asyncio.run(pipeline.evolve(0)).kept
+
+
+def test_the_depth_rule_alone_leaves_final_questions_unchecked() -> None:
+    """Each rule is switched on its own: the depth rule loads the labels for depth's text,
+    which must not switch on the question filter (`drop_leaked_questions`) with it."""
+    labelled = "元の依頼文:\n東京の観光地を三つ紹介してください。"
+    depth_only = Filters.of(PipelineSettings(drop_depth_leaked=True), load_templates())
+    assert depth_only.depth("東京の観光地を紹介してください。", labelled) == "depth_leaked"
+    assert depth_only.question(labelled) is None
+    both = PipelineSettings(drop_depth_leaked=True, drop_leaked_questions=True)
+    assert Filters.of(both, load_templates()).question(labelled) == "question_leaked"

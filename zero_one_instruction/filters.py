@@ -71,7 +71,8 @@ class Filters:
     def question(self, question: str) -> str | None:
         """Why the final question is dropped, or None: checked before its answer is asked
         for, so a dropped question costs no answer request."""
-        if self.labels and leaked(question, self.labels) is not None:
+        leak_check = self.settings.drop_leaked_questions and self.labels
+        if leak_check and leaked(question, self.labels) is not None:
             return "question_leaked"
         if self._foreign(question):
             return "question_not_japanese"
