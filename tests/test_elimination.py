@@ -168,7 +168,7 @@ def test_the_operators_templates_are_scaffolding_only_where_they_are_sent() -> N
     """A run that sends the deepen template is checked for its request line; one that does
     not is checked for exactly what it was before operators existed."""
     templates = load_templates()
-    line = "この依頼文の最後に、話題を深く掘り下げる問いを一文付け加えてください。"
+    line = templates.deepen.user.splitlines()[-1]  # the one-line request after the material
     assert line not in scaffolding(templates)
     assert line in scaffolding(templates, ("deepen",))
     assert "書き直した依頼文:" in scaffolding(templates, ("same_request",))
