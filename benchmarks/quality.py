@@ -172,12 +172,6 @@ def stage(step: dict[str, Any]) -> str:
     return f"turn {step['turn']} {step['step']}" if "turn" in step else name
 
 
-def first_turn(outcome: dict[str, Any]) -> dict[str, Any]:
-    """The outcome as far as its first turn goes: a multi-turn run's first turn is asked
-    as a single-turn run asks it, so its figures compare with a single-turn run's."""
-    return {**outcome, "steps": [s for s in outcome["steps"] if "turn" not in s]}
-
-
 def later_stages(outcomes: list[dict[str, Any]]) -> list[str]:
     """The later turns' stages that occur, in turn order: follow-up, its judge, answer."""
     turns = sorted({s["turn"] for o in outcomes for s in o["steps"] if "turn" in s})

@@ -140,6 +140,22 @@ def test_weights_are_checked_and_kept_in_operator_order_without_zeros() -> None:
         {"model_name": "m", "pipeline": {"depth_operators": {"constraints": 1, "deepen": 0}}}, "c"
     )
     assert config.pipeline.default_operators  # a zero weight is "never", as left out
+    alone = parse_config(
+        {"model_name": "m", "pipeline": {"depth_operators": {"constraints": 3}}}, "c"
+    )
+    assert alone.pipeline.default_operators  # one operator of any weight is drawn every time
+
+
+def test_templates_of_steps_that_never_run_are_not_frozen() -> None:
+    pipeline = {
+        "depth_steps": 0,
+        "depth_operators": {"deepen": 1},
+        "drop_depth_no_gain": True,
+    }
+    config = parse_config({"model_name": "m", "pipeline": pipeline}, "c")
+    assert config.pipeline.optional_templates() == ()
+    config = parse_config({"model_name": "m", "pipeline": {**pipeline, "depth_steps": 1}}, "c")
+    assert config.pipeline.optional_templates() == ("deepen", "same_request")
 
 
 @pytest.mark.parametrize(
@@ -147,6 +163,7 @@ def test_weights_are_checked_and_kept_in_operator_order_without_zeros() -> None:
     [
         ("{deep: 1}", "unknown operator 'deep' (the operators: constraints, deepen,"),
         ("{deepen: -1}", "deepen: weight -1.0 is negative"),
+        ("{deepen: 1.0e+308, reasoning: 1}", "deepen: weight 1e+308 is above 1e+12"),
         ("{deepen: 0, constraints: 0}", "every weight is 0"),
         ("{}", "every weight is 0"),
         ("{deepen: yes}", "pipeline.depth_operators.deepen"),

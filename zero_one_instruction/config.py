@@ -221,8 +221,11 @@ class PipelineSettings(_Strict):
         operators', the no-gain judge's and, with more than one turn, the follow-up's and its
         judge's. Only these are frozen with a run, so the
         fingerprint of a run that uses none of them is what it always was."""
-        names = [TEMPLATES[name] for name in self.depth_operators if TEMPLATES[name] != "depth"]
-        if self.drop_depth_no_gain:
+        if not self.depth_steps:  # no depth step: no operator drawn, nothing to compare
+            names = []
+        else:
+            names = [TEMPLATES[o] for o in self.depth_operators if TEMPLATES[o] != "depth"]
+        if self.drop_depth_no_gain and self.depth_steps:
             names.append("same_request")
         if self.turns > 1:
             names += ["follow_up", "follow_up_judge"]

@@ -33,6 +33,8 @@ TEMPLATES: dict[str, str] = {
 }
 DEFAULT_WEIGHTS: dict[str, float] = {"constraints": 1.0}
 _SCALE = 2.0**64
+# Weights are relative; this bound keeps the sum of five of them finite.
+MAX_WEIGHT = 1e12
 
 
 def checked_weights(weights: Mapping[str, float]) -> dict[str, float]:
@@ -44,9 +46,13 @@ def checked_weights(weights: Mapping[str, float]) -> dict[str, float]:
             raise ValueError(f"unknown operator {name!r} (the operators: {', '.join(OPERATORS)})")
         if weight < 0:
             raise ValueError(f"{name}: weight {weight} is negative (0 means never)")
+        if weight > MAX_WEIGHT:  # their sum must stay a finite number for the draw
+            raise ValueError(f"{name}: weight {weight} is above {MAX_WEIGHT:g}")
     kept = {name: float(weights[name]) for name in OPERATORS if weights.get(name, 0) > 0}
     if not kept:
         raise ValueError("every weight is 0: give at least one operator a weight above 0")
+    if list(kept) == ["constraints"]:  # any weight of the one operator draws it every time
+        return dict(DEFAULT_WEIGHTS)
     return kept
 
 

@@ -227,7 +227,7 @@ def _turns_fit(funnel: dict[str, Any]) -> bool:
     if not all(_counts(funnel.get(name)) for name in TURN_COUNTS):
         return False
     records, ended = funnel["turns"], funnel["turns_ended"]
-    if not all(n.isdigit() and not n.startswith("0") for n in records):
+    if not all(n.isascii() and n.isdigit() and not n.startswith("0") for n in records):
         return False
     return sum(records.values()) == funnel["kept"] and sum(ended.values()) <= funnel["kept"]
 
