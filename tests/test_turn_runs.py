@@ -91,9 +91,18 @@ def test_generate_twice_and_the_queue_write_the_same_conversations(tmp_path: Pat
 
 
 def zoi_report(tmp_path: Path, *source: str) -> str:
-    """`zoi report`'s JSON figures of a run or a file."""
+    """`zoi report`'s JSON figures of a run or a file; its screen says which figures are the
+    first turn's, and why conversations ended early where it knows."""
     out = tmp_path / "report.json"
-    ok("report", *source, "--json", str(out))
+    shown = ok("report", *source, "--json", str(out))
+    figures = json.loads(out.read_text(encoding="utf-8"))
+    if "turns" in figures:
+        assert "(the figures below are the first turn's)" in shown
+        assert ("ended early:" in shown) == bool(
+            figures["funnel"] and "turns_ended" in figures["funnel"]
+        )
+    else:
+        assert "turns" not in shown
     return out.read_text(encoding="utf-8")
 
 

@@ -272,6 +272,9 @@ def data_report(report: DataReport) -> str:
     funnel = figures.get("funnel")
     if funnel:
         lines.append(f"prompts   {funnel['prompts']} ({funnel['kept']} kept)")
+    conversations = turns(figures.get("turns", {}), (funnel or {}).get("turns_ended", {}))
+    if conversations:  # a multi-turn file: the figures below look at the first turn
+        lines += [*conversations, "  (the figures below are the first turn's)"]
     duplicates, language, flags = figures["duplicates"], figures["language"], figures["flags"]
     counts = {
         "exact duplicate questions": duplicates["exact_duplicate_questions"],
