@@ -135,7 +135,11 @@ def test_judge_verdicts_at_temperature_1_are_only_the_two_choices(
     which answers noise, is in test_servedvllm.py). Both verdicts come up: the temperature
     reached the server."""
     out, trace = tmp_path / "out.jsonl", tmp_path / "trace.jsonl"
-    config = served_config(tmp_path, vllm_server.base_url, judge={"temperature": 1.0})
+    # A sampled path may spell いいえ byte by byte in the tiny model's vocabulary (9 tokens):
+    # the judge's default max_tokens of 8 cut one such verdict to 「いい」 (finish_reason
+    # length). The constraint is what this test is about, so the budget fits every path.
+    judge = {"temperature": 1.0, "max_tokens": 16}
+    config = served_config(tmp_path, vllm_server.base_url, judge=judge)
     generate(config, out, 12, "--trace", str(trace))
     outcomes = json_lines(trace)
     verdicts = [s["text"] for o in outcomes for s in o["steps"] if s["step"] == "judge"]
