@@ -14,7 +14,7 @@ from rq.job import Job, JobStatus
 
 from zero_one_instruction.janitor import MAX_ABANDONED, Janitor
 from zero_one_instruction.jobs import CHUNK_FUNCTION, chunk_queue
-from zero_one_instruction.rundir import create_or_open
+from zero_one_instruction.rundir import create_or_open, open_run
 
 from .queue_helpers import ENV, ZOI, Broker, enqueue_run, ok, scripted_config, zoi
 
@@ -129,3 +129,29 @@ def test_burst_worker_reports_chunks_that_ran_out_of_retries(tmp_path: Path) -> 
     assert "2 chunks failed after all their retries" in done.stderr
     state = json.loads(ok("status", "--run", str(run), "--json"))
     assert (state["chunks"]["done"], state["chunks"]["failed"]) == (2, 2)
+
+
+def test_a_worker_started_after_another_died_takes_no_retry_of_its_chunk(tmp_path: Path) -> None:
+    """RQ's maintenance at a worker's start retries expired chunks, spending a retry on each,
+    before the worker's first janitor sweep; a worker restarted after a crash must let its
+    janitor put the dead worker's chunk back first. The janitor here sweeps only after 30 s,
+    so only the worker's start can have put the chunk back."""
+    run_path = tmp_path / "run"
+    enqueue_run(scripted_config(tmp_path), run_path, 4, 4)
+    broker = Broker(run_path)
+    try:
+        queue = chunk_queue(broker.client, open_run(run_path))
+        (job_id,) = queue.get_job_ids()
+        job = Job.fetch(job_id, connection=queue.connection, serializer=queue.serializer)
+        queue.connection.lrem(queue.key, 1, job.id)  # a worker took it, started it and died
+        job.set_status(JobStatus.STARTED)
+        expired = time.time() - 5
+        queue.connection.zadd(queue.started_job_registry.key, {f"{job.id}:dead": expired})
+        done = zoi("worker", "--run", str(run_path), "--burst", "--heartbeat", "30", timeout=120)
+        assert done.returncode == 0, done.stderr
+        again = Job.fetch(job.id, connection=queue.connection, serializer=queue.serializer)
+        assert again.get_status() == JobStatus.FINISHED
+        assert again.retries_left == 3, "a dead worker must not cost the chunk a retry"
+        assert again.meta["abandoned"] == 1
+    finally:
+        broker.close()

@@ -58,6 +58,7 @@ HOOKS: list[tuple[type, str, list[str], str]] = [
         "ChunkWorker overrides it",
     ),
     (SimpleWorker, "teardown", ["self"], "ChunkWorker overrides it"),
+    (SimpleWorker, "clean_registries", ["self"], "ChunkWorker overrides it: janitors first"),
     (BaseDeathPenalty, "setup_death_penalty", ["self"], "worker._NoDeathPenalty"),
     (BaseDeathPenalty, "cancel_death_penalty", ["self"], "worker._NoDeathPenalty"),
     (Job, "perform", ["self"], "ChunkJob overrides it"),

@@ -3,7 +3,9 @@
 RQ notices an abandoned job only when someone cleans its started-job registry, and a job
 stranded between dequeue and start only after a minute. Every worker runs a janitor between
 heartbeats, and so does the `zoi run` launcher, so a dead worker's chunks come back within
-about a heartbeat TTL plus one sweep interval.
+about a heartbeat TTL plus one sweep interval. RQ's own maintenance, which would spend a retry
+on each of them, runs in a worker under the janitor's lock and after its sweep
+(`ChunkWorker.clean_registries`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from redis.exceptions import LockError
 from rq.job import Job, JobStatus
@@ -21,6 +23,7 @@ from . import rqinternals
 
 log = logging.getLogger(__name__)
 MAX_ABANDONED = 10
+LOCK_SECONDS = 60  # a janitor killed mid-sweep holds the lock no longer than this
 
 
 def _fetch(queue: Queue, job_id: str) -> Job | None:
@@ -41,21 +44,38 @@ class Janitor:
         self.queue, self.ttl, self.ours = queue, ttl, ours
         self._first_seen: dict[str, float] = {}
 
-    def sweep(self) -> None:
-        """One sweep, by one janitor at a time: RQ's registry cleanup reads a job and then
-        retries it, so two sweeps at once would put an abandoned chunk on the queue twice."""
+    @contextlib.contextmanager
+    def exclusive(self, wait: float = 0.0) -> Iterator[bool]:
+        """The queue's janitor lock, held by one janitor (or one RQ maintenance) at a time,
+        waiting up to `wait` seconds for it; yields whether it is held. RQ's registry cleanup
+        reads a job and then retries it, so two cleanups at once would put an abandoned chunk
+        on the queue twice."""
         lock = self.queue.connection.lock(
-            f"zoi:janitor:{self.queue.name}", timeout=60, blocking=False
+            f"zoi:janitor:{self.queue.name}",
+            timeout=LOCK_SECONDS,
+            blocking=wait > 0,
+            blocking_timeout=wait if wait > 0 else None,
         )
-        if not lock.acquire():
-            return
+        held = lock.acquire()
         try:
-            self._requeue_abandoned()
-            self.queue.started_job_registry.cleanup()
-            self._sweep_intermediate()
+            yield held
         finally:
-            with contextlib.suppress(LockError):
-                lock.release()
+            if held:
+                with contextlib.suppress(LockError):
+                    lock.release()
+
+    def sweep(self) -> None:
+        """One sweep, unless another janitor is sweeping right now."""
+        with self.exclusive() as held:
+            if held:
+                self.sweep_held()
+
+    def sweep_held(self) -> None:
+        """One sweep, by the holder of `exclusive`: the dead workers' chunks go back without
+        spending a retry before RQ's cleanup, which would spend one, sees them."""
+        self._requeue_abandoned()
+        self.queue.started_job_registry.cleanup()
+        self._sweep_intermediate()
 
     def _requeue_abandoned(self) -> None:
         """Put chunks whose worker died back at the front of the queue without spending a

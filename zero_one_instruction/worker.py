@@ -19,6 +19,7 @@ janitor, which returns chunks of dead workers to the queue.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
@@ -54,6 +55,7 @@ from .rundir import Run
 from .runner import ChunkRunner
 
 log = logging.getLogger(__name__)
+MAINTENANCE_WAIT = 10.0  # seconds RQ's maintenance waits for a janitor's sweep to end
 
 
 class WorkerStopped(ZoiError):
@@ -212,6 +214,22 @@ class ChunkWorker(StoppableWorker):
             beat.join(timeout=10)
 
     # --- heartbeats and the janitor ----------------------------------------------------
+    def clean_registries(self) -> None:
+        """RQ's maintenance, which its loop runs first thing and then every ten minutes,
+        under the janitors' locks and after their sweeps. RQ's cleanup of the started-job
+        registry retries every chunk whose heartbeat expired, spending a retry, and a fresh
+        worker runs it before its first sweep: a worker started after another died (a
+        restart, a replacement) would charge the dead worker's chunks a retry each, and a few
+        crashes fail them. Under the lock, no janitor sweeps during RQ's cleanup either, so
+        no chunk is queued twice."""
+        with contextlib.ExitStack() as stack:
+            for janitor in self.janitors:
+                if not stack.enter_context(janitor.exclusive(wait=MAINTENANCE_WAIT)):
+                    return  # a janitor that holds the lock a long time: the next loop tries again
+            for janitor in self.janitors:
+                janitor.sweep_held()
+            super().clean_registries()
+
     def _heartbeat_loop(self) -> None:
         last_sweep = 0.0
         while not self._beats.wait(self.heartbeat_interval):
