@@ -65,6 +65,18 @@ def test_a_chunk_abandoned_too_often_spends_its_retries(queue_and_broker) -> Non
     assert again.retries_left == 2  # RQ's cleanup retried it, spending one
 
 
+def test_a_killed_janitor_blocks_the_others_for_a_heartbeat_ttl_only(queue_and_broker) -> None:
+    """Every worker's RQ maintenance waits for the janitor lock: one left by a janitor killed
+    mid-sweep must expire with the dead worker's chunks, not a minute later."""
+    queue, _ = queue_and_broker
+    with Janitor(queue, ttl=7).exclusive() as held:
+        assert held
+        left = queue.connection.pttl(f"zoi:janitor:{queue.name}")
+        with Janitor(queue, ttl=7).exclusive() as second:
+            assert not second, "two janitors held the lock at once"
+    assert 0 < left <= 7000
+
+
 def test_stranded_after_dequeue_goes_back_after_a_ttl(queue_and_broker) -> None:
     queue, _ = queue_and_broker
     job = queue.enqueue(CHUNK_FUNCTION, "key", 0, 10, job_id="zoi-stranded")

@@ -23,7 +23,7 @@ from . import rqinternals
 
 log = logging.getLogger(__name__)
 MAX_ABANDONED = 10
-LOCK_SECONDS = 60  # a janitor killed mid-sweep holds the lock no longer than this
+MIN_LOCK_SECONDS = 5.0  # a live sweep on a loaded machine keeps its lock at least this long
 
 
 def _fetch(queue: Queue, job_id: str) -> Job | None:
@@ -49,10 +49,12 @@ class Janitor:
         """The queue's janitor lock, held by one janitor (or one RQ maintenance) at a time,
         waiting up to `wait` seconds for it; yields whether it is held. RQ's registry cleanup
         reads a job and then retries it, so two cleanups at once would put an abandoned chunk
-        on the queue twice."""
+        on the queue twice. A janitor killed while it holds the lock holds it for a heartbeat
+        TTL, as long as a dead worker holds its chunks, not longer: every worker's maintenance
+        waits for it."""
         lock = self.queue.connection.lock(
             f"zoi:janitor:{self.queue.name}",
-            timeout=LOCK_SECONDS,
+            timeout=max(self.ttl, MIN_LOCK_SECONDS),
             blocking=wait > 0,
             blocking_timeout=wait if wait > 0 else None,
         )
