@@ -231,7 +231,7 @@ def test_429_with_retry_after_pauses_then_retries_and_counts(fast_backoff: None)
     assert completion.text.startswith("これはテスト用") and completion.retries == 1
     assert seconds >= 1.0  # the endpoint was paused for the Retry-After
     assert (stats.requests, stats.retries, stats.errors) == (2, 1, {"rate_limited": 1})
-    assert stats.limit == 4 and stats.in_flight == 0  # halved from 8
+    assert stats.limit == 7 and stats.in_flight == 0  # cut by a tenth from 8
 
 
 @pytest.mark.parametrize(

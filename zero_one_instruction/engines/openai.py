@@ -14,8 +14,9 @@ and that model's pool of endpoints (`pool`); waits for a slot under the endpoint
 - an answer: the completion, its token counts from `usage`;
 - transient (refused or reset connection, protocol error, timeout, 408, 429, 5xx, an answer
   aborted by a stopping server, a 200 that is no readable completion): retried with backoff
-  and jitter (`backoff`), on another endpoint of the pool where one has room; 429, 503 and
-  timeouts also halve the endpoint's limit, and `Retry-After` pauses it; a refused or dropped
+  and jitter (`backoff`), on another endpoint of the pool where one has room; 429 and 503
+  also shrink the endpoint's limit (`aimd`), timeouts and 408 halve it, and `Retry-After`
+  pauses it; a refused or dropped
   connection and a server error pause it too, longer each time (`pool`);
 - rejected (400, 413, 422...: a prompt longer than the context, say): `RequestError`, with the
   server's message; the pipeline drops that record as `<step>_failed`;
@@ -42,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -54,7 +54,7 @@ from . import constraint
 from .aimd import Aimd
 from .backoff import BASE_SECONDS, CAP_SECONDS, MAX_DOUBLINGS, backoff_delay, retry_after
 from .base import Completion, EngineDead, Request, RequestError, Step
-from .pool import Endpoint, EndpointStats, Lease, Pool
+from .pool import Endpoint, EndpointStats, Lease, Pool, clock
 from .servercheck import EndpointError, check_endpoint, connect_reason
 
 if TYPE_CHECKING:
@@ -205,9 +205,13 @@ class OpenAIEngine:
     """Chat completions from OpenAI-compatible servers, with per-endpoint adaptive
     concurrency and retries that never drop a record silently."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        """`transport`, when given, carries every endpoint's requests instead of the network:
+        a server simulated in the process (the AIMD benchmark) sees exactly what a real one
+        would, through the same client."""
         settings = config.openai
         self._settings = settings
+        self._transport = transport
         self._extra = dict(config.engine_kwargs)
         self._template_kwargs = dict(config.chat_template_kwargs)
         self._endpoints: dict[str, Endpoint] = {}
@@ -264,6 +268,7 @@ class OpenAIEngine:
                 max_keepalive_connections=settings.max_in_flight,
             ),
             headers={"Authorization": f"Bearer {key}"} if key else None,
+            transport=self._transport,
         )
         aimd = Aimd.starting(settings.initial_in_flight, settings.max_in_flight)
         endpoint = Endpoint(url, client, aimd, key_env)
@@ -363,17 +368,17 @@ class OpenAIEngine:
         failures until `_verdict` gives up. A `RequestError` carries the retries spent on it."""
         failing: _Failing | None = None
         while True:
-            asked = time.monotonic()
+            asked = clock()
             lease = await self._acquire(pool, failing)
             if failing is not None:
-                failing.queued += time.monotonic() - asked
+                failing.queued += clock() - asked
             try:
                 return await self._attempt(lease, body), (failing.tries if failing else 0)
             except RequestError as exc:
                 exc.retries = failing.tries if failing else 0
                 raise
             except _Transient as exc:
-                now = time.monotonic()
+                now = clock()
                 failing = failing or _Failing(now)
                 failing.failed(exc, lease.endpoint)
                 lease.endpoint.errors[exc.kind] += 1
@@ -446,7 +451,7 @@ class OpenAIEngine:
             lease.faulted(_fault_pause(endpoint.faults))
             raise _Transient("connect", f"connection timed out ({exc})") from None
         except httpx.TimeoutException as exc:
-            lease.overloaded()
+            lease.timed_out()
             raise _Transient("timeout", f"no answer in time ({type(exc).__name__})") from None
         except httpx.ConnectError as exc:
             lease.faulted(_fault_pause(endpoint.faults))
@@ -465,6 +470,9 @@ class OpenAIEngine:
         if status == 200:
             return self._completion(lease, response)
         message = f"HTTP {status}: {_server_message(response)}"
+        if status == 408:
+            lease.timed_out()
+            raise _Transient(OVERLOAD_STATUS[status], message)
         if status in OVERLOAD_STATUS:
             lease.overloaded(retry_after(response.headers.get("retry-after")))
             raise _Transient(OVERLOAD_STATUS[status], message)

@@ -21,12 +21,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from .aimd import Aimd, Ticket
+
+
+def clock() -> float:
+    """The event loop's clock (monotonic, in seconds): every time the engine keeps is read
+    from it, so a loop with a simulated clock (`benchmarks/aimd_sim.py`) drives it all."""
+    return asyncio.get_running_loop().time()
 
 
 @dataclass
@@ -107,21 +112,29 @@ class Lease:
     def succeeded(self, tokens: int) -> None:
         if not self._end():
             return
-        now = time.monotonic()
-        self.endpoint.aimd.succeeded(self.ticket, now - self.started, tokens)
+        now = clock()
+        self.endpoint.aimd.succeeded(self.ticket, now, tokens)
         self.endpoint.faults = 0
         self.pool.answered(now)
         self.endpoint.freed()
 
     def overloaded(self, pause: float | None = None) -> None:
-        """The server is overloaded (429, 503, a timeout): halve, and pause the endpoint
+        """The server refused for load (429, 503): shrink the limit, and pause the endpoint
         for `pause` seconds if it said how long (Retry-After)."""
         if not self._end():
             return
-        self.endpoint.aimd.overloaded(self.ticket)
+        now = clock()
+        self.endpoint.aimd.overloaded(self.ticket, now, pause)
         if pause:
-            self.endpoint.aimd.pause(time.monotonic() + pause)
+            self.endpoint.aimd.pause(now + pause)
             self.pool.wake_after_pauses()
+        self.endpoint.freed()
+
+    def timed_out(self) -> None:
+        """No answer in time (a timeout, 408): far past the capacity, halve."""
+        if not self._end():
+            return
+        self.endpoint.aimd.timed_out(self.ticket, clock())
         self.endpoint.freed()
 
     def faulted(self, pause: float) -> None:
@@ -132,10 +145,10 @@ class Lease:
         if not self._end():
             return
         endpoint = self.endpoint
-        endpoint.aimd.failed()
+        endpoint.aimd.failed(clock())
         if self.started >= endpoint.faulted_at:
             endpoint.faults += 1
-            endpoint.faulted_at = time.monotonic()
+            endpoint.faulted_at = clock()
             endpoint.aimd.pause(endpoint.faulted_at + pause)
             self.pool.wake_after_pauses()
         endpoint.freed()
@@ -144,7 +157,7 @@ class Lease:
         """Any other end (cancelled, rejected): the slot is free, the limit stays."""
         if not self._end():
             return
-        self.endpoint.aimd.failed()
+        self.endpoint.aimd.failed(clock())
         self.endpoint.freed()
 
 
@@ -164,7 +177,7 @@ class Pool:
     def __init__(self, label: str, endpoints: list[Endpoint]) -> None:
         self.label = label
         self.endpoints = endpoints
-        self.last_success = -math.inf  # time.monotonic() of the last answer
+        self.last_success = -math.inf  # clock() of the last answer
         self._next_answer: asyncio.Future[None] | None = None  # what backoffs wait for
         self._waiters: deque[_Waiter] = deque()
         self._timer: asyncio.TimerHandle | None = None
@@ -191,13 +204,14 @@ class Pool:
         return best
 
     def _lease(self, endpoint: Endpoint) -> Lease:
-        return Lease(self, endpoint, endpoint.aimd.send(), time.monotonic())
+        now = clock()
+        return Lease(self, endpoint, endpoint.aimd.send(now), now)
 
     def try_acquire(self, avoid: Endpoint | None = None) -> Lease | None:
         """A slot now, if one is free and nobody asked before."""
         if self._waiters:
             return None
-        endpoint = self._pick(time.monotonic(), avoid)
+        endpoint = self._pick(clock(), avoid)
         return None if endpoint is None else self._lease(endpoint)
 
     async def acquire(self, avoid: Endpoint | None = None) -> Lease:
@@ -219,7 +233,7 @@ class Pool:
 
     def dispatch(self) -> None:
         """Hand free slots to the oldest waiters."""
-        now = time.monotonic()
+        now = clock()
         while self._waiters:
             waiter = self._waiters[0]
             if waiter.future.done():  # cancelled while waiting
@@ -236,7 +250,7 @@ class Pool:
         dispatch again when the first pause ends."""
         if not self._waiters:
             return
-        now = time.monotonic()
+        now = clock()
         ends = [
             e.aimd.paused_until
             for e in self.endpoints

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-import time
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from ..errors import ZoiError
+from .pool import clock
 
 if TYPE_CHECKING:
     from .pool import Endpoint
@@ -36,13 +36,13 @@ async def check_endpoint(endpoint: Endpoint, models: list[str], label: str, wait
     """Raise `EndpointError` unless `endpoint` answers `/models` with every one of `models`.
     A refused connection or a server still loading is retried for `wait` seconds."""
     url = endpoint.url
-    deadline = time.monotonic() + wait
+    deadline = clock() + wait
     while True:
         problem, response = await _get_models(endpoint)
         retry = problem is not None or (response is not None and response.status_code in NOT_READY)
-        if not retry or time.monotonic() >= deadline:
+        if not retry or clock() >= deadline:
             break
-        await asyncio.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+        await asyncio.sleep(min(POLL_SECONDS, max(0.0, deadline - clock())))
     if problem is not None:
         raise EndpointError(f"{label}: {url} {problem}")
     assert response is not None
