@@ -6,6 +6,7 @@
 .venv/bin/python -m benchmarks.run_all --only quality   # opt-in: needs the real 1.5B model
 .venv/bin/python -m benchmarks.run_all --only report_dedup   # opt-in: a million records, ~24 min
 .venv/bin/python -m benchmarks.run_all --only report_memory  # opt-in: the report alone, ~9 min
+.venv/bin/python -m benchmarks.run_all --only served   # opt-in: engine openai, vllm serve, ~10 min
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ BENCHMARKS = [
     "merge",
     "enqueue",
     "scaling",
+    "aimd_sim",
 ]
 # Run only when named in --only: quality needs a real model, 12 GiB and several minutes per
 # run; report_dedup reads and writes a million records twice, about 24 minutes here, and
-# report_memory (its report half) about 9.
-OPT_IN = ["quality", "report_dedup", "report_memory"]
+# report_memory (its report half) about 9; served starts `vllm serve` twice and runs zoi and
+# a plain client through it, about 10.
+OPT_IN = ["quality", "report_dedup", "report_memory", "served"]
 
 
 def main() -> None:

