@@ -51,12 +51,13 @@ def served_config(directory: Path, base_url: str, name: str = "served.yml", **ch
     """examples/tiny_cpu.yml for engine openai at `base_url`: the same data settings, the
     served model's name and the key from $ZOI_TEST_KEY. vLLM's own arguments are the
     server's flags (the fixture gives it the same ones), not fields of the requests.
-    `openai` in `changes` is merged into that section, `judge` becomes sampling.judge; any
-    other key replaces the demo's."""
+    `openai` in `changes` is merged into that section, `judge` into sampling.judge (the demo's
+    sampled judge, which the in-process reference uses too); any other key replaces the
+    demo's."""
     data = yaml.safe_load((ROOT / "examples" / "tiny_cpu.yml").read_text(encoding="utf-8"))
     del data["engine_kwargs"], data["hardware_kwargs"]
     section = {"endpoints": [base_url], "api_key_env": KEY_ENV, **changes.pop("openai", {})}
-    data["sampling"]["judge"] = changes.pop("judge", {})
+    data["sampling"]["judge"] = {**data["sampling"].get("judge", {}), **changes.pop("judge", {})}
     data.update({"model_name": SERVED_NAME, "engine": "openai", "openai": section, **changes})
     path = directory / name
     path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
