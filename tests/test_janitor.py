@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import subprocess
 import threading
 import time
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,7 @@ from rq.job import Job, JobStatus
 from zero_one_instruction.janitor import MAX_ABANDONED, Janitor
 from zero_one_instruction.jobs import CHUNK_FUNCTION, chunk_queue
 from zero_one_instruction.rundir import create_or_open, open_run
+from zero_one_instruction.worker import ChunkWorker
 
 from .queue_helpers import ENV, ZOI, Broker, enqueue_run, ok, scripted_config, zoi
 
@@ -167,3 +172,32 @@ def test_a_worker_started_after_another_died_takes_no_retry_of_its_chunk(tmp_pat
         assert again.meta["abandoned"] == 1
     finally:
         broker.close()
+
+
+class _BrokenJanitor:
+    """A janitor whose lock is free and whose sweep fails, as one on an unreadable chunk."""
+
+    swept = 0
+
+    @contextlib.contextmanager
+    def exclusive(self, wait: float = 0.0) -> Iterator[bool]:
+        yield True
+
+    def sweep_held(self) -> None:
+        self.swept += 1
+        raise ValueError("a registry entry no chunk can be read from")
+
+
+def test_a_failing_sweep_before_rqs_maintenance_does_not_stop_the_worker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """RQ's main loop ends the worker on an exception from its maintenance; the janitor's
+    sweep there must fail as it does in the heartbeat thread: logged, tried again next time,
+    and RQ's cleanup (which would spend retries) left out this time. The worker stands in
+    as a bare object: reaching RQ's own cleanup would raise TypeError here."""
+    janitor = _BrokenJanitor()
+    worker = types.SimpleNamespace(janitors=[janitor])
+    with caplog.at_level(logging.ERROR, logger="zero_one_instruction.worker"):
+        ChunkWorker.clean_registries(worker)  # type: ignore[arg-type]
+    assert janitor.swept == 1
+    assert "janitor sweep before RQ's maintenance failed" in caplog.text

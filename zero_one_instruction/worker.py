@@ -226,8 +226,17 @@ class ChunkWorker(StoppableWorker):
             for janitor in self.janitors:
                 if not stack.enter_context(janitor.exclusive(wait=MAINTENANCE_WAIT)):
                     return  # a janitor that holds the lock a long time: the next loop tries again
-            for janitor in self.janitors:
-                janitor.sweep_held()
+            try:
+                for janitor in self.janitors:
+                    janitor.sweep_held()
+            except redis.ConnectionError:
+                raise  # RQ's loop handles it as it handled its own cleanup's
+            except Exception:
+                # Here in RQ's main loop, anything else would stop the worker, where the
+                # heartbeat thread's sweep logs it and tries again: do the same, and leave
+                # RQ's cleanup (which would spend the chunks' retries) for the next loop.
+                log.exception("janitor sweep before RQ's maintenance failed; trying again")
+                return
             super().clean_registries()
 
     def _heartbeat_loop(self) -> None:
