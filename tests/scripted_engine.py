@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
 from dataclasses import asdict
 from typing import Any
@@ -52,11 +53,15 @@ def _shares(choices: tuple[str, ...], first: float) -> dict[str, float]:
     return {choice: first if i == 0 else rest for i, choice in enumerate(choices)}
 
 
-def default_text(step: str, case: str, seed: int) -> str:
+def default_text(step: str, case: str, seed: int, turn: int = 1) -> str:
     if step == "judge":
         return "はい"
-    if step == "answer":
+    if step == "answer" and turn == 1:
         return f"回答です。ケース{case}について詳しく説明します。番号{seed % 1000}"
+    if step in ("answer", "follow_up"):  # each its own text: a copy of an earlier one is a repeat
+        pick = random.Random(seed).randrange
+        words = "".join(chr(0x4E00 + pick(2000)) for _ in range(12))
+        return f"{step}|case={case} {words}について質問{seed % 1000}"
     return f"{step}|case={case} 質問{seed % 1000}"
 
 
@@ -121,7 +126,7 @@ class ScriptedEngine:
             self.in_flight -= 1
         case, key = self._key(request)
         rules = self.rules.get(case, {})
-        default = default_text(request.step, case, request.seed)
+        default = default_text(request.step, case, request.seed, self._turn(request))
         response = rules.get(f"{key}#{self._turn(request)}", rules.get(key, default))
         return self._respond(request, response)
 

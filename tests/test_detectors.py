@@ -14,6 +14,7 @@ from zero_one_instruction.detectors import (
     looping,
     other_language,
     refusal,
+    repeats,
     restates,
     scaffolding,
     script_share,
@@ -164,6 +165,18 @@ def test_restates() -> None:
     assert restates(question, "日本の首都はどこですか、その歴史も教えて下さい。東京です。")
     assert not restates(question, "東京です。江戸時代から政治の中心で、明治に首都となりました。")
     assert not restates("短い質問", "短い質問への答えです。")  # too short to tell
+
+
+def test_repeats() -> None:
+    first = "釣り糸の太さは、狙う魚と釣る場所に合わせてどう選べばよいですか。"
+    earlier = [first, "岩場で釣るときに気をつけることはありますか。"]
+    assert repeats(first, earlier)  # word for word
+    assert repeats("狙う魚と釣る場所に合わせて、釣り糸の太さはどう選べばよいですか。", earlier)
+    assert repeats("岩場で釣るときに、気をつけることはありますか？", earlier)  # the second one
+    assert not repeats("擦れに強い糸というのは、具体的にはどんな種類の糸ですか。", earlier)
+    # Naming what the first question named is a follow-up, not a repeat.
+    assert not repeats("釣り糸の太さを変えると、仕掛けの重さも変えるべきですか。", earlier)
+    assert not repeats("釣り糸の太さは", earlier)  # too short to tell
 
 
 @pytest.mark.parametrize(

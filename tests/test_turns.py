@@ -39,6 +39,21 @@ APOLOGY = "申し訳ありませんが、お答えできません。"
 FAILURES: dict[str, tuple[dict[str, str], dict[str, Any], int, str]] = {
     "fuerror": ({"follow_up": "!error"}, {}, 2, "follow_up_failed"),
     "fuempty": ({"follow_up#3": "!empty"}, {}, 3, "follow_up_empty"),
+    "furepeat": (
+        {
+            "flatten": "flatten|case=furepeat 自転車のチェーンに油を差す理由を教えてください。",
+            "follow_up": "follow_up|case=furepeat 自転車のチェーンに油を差す理由を教えてください。",
+        },
+        {},
+        2,
+        "follow_up_repeated",
+    ),
+    "fucopy": (
+        {"follow_up": "回答です。ケースfucopyについて詳しく説明します。"},
+        {},
+        2,
+        "follow_up_repeated",
+    ),
     "funo": ({"judge@follow_up": "いいえ"}, {}, 2, "follow_up_rejected"),
     "fudoubt": (
         {"judge@follow_up": "!prob:0.2:はい"},
@@ -64,6 +79,12 @@ FAILURES: dict[str, tuple[dict[str, str], dict[str, Any], int, str]] = {
         {"drop_truncated_answers": True},
         3,
         "answer_truncated",
+    ),
+    "anrepeat": (
+        {"answer#3": "回答です。ケースanrepeatについて詳しく説明します。"},
+        {},
+        3,
+        "answer_repeated",
     ),
     "anapology": ({"answer#2": APOLOGY}, {"drop_non_answers": True}, 2, "answer_apology"),
 }

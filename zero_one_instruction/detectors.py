@@ -51,6 +51,10 @@ RESTATE_SHARE = 0.6
 # are near-duplicates (`neardup`); here, so the merge's options know it without datasketch.
 NEAR_THRESHOLD = 0.7
 RESTATE_MIN_CHARS = 10
+# A later turn's text repeats earlier text of its conversation when at least this share of its
+# character trigrams are in one earlier question or answer: it adds almost nothing of its own.
+# A real follow-up names what came before (「その糸の太さは」) but asks something new with it.
+REPEAT_SHARE = 0.7
 # A refusal says so at once and says little else: its phrase must start in the answer's first
 # REFUSAL_OPENING characters, and the answer must be at most REFUSAL_MAX_CHARS long.
 REFUSAL_OPENING = 120
@@ -305,6 +309,21 @@ def restates(question: str, answer: str, n: int = 3) -> bool:
     q_grams = set(char_ngrams(q, n))
     opening = set(char_ngrams(a[: len(q) + len(q) // 4], n))
     return len(q_grams & opening) / len(q_grams) >= RESTATE_SHARE
+
+
+def repeats(text: str, earlier: Iterable[str], n: int = 3) -> bool:
+    """Whether a later turn's text says again what an earlier text of its conversation said:
+    it is in one word for word, or most of its character trigrams are. Asked for the user's
+    next question, a small model often copies the first question or a sentence of the answer;
+    asked for the next answer, the first answer."""
+    t = _compact(text)
+    if len(t) < RESTATE_MIN_CHARS:
+        return False
+    grams = set(char_ngrams(t, n))
+    for other in map(_compact, earlier):
+        if t in other or len(grams & set(char_ngrams(other, n))) / len(grams) >= REPEAT_SHARE:
+            return True
+    return False
 
 
 def refusal(answer: str, marker: str) -> str | None:

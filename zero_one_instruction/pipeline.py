@@ -26,6 +26,7 @@ from typing import Any
 
 from .confidence import confident, rejection
 from .config import Config
+from .detectors import repeats
 from .engines.base import Engine, Message, Request, RequestError, Step
 from .filters import FILTER_REASONS, Filters
 from .operators import TEMPLATES, draw
@@ -75,10 +76,12 @@ DROP_REASONS: dict[str, str] = {
 # Why a later turn of a conversation (`pipeline.turns`) failed: with `failed_turn: keep` the
 # reason its conversation ended early, counted in the funnel's `turns_ended`; with `drop` the
 # record's drop reason, as `turn_<reason>`. The follow-up's own failures, then those the first
-# turn can have too (its judge, the question filters, the answer and the answer filters).
+# turn can have too (its judge, the question filters, the answer and the answer filters), then
+# the later answer's own.
 TURN_REASONS: dict[str, str] = {
     "follow_up_failed": "the follow-up request failed",
     "follow_up_empty": "the follow-up question was empty",
+    "follow_up_repeated": "the follow-up copied an earlier question or answer",
     "follow_up_rejected": "the follow-up judge said いいえ",
     "follow_up_low_confidence": "the follow-up judge's はい was below min_judge_confidence",
     **{
@@ -94,6 +97,7 @@ TURN_REASONS: dict[str, str] = {
             "bad_text",
         )
     },
+    "answer_repeated": "the answer copied an earlier answer",
 }
 for _name, _text in TURN_REASONS.items():
     DROP_REASONS[f"turn_{_name}"] = f"a later turn: {_text} (failed_turn: drop)"
@@ -421,6 +425,8 @@ class Pipeline:
         question = await self._ask(o, trace, None, {"conversation": conversation})
         if not question:
             raise _Dropped("follow_up_empty")
+        if repeats(question, (text for turn_texts in turns for text in turn_texts)):
+            raise _Dropped("follow_up_repeated")  # caught before a judge request is spent
         values = {"conversation": conversation, "question": question}
         if not await self._verdict(o, JudgeKind.FOLLOW_UP, "follow_up_judge", values, turn):
             raise _Dropped(rejection("follow_up", o.steps[-1].verdict))
@@ -431,6 +437,8 @@ class Pipeline:
         if not answer:
             raise _Dropped("answer_empty")
         _drop_if(await asyncio.to_thread(self.filters.answer, answer, trace.finish_reason))
+        if repeats(answer, (earlier for _, earlier in turns)):
+            raise _Dropped("answer_repeated")
         return question, answer
 
     async def _depth_steps(self, o: Outcome, prompt: str) -> str:
