@@ -378,3 +378,15 @@ def test_options_that_do_not_fit_the_engine_are_one_line(tmp_path: Path) -> None
             f"{option[0]}: engine {THIN_ENGINE} holds no GPU",
         )
     assert not (tmp_path / "o.run").exists()  # refused before the run was made
+
+
+def test_a_thin_worker_refuses_gpu_options_before_it_connects(tmp_path: Path) -> None:
+    """`zoi worker --gpus/--tp` for an engine that holds no GPU: one line, exit 2, and no Redis
+    is looked for (the URL given is not a server)."""
+    from zero_one_instruction.config import load_config
+
+    run = create_or_open(tmp_path / "run", load_config(thin_config(tmp_path)), 0, 4, 2)
+    for option in (["--tp", "2"], ["--gpus", "0"]):
+        url = ["--redis-url", "redis://127.0.0.1:1"]
+        result = zoi("worker", "--run", str(run.path), *url, *option)
+        assert_one_line_error(result, f"{option[0]}: engine {THIN_ENGINE} holds no GPU")

@@ -114,6 +114,7 @@ def work(
     run = open_run(run_dir)
     if config_path is not None:
         run = run.with_hardware(load_config(config_path))
+    check_options(run.config.engine, holds_gpu(run.config), None, {"gpus": gpus, "tp": tp})
     if gpus is not None:
         chosen = select(visible_gpus(), gpus, None)
         os.environ.update(cuda_environment(chosen))
