@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import IO
 
 import httpx
@@ -26,6 +27,7 @@ class RecordingTransport(httpx.AsyncBaseTransport):
     def __init__(self, out: IO[str], limits: httpx.Limits) -> None:
         self._out = out
         self._network = httpx.AsyncHTTPTransport(limits=limits)
+        self.limits: Callable[[], list[float]] = list  # the endpoints' limits, once known
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         began = time.time()
@@ -39,6 +41,7 @@ class RecordingTransport(httpx.AsyncBaseTransport):
             "completion_tokens": int(usage.get("completion_tokens") or 0),
             "start": began,
             "end": time.time(),
+            "limits": self.limits(),  # as the answer left the transport, before it counted
         }
         self._out.write(json.dumps(entry, ensure_ascii=False) + "\n")
         self._out.flush()  # the worker may end without closing its engine
@@ -55,7 +58,9 @@ class RecordingOpenAIEngine(OpenAIEngine):
         self._record = open(os.environ["ZOI_BENCH_RECORD"], "a", encoding="utf-8")  # noqa: SIM115
         most = config.openai.max_in_flight
         limits = httpx.Limits(max_connections=most, max_keepalive_connections=most)
-        super().__init__(config, transport=RecordingTransport(self._record, limits))
+        transport = RecordingTransport(self._record, limits)
+        super().__init__(config, transport=transport)
+        transport.limits = lambda: [e.aimd.limit for e in self._endpoints.values()]
 
     async def aclose(self) -> None:
         await super().aclose()

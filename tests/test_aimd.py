@@ -276,7 +276,9 @@ def test_the_fit_never_falls_and_pools_what_would() -> None:
         for _ in range(count):
             average.add(1.0)
         averages.append(average)
-    fitted = [value for value, _ in rising([(t, a) for (t, _), a in zip(readings, averages)])]
+    fitted = [
+        value for value, _ in rising([(t, a) for (t, _), a in zip(readings, averages, strict=True)])
+    ]
     # Weighted by what each average is worth: 60 answers of a moving average of about 20
     # are worth 39 (2 / weight - 1), as many as it holds.
     assert fitted == pytest.approx([1.0, 2.5, 2.5, (4 * 39 + 3 * 20) / 59, (4 * 39 + 3 * 20) / 59])
