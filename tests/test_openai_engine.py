@@ -193,6 +193,21 @@ def test_a_set_constraint_is_used_without_a_probe() -> None:
     assert len(fake.requests) == 1 and fake.requests[0]["guided_choice"] == list(JUDGE)
 
 
+def test_a_judge_always_has_room_for_its_longest_choice() -> None:
+    """「いいえ」 is nine UTF-8 bytes: a byte-level tokenizer with no merge for it spells it in
+    nine tokens, so `max_tokens: 8` would cut it into no choice. The body asks for ten; a
+    larger setting stays as it is."""
+    with FakeOpenAI(honours="guided_choice") as fake:
+        config = openai_config([fake.url], openai={"judge_constraint": "guided_choice"})
+
+        async def body(engine: OpenAIEngine) -> Any:
+            await engine.complete(request("judge", max_tokens=8))
+            await engine.complete(request("judge", seed=2, max_tokens=16))
+
+        with_engine(config, body)
+    assert [r["max_tokens"] for r in fake.requests] == [10, 16]
+
+
 def test_a_server_that_constrains_nothing_is_refused_at_start() -> None:
     with FakeOpenAI(honours=None) as fake, pytest.raises(EndpointError) as caught:
         with_engine(openai_config([fake.url]), lambda engine: asyncio.sleep(0))

@@ -14,6 +14,7 @@ whose answer is exactly one of the probe's choices is used.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any, Literal
 
 Mode = Literal["structured_outputs", "guided_choice", "json_schema"]
@@ -42,6 +43,14 @@ def constraint_fields(mode: Mode, choices: tuple[str, ...]) -> dict[str, Any]:
 
 def min_tokens(mode: Mode, max_tokens: int) -> int:
     return max(max_tokens, JSON_MIN_TOKENS) if mode == "json_schema" else max_tokens
+
+
+def choice_room(max_tokens: int, choices: Sequence[str]) -> int:
+    """`max_tokens`, raised to what the longest choice may take: a token a UTF-8 byte (a
+    byte-level tokenizer with no merge for its characters spells 「いいえ」 in nine), and the
+    end. A constrained answer cut short is no choice; the constraint ends it anyway, so the
+    room costs nothing."""
+    return max(max_tokens, max((len(c.encode("utf-8")) for c in choices), default=0) + 1)
 
 
 def answer(mode: Mode, text: str) -> str:

@@ -360,7 +360,8 @@ class OpenAIEngine:
             body["chat_template_kwargs"] = self._template_kwargs
         if request.choices:
             body.update(constraint.constraint_fields(route.mode, request.choices))
-            body["max_tokens"] = constraint.min_tokens(route.mode, request.max_tokens)
+            room = constraint.choice_room(request.max_tokens, request.choices)
+            body["max_tokens"] = constraint.min_tokens(route.mode, room)
         return body
 
     async def _post(self, pool: Pool, body: dict[str, Any]) -> tuple[_Answer, int]:

@@ -25,6 +25,7 @@ from ..errors import ConfigError, EnvironmentFailure, ZoiError
 from ..gpus import default_tensor_parallel_size
 from .base import Completion, EngineDead, Request, RequestError
 from .choices import choice_probabilities
+from .constraint import choice_room
 from .reaper import guard_children
 
 if TYPE_CHECKING:
@@ -312,7 +313,7 @@ class VLLMEngine:
             temperature=request.temperature,
             top_p=request.top_p,
             repetition_penalty=request.repetition_penalty,
-            max_tokens=request.max_tokens,
+            max_tokens=choice_room(request.max_tokens, request.choices or ()),
             seed=request.seed,
             output_kind=self._final_only,
             **extra,
