@@ -313,17 +313,17 @@ def restates(question: str, answer: str, n: int = 3) -> bool:
 
 def repeats(text: str, earlier: Iterable[str], n: int = 3) -> bool:
     """Whether a later turn's text says again what an earlier text of its conversation said:
-    it is in one word for word, or most of its character trigrams are. Asked for the user's
-    next question, a small model often copies the first question or a sentence of the answer;
-    asked for the next answer, the first answer."""
+    most of its character trigrams are in one of them (a word-for-word copy has all). Asked
+    for the user's next question, a small model often copies the first question or a sentence
+    of the answer; asked for the next answer, the first answer."""
     t = _compact(text)
     if len(t) < RESTATE_MIN_CHARS:
         return False
     grams = set(char_ngrams(t, n))
-    for other in map(_compact, earlier):
-        if t in other or len(grams & set(char_ngrams(other, n))) / len(grams) >= REPEAT_SHARE:
-            return True
-    return False
+    return any(
+        len(grams & set(char_ngrams(other, n))) / len(grams) >= REPEAT_SHARE
+        for other in map(_compact, earlier)
+    )
 
 
 def refusal(answer: str, marker: str) -> str | None:
