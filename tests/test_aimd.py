@@ -310,11 +310,55 @@ def test_latency_is_learnt_only_from_answers_sent_after_the_last_cut() -> None:
 def test_short_answers_do_not_count_towards_the_latency() -> None:
     """A judge's two tokens are mostly prefill: their latency per token says nothing."""
     aimd = Aimd.starting(20, 64)
+    for _ in range(20):  # the first round trip is never measured
+        aimd.succeeded(aimd.send(0.0), 0.01, 1)
     aimd.succeeded(aimd.send(0.0), 0.01 * 100, 100)
     for step in range(MIN_SAMPLES * 2):
         aimd.succeeded(aimd.send(step), step + 5.0, LATENCY_MIN_TOKENS - 1)
     assert aimd.limit == 20 and aimd.latency.count == 1
     assert aimd.latency.value == pytest.approx(0.01)
+
+
+def test_the_first_round_trip_is_not_measured() -> None:
+    """Sent together into an idle server, the first requests meet a batch filling up, not
+    the starting load: their answers read too fast, and a knee read from them too low."""
+    aimd = Aimd.starting(4, 64)
+    first = [aimd.send(0.0) for _ in range(4)]
+    for ticket in first:
+        aimd.succeeded(ticket, 1.0, 100)
+    assert aimd.latency.count == 0 and not aimd.levels
+    aimd.succeeded(aimd.send(1.0), 2.0, 100)
+    assert aimd.latency.count == 1
+
+
+def test_the_first_slowdown_ends_the_start_without_a_cut_under_the_load_it_met() -> None:
+    """A CPU's batch: each request slower per token as the batch fills (twice as slow at
+    17 in flight), yet more tokens a second all the way to the maximum. The start sees
+    slower answers than at its first limit and cannot tell them from a queue: it must not
+    cut under the load they met (the old start cut to what the latency said was served,
+    and held a mean limit of 13 over the first 300 answers)."""
+    aimd = Aimd.starting(8, 24)
+    trace = run_closed_loop(aimd, QueueingServer(1000, batch_slowdown=1000 / 16, noise=0.0), 300)
+    assert not aimd.probing
+    assert mean_limit(trace, 0, 300) >= 15
+
+
+def test_a_small_limit_grows_by_a_share_of_itself() -> None:
+    """At 8 in flight one request more is 12% more load: grown by one per 20 answers, the
+    limit ran 9-10% over a queueing server's capacity of 8 before the latency showed it.
+    It now grows by a twentieth of itself per 20 answers there."""
+    aimd = Aimd(maximum=64, limit=8.0, probing=False)
+    for step in range(MIN_SAMPLES):
+        aimd.succeeded(aimd.send(step), step + 0.1, 0)
+        while aimd.room(step):
+            aimd.send(step)
+    assert aimd.limit == pytest.approx(8.4, abs=0.05)  # one per 20 answers: 9
+    overshoot = []
+    for seed in range(1, 6):
+        aimd = Aimd.starting(8, 64)
+        trace = run_closed_loop(aimd, QueueingServer(8, seed=seed), 6000)
+        overshoot.append(mean_limit(trace, 3000) / 8)
+    assert max(overshoot) <= 1.07
 
 
 def test_memory_is_bounded_by_the_levels_of_load() -> None:

@@ -4,11 +4,18 @@ decrease (AIMD), the rule TCP uses to share a link it cannot see.
 A server's capacity is not known in advance and changes (another team's jobs, a restarted
 node), so the limit is found by probing. It never leaves [1, maximum].
 
-- **Start:** once MIN_SAMPLES answers at the starting limit have shown its latency, the limit
-  grows by one with each answer, doubling every round trip (TCP's slow start), until the
-  first sign of overload: a big server is found in a few round trips.
-- **Then:** it grows by one request per round trip (1/limit with each answer, or 1/20 where a
-  round trip has fewer than 20 answers: no faster than the latency can show the effect).
+- **Start:** once MIN_SAMPLES answers at the starting limit have shown its latency (the
+  first round trip's are not counted: sent together into an idle server, they read too
+  fast), the limit grows by one with each answer, doubling every round trip (TCP's slow
+  start), until the first sign of overload: a big server is found in a few round trips. A
+  refusal or timeout cuts as below; a first slowdown only ends the start, the limit back at
+  the load the slow answers met: one level measured cannot tell a queue from a fuller batch,
+  and the next decision can (`_end_start`).
+- **Then:** it grows by one request per round trip (1/limit with each answer), and by at most
+  1/20 of itself per 20 answers where a round trip has fewer than 20 (no faster than an
+  average of 20 answers can show the effect, in the share of the load it can tell: at a
+  limit of 8, a request more is 12% more load, and the old step of one per 20 answers held
+  a queueing server 9-10% over its capacity).
 - **429 or 503** (refused at once, so the limit is a request or two past the capacity): it
   shrinks by a tenth. The limit then stays within about 10% of the capacity; halving, TCP's
   rule, leaves it on a sawtooth from half to full, three quarters of it on average. With a
@@ -202,10 +209,14 @@ class Aimd:
     _changed: float = 0.0
     _window: int = 0  # requests numbered up to this one were sent before the last decrease
     _last_full: int = 0  # the number of the last request that filled the limit
+    # The first round trip's requests: sent together into an idle server, their answers
+    # tell of a batch filling up, not of the starting load (they read too fast).
+    _first_round: int = 0
 
     @classmethod
     def starting(cls, initial: int, maximum: int) -> Aimd:
-        return cls(maximum=maximum, limit=float(max(1, min(initial, maximum))))
+        limit = max(1, min(initial, maximum))
+        return cls(maximum=maximum, limit=float(limit), _first_round=limit)
 
     @property
     def capacity(self) -> int:
@@ -235,8 +246,8 @@ class Aimd:
         measured = tokens >= LATENCY_MIN_TOKENS and seconds > 0
         if self._last_full >= ticket.number:
             self._grow(measured, now)
-        if not measured or ticket.number <= self._window:
-            return  # too short to tell, or sent before the last decrease: a load now gone
+        if not measured or ticket.number <= max(self._window, self._first_round):
+            return  # too short to tell, sent before the last decrease (a load now gone), or first
         # The mean number in flight while it was (itself included: it left just now).
         load = (self._area - ticket.area) / seconds
         latency = seconds / tokens
@@ -273,16 +284,28 @@ class Aimd:
             return  # at the knee or under it, the latency is the knee's own
         if slower <= LATENCY_FACTOR:
             return
-        gain = more * knee.latency / self.latency.value  # tokens a second, over the knee's
-        if not self.probing and gain > 1 + MARGINAL_GAIN * (more - 1):
-            # Slower as a fuller batch is: for more tokens a second. (The start, measured
-            # only at its first limit, stops at the first slowdown, as TCP's does at the
-            # first loss: then the limit grows a request per round trip, and this tells.)
+        if self.probing:
+            self._end_start(ticket, knee)
             return
+        gain = more * knee.latency / self.latency.value  # tokens a second, over the knee's
+        if gain > 1 + MARGINAL_GAIN * (more - 1):
+            return  # slower as a fuller batch is: for more tokens a second
         # Requests wait in the server: shrink to what it serves at once at the knee's pace.
         served = self.load.value * knee.latency / self.latency.value
         factor = min(SLOWDOWN_FACTOR, max(MIN_FACTOR, UNDERSHOOT * served / self.limit))
         self._decrease(ticket, factor, queued=True)
+
+    def _end_start(self, ticket: Ticket, knee: Knee) -> None:
+        """The first slowdown ends the start, without a cut for queueing: the start has
+        measured one level only (its first), and slower answers above it may be a queue or a
+        fuller batch (on a CPU, slower per token at once, yet more tokens a second). A cut to
+        what the latency says is served took a CPU server to two thirds of its batch
+        (docs/benchmarks.md, section 9). So the limit only comes back to the load the slow
+        answers met (the doubling ran ahead of them), never under the knee; the levels are
+        then measured at a steady load, and the next decision, with its gain test, tells a
+        batch from a queue."""
+        target = max(float(knee.load), self.load.value)
+        self._decrease(ticket, min(1.0, target / self.limit))
 
     def _relearn(self, ticket: Ticket) -> None:
         """Far slower than the knee, more than the load above it can explain: the server got
@@ -329,15 +352,16 @@ class Aimd:
             del self.levels[load]
 
     def _grow(self, measured: bool, now: float) -> None:
-        """One more request per answer while probing; after, one per round trip, or per as
-        many answers as an average holds where a round trip has fewer (no faster than the
-        average can show what the last one did). Probing waits for the latency at the
+        """One more request per answer while probing; after, one per round trip, or where a
+        round trip has fewer answers than an average holds, a twentieth of the limit per as
+        many answers as it holds (no faster than the average can show what the last step
+        did, in the share of the load it can tell). Probing waits for the latency at the
         starting limit: doubling at once would leave no answer from below a queueing
         server's capacity to tell its knee by. Never into a refused ceiling's hold."""
         if self.searching:
             return  # the level the search stepped down to is measured first
         if not self.probing:
-            step = 1.0 / max(self.limit, MIN_SAMPLES)
+            step = min(1.0 / self.limit, self.limit / MIN_SAMPLES**2)
         elif self.latency.count >= MIN_SAMPLES or not measured:
             step, self._doubling = 1.0, True
         else:
