@@ -46,6 +46,7 @@ from typing import Any, Literal
 import httpx
 
 from zero_one_instruction.config import parse_config
+from zero_one_instruction.engines.aimd import QUEUE_SHARE
 from zero_one_instruction.engines.base import Message, Request
 from zero_one_instruction.engines.openai import OpenAIEngine
 
@@ -87,6 +88,7 @@ class Scenario:
     retry_after: str | None = None
     slowdown: float = BATCH_SLOWDOWN
     noise: float = NOISE
+    metrics: bool = False  # reports its queue at /metrics, as vLLM does
 
 
 @dataclass
@@ -123,6 +125,10 @@ class SimServer(httpx.AsyncBaseTransport):
         self._wake()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET" and request.url.path.endswith("/metrics"):
+            if not self.scenario.metrics:
+                return httpx.Response(404, text="Not Found")
+            return httpx.Response(200, text=self._metrics())
         if request.method == "GET":
             return httpx.Response(200, json={"object": "list", "data": [{"id": MODEL}]})
         body = json.loads(await request.aread())
@@ -142,6 +148,17 @@ class SimServer(httpx.AsyncBaseTransport):
             self.active -= 1
             self._wake()
         return httpx.Response(200, json=_answer(tokens))
+
+    def _metrics(self) -> str:
+        """The two gauges vLLM reports of its scheduler, in Prometheus' text format."""
+        lines = []
+        for name, value in (("waiting", len(self._waiting)), ("running", self.active)):
+            lines += [
+                f"# HELP vllm:num_requests_{name} Number of requests {name}.",
+                f"# TYPE vllm:num_requests_{name} gauge",
+                f'vllm:num_requests_{name}{{engine="0",model_name="{MODEL}"}} {value}.0',
+            ]
+        return "\n".join(lines) + "\n"
 
     def _duration(self, tokens: int) -> float:
         """Decode time at the current batch (the server's share of its capacity in use)."""
@@ -209,8 +226,8 @@ class Steady:
     sample by sample (time-weighted means, least and most): memory stays the same however
     long the stretch."""
 
-    def __init__(self, phase: Phase, start: float, end: float) -> None:
-        self.phase, self.start, self.end = phase, start, end
+    def __init__(self, phase: Phase, start: float, end: float, aim: float) -> None:
+        self.phase, self.start, self.end, self.aim = phase, start, end, aim
         self.seconds = self.limit = self.serving = 0.0
         self.low, self.high = math.inf, -math.inf
 
@@ -227,6 +244,7 @@ class Steady:
         seconds = self.seconds or 1.0
         return {
             "capacity": self.phase.capacity,
+            "aim": self.aim,
             "limit": self.limit / seconds,
             "low": self.low if self.seconds else 0.0,
             "high": self.high if self.seconds else 0.0,
@@ -248,7 +266,7 @@ async def simulate(scenario: Scenario, server: SimServer | None = None) -> Outco
     starts = [began, *ends[:-1]]
     # The steady state: the second half of each phase.
     steady = [
-        Steady(phase, start + (end - start) / 2, end)
+        Steady(phase, start + (end - start) / 2, end, aim(scenario, phase))
         for phase, start, end in zip(scenario.phases, starts, ends, strict=True)
     ]
     demand = asyncio.Semaphore(DEMAND)
@@ -330,6 +348,16 @@ def scenarios(smoke: bool) -> list[Scenario]:
         Scenario(
             "queue, CPU batch, 30% noise", "queue", (Phase(16, steady),), slowdown=1.0, noise=0.3
         ),
+        # The same servers reporting their queue at /metrics, as vLLM does.
+        Scenario("queue, metrics, capacity 48 → 16 → 32", "queue", shifts, metrics=True),
+        Scenario(
+            "queue, CPU batch, 30% noise, metrics",
+            "queue",
+            (Phase(16, steady),),
+            slowdown=1.0,
+            noise=0.3,
+            metrics=True,
+        ),
     ]
 
 
@@ -384,8 +412,15 @@ def run(smoke: bool = False) -> list[Outcome]:
         return list(child.map(simulate_alone, scenarios(smoke)))
 
 
+def aim(scenario: Scenario, phase: Phase) -> float:
+    """The limit the controller aims at: the capacity, or where the server reports its queue,
+    the capacity plus the queue kept on purpose (`aimd.QUEUE_SHARE` of it: a freed slot is
+    refilled from the queue, not a client's round trip later)."""
+    return phase.capacity * (1 + QUEUE_SHARE) if scenario.metrics else float(phase.capacity)
+
+
 def converged(phase: dict[str, float]) -> bool:
-    return abs(phase["limit"] / phase["capacity"] - 1) <= TOLERANCE
+    return abs(phase["limit"] / phase["aim"] - 1) <= TOLERANCE
 
 
 def report(outcomes: list[Outcome]) -> str:
@@ -398,8 +433,9 @@ def report(outcomes: list[Outcome]) -> str:
                 [
                     outcome.scenario.name if first else "",
                     f"{phase['capacity']:.0f}",
+                    f"{phase['aim']:.0f}",
                     f"{phase['limit']:.1f} ({phase['low']:.0f}–{phase['high']:.0f})",
-                    f"{phase['limit'] / phase['capacity']:.2f}",
+                    f"{phase['limit'] / phase['aim']:.2f}",
                     "yes" if converged(phase) else "**no**",
                     f"{phase['serving']:.1f}",
                     f"{outcome.submitted}" if first else "",
@@ -413,8 +449,9 @@ def report(outcomes: list[Outcome]) -> str:
         [
             "server",
             "capacity",
+            "aim",
             "limit, steady state (range)",
-            "limit ÷ capacity",
+            "limit ÷ aim",
             "within 10%",
             "served at once",
             "requests sent",

@@ -17,6 +17,8 @@ from zero_one_instruction.engines.aimd import (
     CEILING_PAUSES,
     LATENCY_MIN_TOKENS,
     MIN_SAMPLES,
+    QUEUE_MIN,
+    QUEUE_SHARE,
     Aimd,
     Average,
     Level,
@@ -359,6 +361,33 @@ def test_a_small_limit_grows_by_a_share_of_itself() -> None:
         trace = run_closed_loop(aimd, QueueingServer(8, seed=seed), 6000)
         overshoot.append(mean_limit(trace, 3000) / 8)
     assert max(overshoot) <= 1.07
+
+
+def test_the_server_queue_steers_the_limit_where_it_is_reported() -> None:
+    """A reading with a short queue grows the limit by what the queue allowed has left,
+    where the limit was reached since the last reading; a longer queue cuts it to what the
+    server runs plus the queue allowed, once per window; while readings come, answers
+    neither grow the limit nor let the latency decide."""
+    allowed = max(QUEUE_MIN, QUEUE_SHARE * 16)
+    aimd = Aimd(maximum=64, limit=16.0, probing=False)
+    tickets = [aimd.send(0.0) for _ in range(16)]
+    assert not aimd.server_queue(1, 16, 0.5, 1.5) and aimd.limit == 16 + allowed - 1
+    assert not aimd.server_queue(0, 16, 1.0, 1.5) and aimd.limit == 16 + allowed - 1
+    limit = aimd.limit  # not reached since the last reading: no growth
+    tickets += [aimd.send(1.0) for _ in range(aimd.room(1.0))]
+    assert aimd.server_queue(8, 16, 1.5, 1.5)
+    assert aimd.limit == pytest.approx(limit * (16 + allowed) / (16 + 8))
+    assert not aimd.server_queue(8, 16, 2.0, 1.5)  # the same window: the cut is on its way
+    # Answers while the readings are fresh (until 3.5): no growth per answer.
+    limit = aimd.limit
+    for number, ticket in enumerate(tickets):
+        aimd.succeeded(ticket, 2.0 + number / 100, 100)
+        while aimd.room(2.0):
+            aimd.send(2.0)
+    assert aimd.limit == limit
+    # Readings stopped (a server restarting): the answers steer it again.
+    aimd.succeeded(aimd.send(4.0), 4.5, 100)
+    assert aimd.limit > limit
 
 
 def test_memory_is_bounded_by_the_levels_of_load() -> None:

@@ -151,6 +151,9 @@ class OpenAISettings(_Strict):
     retry_deadline: float = Field(default=600.0, ge=0.0)
     startup_wait: float = Field(default=0.0, ge=0.0)
     judge_constraint: Literal["auto", "structured_outputs", "guided_choice", "json_schema"] = "auto"
+    # Steer each endpoint's limit by its server's own queue where it reports one (vLLM's and
+    # SGLang's Prometheus metrics at /metrics): `engines/serverqueue.py`.
+    server_queue: bool = True
 
     @model_validator(mode="before")
     @classmethod

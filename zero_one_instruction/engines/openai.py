@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from ..errors import ConfigError
-from . import constraint
+from . import constraint, serverqueue
 from .aimd import Aimd
 from .backoff import BASE_SECONDS, CAP_SECONDS, MAX_DOUBLINGS, backoff_delay, retry_after
 from .base import Completion, EngineDead, Request, RequestError, Step
@@ -218,6 +218,7 @@ class OpenAIEngine:
         self._dead: str | None = None
         self._closed = False
         self._closing: list[asyncio.Task[None]] = []
+        self._watchers: list[asyncio.Task[None]] = []  # reading servers' queues
         logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
         models = {step: config.step_models.get(step, config.model_name) for step in STEPS}
         self._keys = self._read_keys(models.values())
@@ -298,6 +299,8 @@ class OpenAIEngine:
         )
         if self._settings.judge_constraint == "auto":
             await self._choose_constraint(self._routes["judge"])
+        if self._settings.server_queue:
+            self._watchers = await serverqueue.start_watching(list(self._endpoints.values()))
 
     async def _choose_constraint(self, route: Route) -> None:
         """The first way of asking whose probe answer is one of the probe's choices. When
@@ -531,6 +534,8 @@ class OpenAIEngine:
         if self._closed:
             return
         self._closed = True
+        for watcher in self._watchers:
+            watcher.cancel()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -539,6 +544,7 @@ class OpenAIEngine:
 
     async def aclose(self) -> None:
         """`close`, waiting until every connection is closed."""
+        await serverqueue.stop_watching(self._watchers)
         if not self._closed:
             self._closed = True
             await asyncio.gather(*(e.client.aclose() for e in self._endpoints.values()))
