@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,7 @@ import yaml
 
 from .clitools import assert_one_line_error
 from .fakeopenai import NotHttp, dead_port
-from .faultproxy import FaultProxy
+from .faultproxy import DEFAULT_FAULTED, FaultProxy
 from .queue_helpers import ENV, ROOT, password_server, run_args, zoi
 from .servedvllm import API_KEY, PROMPTS, SERVED_NAME, Reference, Restart, ServedVLLM
 
@@ -154,6 +155,11 @@ def test_judge_verdicts_at_temperature_1_are_only_the_two_choices(
 FAILURES = ("429", "500", "dropped", "502")  # what the proxy counts for a request that failed
 
 
+def completions(proxy: FaultProxy) -> Counter[str]:
+    """What the proxy did with chat completions, by outcome."""
+    return Counter(what for path, what in proxy.events() if path.startswith(DEFAULT_FAULTED))
+
+
 @served
 def test_faults_and_a_server_killed_mid_run_change_nothing_and_count_as_retries(
     vllm_server: ServedVLLM,
@@ -176,8 +182,7 @@ def test_faults_and_a_server_killed_mid_run_change_nothing_and_count_as_retries(
     )
     out = tmp_path / "out.jsonl"
     restart = Restart(
-        vllm_server,
-        lambda: fault_proxy.pending() == 0 and fault_proxy.counts().get("passed", 0) >= 30,
+        vllm_server, lambda: fault_proxy.pending() == 0 and completions(fault_proxy)["passed"] >= 30
     )
     done = run(config, out)
     restart.join()
@@ -188,7 +193,8 @@ def test_faults_and_a_server_killed_mid_run_change_nothing_and_count_as_retries(
     assert (counts["429"], counts["500"], counts["delayed"]) == (2, 2, 2)
     assert counts["dropped"] >= 4 and counts.get("502", 0) >= 1  # the kill: more of both
     retries = sum(line["retries"] for line in chunk_log(out))
-    assert retries == sum(counts.get(kind, 0) for kind in FAILURES), counts
+    failed = completions(fault_proxy)  # not the readings of the server's queue at /metrics
+    assert retries == sum(failed[kind] for kind in FAILURES), (failed, counts)
 
 
 # --- bad input -----------------------------------------------------------------------------
