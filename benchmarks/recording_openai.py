@@ -56,7 +56,7 @@ class RecordingOpenAIEngine(OpenAIEngine):
 
     def __init__(self, config: Config) -> None:
         self._record = open(os.environ["ZOI_BENCH_RECORD"], "a", encoding="utf-8")  # noqa: SIM115
-        most = config.openai.max_in_flight
+        most = config.openai.max_in_flight + 1  # as the engine's own client: the queue readings
         limits = httpx.Limits(max_connections=most, max_keepalive_connections=most)
         transport = RecordingTransport(self._record, limits)
         super().__init__(config, transport=transport)

@@ -371,8 +371,9 @@ def test_the_server_queue_steers_the_limit_where_it_is_reported() -> None:
     allowed = max(QUEUE_MIN, QUEUE_SHARE * 16)
     aimd = Aimd(maximum=64, limit=16.0, probing=False)
     tickets = [aimd.send(0.0) for _ in range(16)]
-    assert not aimd.server_queue(1, 16, 0.5, 1.5) and aimd.limit == 16 + allowed - 1
-    assert not aimd.server_queue(0, 16, 1.0, 1.5) and aimd.limit == 16 + allowed - 1
+    grown = 16 + (allowed - 1) * 16 / 17  # the room left, by this client's share of 17
+    assert not aimd.server_queue(1, 16, 0.5, 1.5) and aimd.limit == pytest.approx(grown)
+    assert not aimd.server_queue(0, 16, 1.0, 1.5) and aimd.limit == pytest.approx(grown)
     limit = aimd.limit  # not reached since the last reading: no growth
     tickets += [aimd.send(1.0) for _ in range(aimd.room(1.0))]
     assert aimd.server_queue(8, 16, 1.5, 1.5)
@@ -388,6 +389,29 @@ def test_the_server_queue_steers_the_limit_where_it_is_reported() -> None:
     # Readings stopped (a server restarting): the answers steer it again.
     aimd.succeeded(aimd.send(4.0), 4.5, 100)
     assert aimd.limit > limit
+
+
+def test_a_reading_shares_growth_ends_a_search_and_ignores_an_idle_server() -> None:
+    """Two workers on one server read the same queue: each grows by its share of the room
+    left (here half of the requests the server holds are this one's). A latency search
+    left from before the readings ends: the queue decides. A server running nothing (starting
+    up) says nothing of its capacity: neither a cut nor growth."""
+    allowed = max(QUEUE_MIN, QUEUE_SHARE * 16)
+    aimd = Aimd(maximum=64, limit=8.0, probing=False, searching=True)
+    for _ in range(8):
+        aimd.send(0.0)
+    assert not aimd.server_queue(0, 8, 0.5, 1.5)  # nothing waits, 8 of 8 are this one's
+    assert not aimd.searching and aimd.limit == 8 + max(1.0, max(QUEUE_MIN, QUEUE_SHARE * 8))
+    aimd = Aimd(maximum=64, limit=8.0, probing=False)
+    for _ in range(8):
+        aimd.send(0.0)
+    assert not aimd.server_queue(0, 16, 0.5, 1.5)  # 16 running: 8 of them another worker's
+    assert aimd.limit == 8 + max(1.0, allowed / 2)
+    before = aimd.limit
+    for _ in range(aimd.room(0.5)):
+        aimd.send(0.5)
+    assert not aimd.server_queue(30, 0, 1.0, 1.5) and aimd.limit == before
+    assert aimd.metered(1.0)
 
 
 def test_memory_is_bounded_by_the_levels_of_load() -> None:

@@ -12,10 +12,10 @@ node), so the limit is found by probing. It never leaves [1, maximum].
   the load the slow answers met: one level measured cannot tell a queue from a fuller batch,
   and the next decision can (`_end_start`).
 - **Then:** it grows by one request per round trip (1/limit with each answer), and by at most
-  1/20 of itself per 20 answers where a round trip has fewer than 20 (no faster than an
-  average of 20 answers can show the effect, in the share of the load it can tell: at a
-  limit of 8, a request more is 12% more load, and the old step of one per 20 answers held
-  a queueing server 9-10% over its capacity).
+  1/20 of itself (at 8 or under, of 8) per 20 answers where a round trip has fewer than 20
+  (no faster than an average of 20 answers can show the effect, in the share of the load it
+  can tell: at a limit of 8, a request more is 12% more load, and the old step of one per 20
+  answers held a queueing server 9-10% over its capacity).
 - **429 or 503** (refused at once, so the limit is a request or two past the capacity): it
   shrinks by a tenth. The limit then stays within about 10% of the capacity; halving, TCP's
   rule, leaves it on a sawtooth from half to full, three quarters of it on average. With a
@@ -380,7 +380,8 @@ class Aimd:
         if not self.probing:
             if self.metered(now):
                 return  # the server's queue steers it (`server_queue`)
-            step = min(1.0 / self.limit, self.limit / MIN_SAMPLES**2)
+            # (At 8 and under, as at 8: a smaller step changes no whole request for longer.)
+            step = min(1.0 / self.limit, max(self.limit, 8.0) / MIN_SAMPLES**2)
         elif self.latency.count >= MIN_SAMPLES or not measured or self.metered(now):
             step, self._doubling = 1.0, True  # (a reported queue needs no latency to start)
         else:
@@ -409,14 +410,21 @@ class Aimd:
         that cut took away. A reading with a shorter queue, where the limit was reached
         since the one before, grows it by what the queue allowed has left (at least one):
         those requests either run at once or wait within the allowance, and the next reading
-        tells which. Growth per answer would outrun readings that come every few round trips
-        of a fast server. Returns whether it cut."""
+        tells which; several clients of one server each grow by their share of it (of the
+        requests the server holds, those in flight here). Growth per answer would outrun
+        readings that come every few round trips of a fast server. A reading with nothing
+        running (a server starting up, or idle) says nothing of its capacity. Returns
+        whether it cut."""
         self._metered_until = now + fresh
+        self.searching = self._queued = False  # the queue decides: no latency search pending
         filled, self._filled_at_reading = self._last_full > self._filled_at_reading, self._last_full
         allowed = max(QUEUE_MIN, QUEUE_SHARE * running)
+        if running <= 0:
+            return False
         if waiting <= allowed:
-            if filled and not self.probing and not self.searching:
-                self._raise(max(1.0, allowed - waiting), now)
+            if filled and not self.probing:
+                mine = min(1.0, self.in_flight / max(1.0, running + waiting))
+                self._raise(max(1.0, (allowed - waiting) * mine), now)
             return False
         if self.sent - self._window < self.capacity:
             return False

@@ -264,9 +264,9 @@ class OpenAIEngine:
         key = self._keys[url]
         client = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.request_timeout, connect=settings.connect_timeout),
-            limits=httpx.Limits(
-                max_connections=settings.max_in_flight,
-                max_keepalive_connections=settings.max_in_flight,
+            limits=httpx.Limits(  # (one more: the readings of the server's queue)
+                max_connections=settings.max_in_flight + 1,
+                max_keepalive_connections=settings.max_in_flight + 1,
             ),
             headers={"Authorization": f"Bearer {key}"} if key else None,
             transport=self._transport,
