@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from zero_one_instruction.embeddedredis import SERVER_FILE, embedded, release, url_path
+from zero_one_instruction.worker import worker_name
 
 from .queue_helpers import ENV
 
@@ -63,6 +64,25 @@ def test_reused_across_processes_and_stopped_by_the_last(tmp_path: Path) -> None
         time.sleep(0.05)
     assert not alive(pid) and not sock.exists()
     assert not (run / "redis" / SERVER_FILE).exists()
+
+
+def test_a_connection_renamed_by_rq_does_not_keep_the_server_running(tmp_path: Path) -> None:
+    """RQ names one pooled connection after its worker (`zoi-<host>-<pid>-<random>`): still
+    open when the worker leaves, it must not count as another zoi process."""
+    run = tmp_path / "run"
+    client = embedded(run, "worker")
+    pid = int(client.info("server")["process_id"])
+    sock = Path(url_path(client))
+    renamed = client.connection_pool.get_connection()
+    renamed.send_command("CLIENT", "SETNAME", worker_name(None))
+    assert renamed.read_response() in (b"OK", "OK")
+    client.connection_pool.release(renamed)
+    client.ping()  # another connection of the pool stays open with the renamed one
+    release(client, run)
+    deadline = time.monotonic() + 10
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(pid) and not sock.exists()
 
 
 def test_another_environment_finds_the_same_server(tmp_path: Path) -> None:
