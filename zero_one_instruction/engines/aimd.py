@@ -418,9 +418,9 @@ class Aimd:
         self._metered_until = now + fresh
         self.searching = self._queued = False  # the queue decides: no latency search pending
         filled, self._filled_at_reading = self._last_full > self._filled_at_reading, self._last_full
-        allowed = max(QUEUE_MIN, QUEUE_SHARE * running)
         if running <= 0:
             return False
+        allowed = max(QUEUE_MIN, QUEUE_SHARE * running)
         if waiting <= allowed:
             if filled and not self.probing:
                 mine = min(1.0, self.in_flight / max(1.0, running + waiting))

@@ -94,17 +94,17 @@ def steer(endpoint: Endpoint, queue: Queue) -> None:
 
 
 async def watch(endpoint: Endpoint) -> None:
-    """Read the queue every READ_SECONDS and steer the endpoint's limit by it, until
-    cancelled. Nothing a reading meets ends the watch: a reading that fails is a reading
-    missed, and the latency steers until the next one comes."""
+    """Read the queue every READ_SECONDS (the first reading is start-up's) and steer the
+    endpoint's limit by it, until cancelled. Nothing a reading meets ends the watch: a
+    reading that fails is a reading missed, and the latency steers until the next one."""
     while True:
+        await asyncio.sleep(READ_SECONDS)
         try:
             queue = await read(endpoint)
             if queue is not None:
                 steer(endpoint, queue)
         except Exception:  # a watcher that died would leave the limit to the latency, silently
             log.warning("openai: reading %s's queue failed", endpoint.url, exc_info=True)
-        await asyncio.sleep(READ_SECONDS)
 
 
 async def start_watching(endpoints: list[Endpoint]) -> list[asyncio.Task[None]]:
@@ -117,6 +117,7 @@ async def start_watching(endpoints: list[Endpoint]) -> list[asyncio.Task[None]]:
             log.info("openai: %s reports no queue: its limit follows the latency", endpoint.url)
             continue
         log.info("openai: %s reports its queue: its limit follows it", endpoint.url)
+        steer(endpoint, queue)  # start-up's reading is the first
         tasks.append(asyncio.get_running_loop().create_task(watch(endpoint)))
     return tasks
 
