@@ -181,7 +181,7 @@ class ThinScriptedEngine(ScriptedEngine):
     so `zoi run` starts `--workers N` thin workers for it, and `stats()` reports its requests
     as shared between two endpoints, one in ten of them a retry after a 429. `gate` names a
     file: requests wait while it exists, so a test can hold a run until it has seen what it
-    looks for."""
+    looks for; the first request that waits creates `<gate>.met`."""
 
     holds_gpu = False
 
@@ -190,6 +190,9 @@ class ThinScriptedEngine(ScriptedEngine):
         self.gate = config.engine_options().get("gate")
 
     async def complete(self, request: Request) -> Completion:
+        if self.gate and os.path.exists(self.gate):
+            with open(f"{self.gate}.met", "a", encoding="utf-8"):
+                pass  # a request is waiting: a test can tell a chunk is in hand
         while self.gate and os.path.exists(self.gate):
             await asyncio.sleep(0.02)
         return await super().complete(request)

@@ -221,20 +221,27 @@ class ServerProcess:
             os.killpg(self.pgid, signal.SIGKILL)
         self._wait_group(30)
         left = describe(self.processes())
+        if self.running:
+            left.append(f"the server itself ({self.pgid})")
         if left:
             raise ServerFailed(f"server on {self.url}: processes outlived SIGKILL: {left}")
         self.pgid = None
 
     def _wait_group(self, timeout: float) -> None:
-        """Until the group is empty or `timeout` passes, reaping the server itself."""
+        """Until the group is empty and the server itself reaped, or `timeout` passes. The
+        group can look empty before the server can be reaped: a killed process with many
+        threads (vLLM's API server) shows as a zombie while its threads still exit, and only
+        then can it be waited for; a start before that finds it still running."""
         deadline = time.monotonic() + timeout
         while True:
-            if self._proc is not None:
-                self._proc.poll()  # reap it: our own child would otherwise stay a zombie
             members = self.processes()
-            if not members or time.monotonic() > deadline:
+            if (not members and not self.running) or time.monotonic() > deadline:
                 return
-            psutil.wait_procs(members, timeout=min(1.0, max(deadline - time.monotonic(), 0)))
+            wait = min(1.0, max(deadline - time.monotonic(), 0))
+            if members:
+                psutil.wait_procs(members, timeout=wait)
+            else:
+                time.sleep(min(0.05, wait))
 
 
 def server_module() -> str:

@@ -27,6 +27,7 @@ from zero_one_instruction.rundir import Chunk, open_run
 
 from . import queue_helpers
 from .queue_helpers import ENV, ZOI, enqueue_run, ok, scripted_config, wait_until
+from .scripted_engine import THIN_ENGINE
 
 N = 60
 CHUNK = 5
@@ -242,6 +243,39 @@ def test_launcher_killed_or_hung_up_leaves_no_worker_or_server(
     assert not out.exists()
     assert ok(*run_args(config, out))  # and the run resumes
     assert out.read_bytes() == expected.read_bytes()
+
+
+def test_launcher_killed_while_requests_wait_stops_its_workers_at_once(
+    tmp_path: Path, strays: list[int]
+) -> None:
+    """A cold stop abandons the chunks in hand: workers whose requests wait on a server that
+    does not answer (a gate, here) stop when their launcher dies, not when the requests give
+    up (with engine openai, after the retry deadline: ten minutes by default). The chunks go
+    back to the queue, and the run resumes."""
+    gate = tmp_path / "gate"
+    config = tmp_path / "thin.yml"
+    config.write_text(
+        f"model_name: scripted\nengine: '{THIN_ENGINE}'\nbatch_size: 4\nseed: 5\n"
+        f"hardware_kwargs:\n  delay: 0.01\n  gate: '{gate}'\n",
+        encoding="utf-8",
+    )
+    reference = tmp_path / "reference.jsonl"
+    ok("generate", "-c", str(config), "--start", "0", "--end", str(N), "-o", str(reference))
+    gate.touch()
+    out = tmp_path / "out.jsonl"
+    launcher = launch(*run_args(config, out, "--workers", "2"))
+    met = Path(f"{gate}.met")
+    wait_until(met.exists, timeout=90, what="a request waiting at the gate")
+    workers, server = workers_of(launcher), server_pid(Path(f"{out}.run"))
+    strays += [*workers, server]
+    assert workers
+    launcher.kill()
+    launcher.communicate(timeout=60)
+    wait_until(lambda: all(gone(pid) for pid in workers), timeout=30, what="workers to stop")
+    wait_until(lambda: gone(server), timeout=30, what="the embedded server to stop")
+    gate.unlink()
+    assert ok(*run_args(config, out))
+    assert out.read_bytes() == reference.read_bytes()
 
 
 def test_run_directory_removed_mid_run_is_one_line_and_leaves_nothing_running(

@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any, TypeVar
 
 import pytest
@@ -26,7 +28,7 @@ import yaml
 from .clitools import assert_one_line_error
 from .fakeopenai import NotHttp, dead_port
 from .faultproxy import DEFAULT_FAULTED, FaultProxy
-from .queue_helpers import ENV, ROOT, password_server, run_args, zoi
+from .queue_helpers import ENV, ROOT, ZOI, password_server, run_args, zoi
 from .servedvllm import API_KEY, PROMPTS, SERVED_NAME, Reference, Restart, ServedVLLM
 
 SERVED = [
@@ -38,7 +40,10 @@ Test = TypeVar("Test", bound=Callable[..., None])
 KEY_ENV = "ZOI_TEST_KEY"
 WRONG_KEY = "zoi-wrong-key-4f2a9c"
 CHUNK = 6
-TIMEOUT = 600  # seconds for one command: the restart test waits for the server's return
+TIMEOUT = 600  # seconds for one command
+# The restart test's run: it waits for the server's return, and must end before the
+# test's own timeout (600 s) to say what it met.
+RESTART_TIMEOUT = 450
 
 
 def served(test: Test) -> Test:
@@ -83,6 +88,28 @@ def generate(config: Path, out: Path, end: int = PROMPTS, *extra: str) -> None:
 
 def run(config: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return zoi(*run_args(config, out, PROMPTS, CHUNK, *extra), env=env(), timeout=TIMEOUT)
+
+
+def run_beside(restart: Restart, config: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    """`run` while `restart` takes the server away and brings it back; if the restart fails,
+    the run is killed and the restart's error raised at once: a server that never comes back
+    would hold the run for its whole retry deadline, past the test's timeout, with nothing
+    said."""
+    command = [ZOI, *run_args(config, out, PROMPTS, CHUNK)]
+    deadline = time.monotonic() + RESTART_TIMEOUT
+    with subprocess.Popen(command, stdout=PIPE, stderr=PIPE, text=True, env=env()) as process:
+        while True:
+            try:
+                stdout, stderr = process.communicate(timeout=1)
+                return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+            except subprocess.TimeoutExpired:
+                if restart.error is None and time.monotonic() < deadline:
+                    continue
+            process.kill()  # its workers stop with it
+            _, stderr = process.communicate()
+            if restart.error is not None:
+                raise restart.error
+            raise AssertionError(f"zoi run still running after {RESTART_TIMEOUT} s:\n{stderr}")
 
 
 def chunk_log(out: Path) -> list[dict[str, Any]]:
@@ -184,7 +211,7 @@ def test_faults_and_a_server_killed_mid_run_change_nothing_and_count_as_retries(
     restart = Restart(
         vllm_server, lambda: fault_proxy.pending() == 0 and completions(fault_proxy)["passed"] >= 30
     )
-    done = run(config, out)
+    done = run_beside(restart, config, out)
     restart.join()
     assert done.returncode == 0, done.stderr
     assert restart.killed.is_set() and vllm_server.running

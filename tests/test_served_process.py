@@ -129,6 +129,31 @@ def test_kill_then_start_serves_again_on_the_same_port(tmp_path: Path) -> None:
     assert server.log_tail().count("stand-in: starting in mode stubborn") == 2
 
 
+def test_kill_waits_until_the_server_itself_is_reaped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed process with many threads (vLLM's API server) shows as a zombie, so its group
+    looks empty, while its threads still exit; until then it cannot be reaped, and a start
+    found it "already running" (a restart test hung on a server that never came back).
+    Here the group always looks empty and SIGKILL lands half a second late."""
+    server = standin(tmp_path, "ok")
+    server.start()
+    pgid = server.pgid
+    assert pgid is not None
+    kill = os.killpg
+    monkeypatch.setattr(server, "processes", list)
+    monkeypatch.setattr(
+        os, "killpg", lambda group, sig: threading.Timer(0.5, kill, (group, sig)).start()
+    )
+    server.kill()
+    assert not server.running and server.pgid is None
+    monkeypatch.undo()
+    server.start()
+    assert httpx.get(server.url + "/health").status_code == 200
+    server.stop()
+    assert group_members(pgid) == []
+
+
 def test_restart_waits_for_its_condition_then_kills_and_starts(tmp_path: Path) -> None:
     server = standin(tmp_path, "ok")
     server.start()

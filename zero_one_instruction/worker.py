@@ -102,6 +102,7 @@ class ChunkWorker(StoppableWorker):
         self._beats = threading.Event()
         self._in_execute = False
         self._burst = False
+        self._torn_down = False
         self.drained = False  # a burst worker found nothing left to do
         self.revive: Callable[[], None] | None = None  # restarts an embedded Redis that died
         self.janitors = [Janitor(q, self.heartbeat_ttl, self.active_jobs) for q in self.queues]
@@ -177,8 +178,23 @@ class ChunkWorker(StoppableWorker):
         return not self._in_execute
 
     def teardown(self) -> None:
-        self._join_active()
+        """Leaving RQ's loop: a warm stop lets the chunks in hand finish; a cold stop (a
+        SystemExit on its way out: the launcher is gone, or RQ's second Ctrl+C) abandons
+        them, or a chunk whose requests wait on a server that does not answer would hold the
+        worker, its engine and the embedded server for the whole retry deadline. RQ calls
+        this in the `finally` of its loop, so a SystemExit raised in the loop is in flight."""
+        if isinstance(sys.exc_info()[1], SystemExit):
+            self._release_chunks()
+        else:
+            self._join_active()
         super().teardown()
+        self._torn_down = True
+
+    def _release_chunks(self) -> None:
+        """Cold stop: abandon the chunks in hand (their jobs fail, and RQ retries them) and
+        give their threads a moment to record that."""
+        self.host.cancel_all()
+        self._join_active(timeout=COLD_STOP_SECONDS)
 
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
@@ -202,12 +218,12 @@ class ChunkWorker(StoppableWorker):
         self._beats.clear()
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
+        self._torn_down = False
         try:
             return super().work(*args, **kwargs)
-        except SystemExit:  # cold stop: release the chunks in hand; RQ retries them
-            self.host.cancel_all()
-            self._join_active(timeout=60)
-            super().teardown()
+        except SystemExit:  # a cold stop before RQ's loop, whose `finally` tears down
+            if not self._torn_down:
+                self.teardown()
             raise
         finally:
             self._beats.set()
@@ -263,6 +279,10 @@ class ChunkWorker(StoppableWorker):
                 log.exception("heartbeat or janitor sweep failed; trying again")
 
 
+# How long a cold stop waits for the chunks it abandoned to be handed back (their jobs
+# failed, to be retried); a chunk not handed back by then is the janitor's, once its
+# heartbeat expires.
+COLD_STOP_SECONDS = 10.0
 PARENT_POLL = 1.0  # seconds between checks that the launcher still runs
 _PR_SET_PDEATHSIG = 1
 
