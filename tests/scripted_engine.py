@@ -70,6 +70,7 @@ class ScriptedEngine:
         options = config.engine_options()
         self.rules: dict[str, dict[str, str]] = dict(options.get("rules", {}))
         self.delay = float(options.get("delay", 0.0))
+        self.unwind = float(options.get("unwind", 0.0))  # seconds a cancelled request takes
         self.log = options.get("log")  # a file: one line per request, any process
         self.requests_log = options.get("requests")  # a file: each request whole, as JSON
         refused_gpus = options.get("refuse_on")  # only the worker of these GPUs refuses
@@ -122,6 +123,9 @@ class ScriptedEngine:
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             await asyncio.sleep(self.delay)  # lets other prompts interleave, as a real engine does
+        except asyncio.CancelledError:
+            await asyncio.sleep(self.unwind)  # withdrawing a request takes a real engine a while
+            raise
         finally:
             self.in_flight -= 1
         case, key = self._key(request)

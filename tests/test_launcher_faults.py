@@ -271,7 +271,7 @@ def test_launcher_killed_while_requests_wait_stops_its_workers_at_once(
     assert workers
     launcher.kill()
     launcher.communicate(timeout=60)
-    wait_until(lambda: all(gone(pid) for pid in workers), timeout=30, what="workers to stop")
+    wait_until(lambda: all(gone(pid) for pid in workers), timeout=60, what="workers to stop")
     wait_until(lambda: gone(server), timeout=30, what="the embedded server to stop")
     gate.unlink()
     assert ok(*run_args(config, out))

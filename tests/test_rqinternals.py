@@ -187,6 +187,40 @@ def test_rq_work_loop_honours_a_stop_request_and_leave_loop(broker) -> None:
     )
 
 
+def test_rq_tears_down_in_the_finally_of_its_loop_with_a_cold_stop_in_flight(broker) -> None:
+    """ChunkWorker's teardown abandons the chunks in hand on a cold stop and waits for them on
+    a warm one; it tells them apart by the SystemExit RQ's loop lets through to its
+    `finally`. Were RQ to catch it, or tear down elsewhere, a worker whose launcher died
+    would wait for its chunks again."""
+    run, client = broker
+    queue = chunk_queue(client, run)
+    enqueue(client, run)
+
+    seen: list[bool] = []
+
+    class Recording(StoppableWorker):
+        def teardown(self) -> None:
+            seen.append(self.cold_stopping())
+            super().teardown()
+
+    class Killed(Recording):
+        def dequeue_job_and_maintain_ttl(
+            self, timeout: int | None, max_idle_time: int | None = None
+        ) -> Any:
+            raise SystemExit(1)  # as the launcher's death or RQ's second signal raises it
+
+    with pytest.raises(SystemExit):
+        _keeping_signal_handlers(
+            lambda: _worker(queue, Killed).work(burst=True, logging_level="WARNING")
+        )
+    assert seen == [True], "RQ no longer tears down with the SystemExit in flight"
+    stopped = _worker(queue, Recording)
+    stopped.ask_to_stop()
+    _keeping_signal_handlers(lambda: stopped.work(burst=True, logging_level="WARNING"))
+    assert seen == [True, False], "a warm stop reads as a cold one"
+    assert not StoppableWorker.cold_stopping()
+
+
 def test_job_callback_names_are_where_rqinternals_reads_them(broker) -> None:
     run, client = broker
     queue = chunk_queue(client, run)

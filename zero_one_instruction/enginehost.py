@@ -20,6 +20,7 @@ from .pipeline import Outcome, Pipeline
 from .rundir import Chunk, Run
 
 STATS_WAIT = 5.0  # seconds a figures reader waits for a busy loop before it skips a turn
+SETTLE_SECONDS = 10.0  # seconds `close` waits for abandoned chunks to unwind
 
 
 class EngineHost:
@@ -36,6 +37,8 @@ class EngineHost:
         )
         self._thread.start()
         self._futures: set[concurrent.futures.Future[Any]] = set()
+        self._abandoned = False
+        self._tasks: set[asyncio.Task[Any]] = set()  # the chunks' tasks, on the loop
         templates = run.templates
         self.system_prompt = templates.output_system_prompt
         source = run.source()
@@ -54,10 +57,30 @@ class EngineHost:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        if self._abandoned:  # a chunk handed over after a cold stop began: abandoned too
+            coro.close()
+            raise concurrent.futures.CancelledError
+        future = asyncio.run_coroutine_threadsafe(self._tracked(coro), self._loop)
         self._futures.add(future)
         future.add_done_callback(self._futures.discard)
         return future
+
+    async def _tracked(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run a chunk as a task `close` can wait for: an abandoned chunk's future is
+        cancelled at once, while its task still unwinds its records (each request withdrawn
+        from the engine); stopping the loop before then would destroy it half-way."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            return await coro
+        finally:
+            self._tasks.discard(task)
+
+    async def _settle(self) -> None:
+        """Wait, a while at most, for the abandoned chunks' tasks to end."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=SETTLE_SECONDS)
 
     async def evolve_chunk(
         self,
@@ -106,7 +129,9 @@ class EngineHost:
             raise
 
     def cancel_all(self) -> None:
-        """Abandon every chunk in flight (cold stop): their jobs fail and are retried."""
+        """Abandon every chunk in flight (cold stop), and any handed over later: their jobs
+        fail and are retried."""
+        self._abandoned = True
         for future in list(self._futures):
             future.cancel()
 
@@ -116,6 +141,7 @@ class EngineHost:
 
     def close(self) -> None:
         try:
+            self.call(self._settle())
             self.call(close_engine(self.engine))
         finally:
             self._stop_loop()

@@ -8,7 +8,9 @@ tests/test_rqinternals.py pins each touch to the installed RQ (the pyproject pin
 
 - the worker's stop protocol (`_shutdown`, `_stop_requested`, `StopRequested`): a worker that
   runs chunks in threads must take a warm stop without being interrupted while it hands a
-  chunk to its thread, and must leave RQ's loop when its engine died;
+  chunk to its thread, and must leave RQ's loop when its engine died; and its teardown, which
+  RQ calls in the `finally` of its loop, must tell a cold stop (a SystemExit in flight) from
+  a warm one;
 - a job's callback names (`_success_callback_name` and the others): a chunk job runs no
   callback, and says which one it ignored;
 - job hash fields (`status`, `worker_name`, `meta`, `data` of `rq:job:<id>`): the producer and
@@ -24,6 +26,7 @@ tests/test_rqinternals.py pins each touch to the installed RQ (the pyproject pin
 
 from __future__ import annotations
 
+import sys
 from typing import NoReturn
 
 import redis
@@ -63,6 +66,13 @@ class StoppableWorker(SimpleWorker):
     def stop_at_once(self) -> bool:
         """Whether a warm stop may leave the loop from the signal handler, right now."""
         return True
+
+    @staticmethod
+    def cold_stopping() -> bool:
+        """Whether the worker is leaving on a cold stop, asked from its `teardown`: RQ's loop
+        lets a SystemExit through (its second signal's, or one a handler of ours raised) and
+        tears the worker down in its `finally`, where that exception is still in flight."""
+        return isinstance(sys.exc_info()[1], SystemExit)
 
     def _shutdown(self) -> None:
         """RQ's warm-stop step: always remember the stop, and leave at once if allowed."""

@@ -164,6 +164,7 @@ class ChunkWorker(StoppableWorker):
         while True:
             with self._lock:
                 threads = [thread for _, _, thread in self._active.values()]
+            threads = [thread for thread in threads if thread.ident is not None]  # started
             if not threads:
                 return
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -181,9 +182,8 @@ class ChunkWorker(StoppableWorker):
         """Leaving RQ's loop: a warm stop lets the chunks in hand finish; a cold stop (a
         SystemExit on its way out: the launcher is gone, or RQ's second Ctrl+C) abandons
         them, or a chunk whose requests wait on a server that does not answer would hold the
-        worker, its engine and the embedded server for the whole retry deadline. RQ calls
-        this in the `finally` of its loop, so a SystemExit raised in the loop is in flight."""
-        if isinstance(sys.exc_info()[1], SystemExit):
+        worker, its engine and the embedded server for the whole retry deadline."""
+        if self.cold_stopping():
             self._release_chunks()
         else:
             self._join_active()
@@ -282,7 +282,7 @@ class ChunkWorker(StoppableWorker):
 # How long a cold stop waits for the chunks it abandoned to be handed back (their jobs
 # failed, to be retried); a chunk not handed back by then is the janitor's, once its
 # heartbeat expires.
-COLD_STOP_SECONDS = 10.0
+COLD_STOP_SECONDS = 30.0
 PARENT_POLL = 1.0  # seconds between checks that the launcher still runs
 _PR_SET_PDEATHSIG = 1
 
