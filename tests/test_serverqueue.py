@@ -160,6 +160,7 @@ def test_the_engine_reads_a_reported_queue_only_when_asked_and_stops_on_close(
         await asyncio.sleep(0.1)
         endpoint = engine._endpoints[URL]
         assert endpoint.aimd.metered(asyncio.get_running_loop().time()) == server_queue
+        assert engine.stats()[URL].steered_by == ("queue" if server_queue else "latency")
         watchers = list(engine._watchers)
         assert len(watchers) == int(server_queue)
         await engine.aclose()
@@ -189,6 +190,10 @@ def test_the_real_server_reports_its_queue_and_is_watched(vllm_server: ServedVLL
             assert len(watchers) == 1
             await asyncio.sleep(1.0)  # a reading or two: the limit is steered by them
             assert served_endpoint.aimd.metered(asyncio.get_running_loop().time())
+            assert (served_endpoint.stats().steered_by, gone.stats().steered_by) == (
+                "queue",
+                "latency",
+            )  # as `zoi status` shows them
             await stop_watching(watchers)
             assert all(task.done() for task in watchers)
         finally:

@@ -158,6 +158,35 @@ def test_workers_figures_add_up_per_endpoint() -> None:
     assert headline([c]) == "endpoints: 0 up, 1 down, conc 4, err 0.0%"
 
 
+def test_what_steers_each_limit_is_read_added_up_and_shown(board: LiveBoard) -> None:
+    """`steered_by`, where an engine says it: the server's queue or the latency; workers of
+    one endpoint that differ add up to `mixed`; anything else is left out, as is a figure an
+    engine does not give."""
+    figures = {"limit": 8, "in_flight": 2, "requests": 10, "retries": 0, "errors": {}}
+    assert parse("http://a", {**figures, "steered_by": "queue"}).steered_by == "queue"
+    assert parse("http://a", {**figures, "steered_by": "guess"}).steered_by is None
+    assert parse("http://a", figures).steered_by is None
+    by = {name: {**figures, "steered_by": name} for name in ("queue", "latency")}
+    gauges = [
+        EndpointGauge(board, "w1", lambda: {"http://a/v1": by["queue"], "http://b/v1": figures}),
+        EndpointGauge(
+            board, "w2", lambda: {"http://a/v1": by["queue"], "http://c/v1": by["queue"]}
+        ),
+        EndpointGauge(board, "w3", lambda: {"http://c/v1": by["latency"]}),
+    ]
+    for gauge in gauges:
+        gauge.publish()
+    state = status(board.run, board.connection)
+    assert [e.steered_by for e in state.endpoints] == ["queue", None, "mixed"]
+    assert state.as_dict()["endpoints"][0]["steered_by"] == "queue"
+    text = render.status(state)
+    assert "  http://a/v1  conc 16 (4 in flight, 2 workers, by its queue)  requests 20" in text
+    assert "  http://b/v1  conc 8 (2 in flight, 1 worker)  requests 10" in text
+    assert "  http://c/v1  conc 16 (4 in flight, 2 workers, by queue and latency)" in text
+    for gauge in gauges:
+        gauge.stop()
+
+
 def test_the_launcher_line_adds_the_endpoints_only_when_there_are_some(tmp_path: Path) -> None:
     run = create_or_open(tmp_path / "run", scripted_config(), 0, 4, 2)
     grid = {chunk.id: chunk for chunk in run.chunks()}

@@ -246,9 +246,14 @@ def status(state: RunStatus, as_json: bool = False) -> str:
     return "\n".join(lines)
 
 
+# What moves an endpoint's limit, as `zoi status` says it.
+STEERED = {"queue": "its queue", "latency": "latency", "mixed": "queue and latency"}
+
+
 def _endpoints(endpoints: list[EndpointFigures]) -> list[str]:
     """Each served endpoint, added up over the workers: the concurrency its controllers
-    allow now and what is in flight, requests sent, retries and errors (none for vLLM)."""
+    allow now, what is in flight and what steers it, requests sent, retries and errors
+    (none for vLLM)."""
     if not endpoints:
         return []
     lines = ["endpoints " + headline(endpoints).removeprefix("endpoints: ")]
@@ -256,9 +261,10 @@ def _endpoints(endpoints: list[EndpointFigures]) -> list[str]:
         kinds = ", ".join(f"{kind} {count}" for kind, count in e.errors.items() if count)
         down = "" if e.up else " DOWN"
         workers = "worker" if e.workers == 1 else "workers"
+        steered = f", by {STEERED[e.steered_by]}" if e.steered_by else ""
         lines.append(
             f"  {e.url}{down}  conc {e.limit:.0f} ({e.in_flight} in flight, {e.workers} "
-            f"{workers})  requests {e.requests}  retries {e.retries}  errors "
+            f"{workers}{steered})  requests {e.requests}  retries {e.retries}  errors "
             f"{100 * e.error_rate:.1f}%" + (f" ({kinds})" if kinds else "")
         )
     return lines

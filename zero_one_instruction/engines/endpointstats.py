@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 NUMBERS = ("limit", "in_flight", "requests", "retries")
+STEERING = ("queue", "latency", "mixed")  # what may move an endpoint's limit
 
 
 def public_url(url: str) -> str:
@@ -48,7 +49,9 @@ class EndpointFigures:
     every request sent (retries included) and `retries` how many of those were retries;
     `errors` counts failed attempts by kind (`429`, `5xx`, `timeout`, `connect`, or the
     engine's own names). `up` is False only when the engine says it has given the endpoint up
-    for now (optional in `stats()`)."""
+    for now (optional in `stats()`). `steered_by` says what moves the limit, where the engine
+    says (optional): `queue` (the server's own queue), `latency`, or `mixed` when the workers
+    sharing the endpoint differ (one of them lost the metrics, say)."""
 
     url: str
     limit: float = 0.0
@@ -58,6 +61,7 @@ class EndpointFigures:
     errors: dict[str, int] = field(default_factory=dict)
     up: bool = True
     workers: int = 1
+    steered_by: str | None = None
 
     @property
     def error_count(self) -> int:
@@ -85,6 +89,7 @@ class EndpointFigures:
             errors=errors,
             up=self.up or other.up,
             workers=self.workers + other.workers,
+            steered_by=self.steered_by if self.steered_by == other.steered_by else "mixed",
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -122,6 +127,7 @@ def parse(url: Any, value: Any) -> EndpointFigures | None:
     ):
         return None
     up = data.get("up", True)
+    steered_by = data.get("steered_by")
     return EndpointFigures(
         url=public_url(url),
         limit=float(data["limit"]),
@@ -130,6 +136,7 @@ def parse(url: Any, value: Any) -> EndpointFigures | None:
         retries=data["retries"],
         errors=dict(sorted(errors.items())),
         up=up if isinstance(up, bool) else True,
+        steered_by=steered_by if steered_by in STEERING else None,
     )
 
 

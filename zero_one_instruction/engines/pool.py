@@ -39,7 +39,8 @@ class EndpointStats:
     """One endpoint as `zoi status` and the progress line show it: its current limit on
     requests in flight, how many are, how many were sent (retries included), how many of
     those were retries, and the errors by kind (`rate_limited`, `unavailable`, `timeout`,
-    `server_error`, `connect`, `dropped`, `rejected`, `bad_response`)."""
+    `server_error`, `connect`, `dropped`, `rejected`, `bad_response`), and what steers its
+    limit now: `queue` (the server's own, read from its metrics) or `latency`."""
 
     url: str
     limit: int
@@ -47,6 +48,7 @@ class EndpointStats:
     requests: int
     retries: int
     errors: dict[str, int] = field(default_factory=dict)
+    steered_by: str = "latency"
 
 
 class Endpoint:
@@ -74,6 +76,7 @@ class Endpoint:
             requests=self.requests,
             retries=self.retries,
             errors=dict(sorted(self.errors.items())),
+            steered_by="queue" if self.aimd.metered(clock()) else "latency",
         )
 
     def room(self, now: float) -> int:
