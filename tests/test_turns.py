@@ -256,6 +256,18 @@ def test_the_turn_counts_of_a_funnel_read_back_and_are_checked() -> None:
     assert not readable_funnel({k: v for k, v in data.items() if k != "turns_ended"})
 
 
+def test_turn_counts_are_in_the_order_of_their_numbers() -> None:
+    """JSON keys are strings: sorted as such, ten turns came before two in the marker's
+    funnel and `zoi status --json`."""
+    tally = Tally(prompts=6, kept=6)
+    tally.turns.update({"10": 1, "2": 3, "1": 2})
+    tally.turns_ended.update({"follow_up_rejected": 1, "answer_repeated": 1})
+    data = tally.as_dict()
+    assert list(data["turns"]) == ["1", "2", "10"]
+    assert list(data["turns_ended"]) == ["answer_repeated", "follow_up_rejected"]
+    assert readable_funnel(data)
+
+
 def test_turns_and_failed_turn_are_checked_and_hidden_at_their_defaults() -> None:
     default = config_data(scripted_config())
     assert "turns" not in default["pipeline"] and "failed_turn" not in default["pipeline"]

@@ -325,8 +325,15 @@ class Tally:
         for name in TURN_COUNTS:  # likewise, for a run of one turn
             del data[name]
             if self.turns or self.turns_ended:
-                data[name] = dict(sorted(getattr(self, name).items()))
+                data[name] = dict(sorted(getattr(self, name).items(), key=turn_order))
         return data
+
+
+def turn_order(item: tuple[str, int]) -> tuple[int, str]:
+    """Sort key of a turn count: a number of turns by its value ("2" before "10", as JSON
+    keys are strings), then any other key (an end reason) by its name."""
+    key = item[0]
+    return (int(key), "") if key.isdigit() else (0, key)
 
 
 class _Dropped(Exception):

@@ -27,7 +27,7 @@ from .errors import ZoiError
 from .jobs import chunk_queue
 from .liveprogress import LiveCounters, read, read_endpoints
 from .merger import index_ranges
-from .pipeline import Tally
+from .pipeline import Tally, turn_order
 from .producer import job_states
 from .progress import Throughput
 from .rundir import Chunk, Run, open_run
@@ -202,6 +202,6 @@ def _summarise(
         endpoints=fleet(read_endpoints(connection, run).values()) if connection else [],
         operators=dict(funnel.operators),
         operators_kept=dict(funnel.operators_kept),
-        turns=dict(sorted(funnel.turns.items())),
+        turns=dict(sorted(funnel.turns.items(), key=turn_order)),
         turns_ended=dict(funnel.turns_ended.most_common()),
     )
