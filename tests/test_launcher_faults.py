@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -276,6 +277,38 @@ def test_launcher_killed_while_requests_wait_stops_its_workers_at_once(
     gate.unlink()
     assert ok(*run_args(config, out))
     assert out.read_bytes() == reference.read_bytes()
+
+
+FINALISER_STOP = """
+import os, signal, time, weakref
+from zero_one_instruction import worker
+worker.exit_with_parent(os.getppid())
+class Thing:
+    pass
+def finaliser(_):
+    os.kill(os.getpid(), signal.SIGHUP)  # the stop lands in a weakref callback, which drops it
+    time.sleep(0.2)
+thing = Thing()
+ref = weakref.ref(thing, finaliser)
+del thing
+try:
+    time.sleep(20)
+except SystemExit:
+    print("stopped", flush=True)
+    raise
+print("ran on")
+"""
+
+
+def test_a_stop_that_lands_in_a_finaliser_is_sent_again() -> None:
+    """A signal's handler runs wherever the main thread is; in a finaliser Python drops the
+    SystemExit it raises, and a worker in CI ran on with its launcher gone, waiting for its
+    chunks without end. The dropped stop is sent again."""
+    done = subprocess.run(
+        [sys.executable, "-c", FINALISER_STOP], env=ENV, capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stdout) == (1, "stopped\n"), done.stderr
+    assert "the stop landed in a finaliser, which dropped it: stopping again" in done.stderr
 
 
 def test_run_directory_removed_mid_run_is_one_line_and_leaves_nothing_running(

@@ -284,6 +284,7 @@ class ChunkWorker(StoppableWorker):
 # heartbeat expires.
 COLD_STOP_SECONDS = 30.0
 PARENT_POLL = 1.0  # seconds between checks that the launcher still runs
+RESTOP_SECONDS = 0.05  # a cold stop a finaliser dropped is sent again after this
 _PR_SET_PDEATHSIG = 1
 
 
@@ -295,6 +296,7 @@ def exit_with_parent(parent: int) -> None:
     other systems and a parent that died before this ran. The chunks in hand go back to the
     queue, and the engine reaper takes the engine's processes down with the worker."""
     signal.signal(signal.SIGHUP, _parent_gone)
+    _keep_the_stop(sys.unraisablehook)
     _set_parent_death_signal(signal.SIGHUP)
     watcher = threading.Thread(
         target=_watch_parent, args=(parent,), name="parent-watch", daemon=True
@@ -319,15 +321,40 @@ def _watch_parent(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGHUP)
 
 
+# Set once the cold stop's SystemExit is raised: later signals must not interrupt the
+# clean-up it runs (returning the chunks in hand, closing the engine, leaving the server).
+_stopping = threading.Event()
+
+
 def _parent_gone(signum: int, frame: object) -> None:
-    """A cold stop, once: later signals must not interrupt the clean-up (returning the
-    chunks in hand, closing the engine, leaving the embedded server)."""
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+    """A cold stop, once."""
+    if _stopping.is_set():
+        return
+    _stopping.set()
+    for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     log.warning(
         "the launcher is gone or hung up: stopping at once; the chunks in hand go back to the queue"
     )
     raise SystemExit(1)
+
+
+def _keep_the_stop(previous: Callable[[Any], object]) -> None:
+    """A signal's handler runs wherever the main thread is, a finaliser included (a weakref
+    callback, a `__del__`), and there Python prints the SystemExit and drops it: the worker
+    ran on with its launcher gone (seen in CI, waiting for its chunks without end). Such a
+    stop is sent again, and lands a moment later, outside the finaliser."""
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, SystemExit) and _stopping.is_set():
+            log.warning("the stop landed in a finaliser, which dropped it: stopping again")
+            _stopping.clear()
+            # From another thread, a moment later: sent from here, it would land here again.
+            threading.Timer(RESTOP_SECONDS, os.kill, (os.getpid(), signal.SIGHUP)).start()
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def worker_name(name: str | None) -> str:
