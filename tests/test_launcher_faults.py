@@ -27,8 +27,7 @@ from zero_one_instruction.pipeline import Outcome
 from zero_one_instruction.rundir import Chunk, open_run
 
 from . import queue_helpers
-from .queue_helpers import ENV, ZOI, enqueue_run, ok, scripted_config, wait_until
-from .scripted_engine import THIN_ENGINE
+from .queue_helpers import ENV, ZOI, enqueue_run, ok, scripted_config, thin_config, wait_until
 
 N = 60
 CHUNK = 5
@@ -254,12 +253,7 @@ def test_launcher_killed_while_requests_wait_stops_its_workers_at_once(
     up (with engine openai, after the retry deadline: ten minutes by default). The chunks go
     back to the queue, and the run resumes."""
     gate = tmp_path / "gate"
-    config = tmp_path / "thin.yml"
-    config.write_text(
-        f"model_name: scripted\nengine: '{THIN_ENGINE}'\nbatch_size: 4\nseed: 5\n"
-        f"hardware_kwargs:\n  delay: 0.01\n  gate: '{gate}'\n",
-        encoding="utf-8",
-    )
+    config = thin_config(tmp_path, gate=gate)
     reference = tmp_path / "reference.jsonl"
     ok("generate", "-c", str(config), "--start", "0", "--end", str(N), "-o", str(reference))
     gate.touch()

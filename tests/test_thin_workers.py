@@ -43,23 +43,20 @@ from zero_one_instruction.workerplan import PlanError, plan_thin
 
 from . import queue_helpers
 from .clitools import assert_one_line_error, zoi
-from .queue_helpers import ENV, ROOT, Broker, enqueue_run, run_args, wait_until, worker
+from .queue_helpers import (
+    ENV,
+    ROOT,
+    Broker,
+    enqueue_run,
+    run_args,
+    thin_config,
+    wait_until,
+    worker,
+)
 from .scripted_engine import THIN_ENGINE, THIN_LIMIT, scripted_config
 
 N, CHUNK = 24, 6
 PUBLIC = ("http://127.0.0.1:8001/v1", "http://127.0.0.1:8002/v1")  # THIN_ENDPOINTS, shown
-
-
-def thin_config(tmp_path: Path, **options: Any) -> Path:
-    """The thin scripted engine; `options` go to its engine options as JSON values."""
-    lines = "".join(f"  {key}: {json.dumps(str(value))}\n" for key, value in options.items())
-    config = tmp_path / "thin.yml"
-    config.write_text(
-        f"model_name: scripted\nengine: '{THIN_ENGINE}'\nbatch_size: 4\nseed: 5\n"
-        f"hardware_kwargs:\n  delay: 0.01\n{lines}engine_kwargs:\n  rules:\n    none: {{}}\n",
-        encoding="utf-8",
-    )
-    return config
 
 
 @pytest.fixture
